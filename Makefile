@@ -1,0 +1,30 @@
+# Two commands do all the set-up: `make demo` and `make test`.
+# Each creates and fills .venv by itself when it is missing or out of date.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m tf_influence demo
+
+test: $(STAMP)
+	$(PY) -m pytest -ra
+
+bench: $(STAMP)
+	$(PY) benchmarks/run.py
+
+lint: $(STAMP)
+	$(PY) -m ruff check tf_influence tests benchmarks
+	$(PY) -m ruff format --check tf_influence tests benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info

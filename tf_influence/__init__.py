@@ -1,0 +1,29 @@
+"""tf-influence: influence functions for TensorFlow 2 and Keras 3.
+
+    import tf_influence as tfi
+    im = tfi.InfluenceModel(model)
+    im.compile(solver="cg", damping=1e-3)
+    im.fit(x_train, y_train)
+    scores = im.explain(x_test, y_test)   # (n_test, n_train), I_up,loss
+
+``scores[i, j] = -grad L(z_test_i)^T inv(H) grad L(z_j)``: positive means training
+example j is harmful to test point i, negative means helpful.
+"""
+
+from tf_influence import solvers
+from tf_influence.curvature import HessianOperator
+from tf_influence.gradients import PerExampleGradients
+from tf_influence.influence_model import InfluenceModel, TopK
+from tf_influence.objective import Objective
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "HessianOperator",
+    "InfluenceModel",
+    "Objective",
+    "PerExampleGradients",
+    "TopK",
+    "__version__",
+    "solvers",
+]

@@ -1,0 +1,136 @@
+"""Hessian-vector products of the training objective, compiled with ``tf.function``.
+
+    H = hessian(R)(theta_hat) + damping * I,   R(theta) = (1/n) sum_j L(z_j, theta) + Omega(theta)
+
+The product is formed with nested ``tf.GradientTape``s (reverse-over-reverse):
+the inner tape gives ``g = grad R``, the outer tape differentiates ``g . v``.
+Several vectors are handled at once (the outer pass is vectorised with pfor),
+and the sum over the training set is accumulated batch by batch inside the
+graph, so memory is bounded by the batch size, never by ``n_train``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+
+import tensorflow as tf
+
+from tf_influence.data import ExampleData
+from tf_influence.objective import Objective
+
+# Columns per matvec when the dense Hessian is assembled from Hessian-vector products.
+DENSE_CHUNK = 128
+
+
+class HessianOperator:
+    """The matrix-free operator ``v -> (H + damping * I) v`` over a training set.
+
+    Args:
+        objective: the per-example loss, regularisation and parameters.
+        data: the training examples, in a fixed order.
+        damping: non-negative number added to the diagonal.
+
+    Attributes:
+        num_params: p, the side of the (p, p) operator.
+        num_examples: n, the number of training examples.
+        dtype: the dtype of vectors it acts on (the parameters' dtype).
+    """
+
+    def __init__(self, objective: Objective, data: ExampleData, damping: float = 0.0):
+        self.objective = objective
+        self.data = data
+        self.damping = float(damping)
+        self.num_params = objective.num_params
+        self.num_examples = data.num_examples
+        self.dtype = objective.dtype
+        self._cache: dict = {}
+        spec = tf.TensorSpec([self.num_params, None], self.dtype)
+        self._matvec = tf.function(self._matvec_impl, input_signature=[spec])
+        self._batch_matvec = tf.function(self._batch_matvec_impl, reduce_retracing=True)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.num_params, self.num_params)
+
+    def cached(self, key: Hashable, make: Callable):
+        """Memoises ``make()`` on this operator (it never changes after construction)."""
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    # -- products -------------------------------------------------------------------------
+    def _hvp(self, x, y, vectors, loss_weight, regularization_weight):
+        """``hessian(loss_weight * sum_batch L + regularization_weight * Omega) @ vectors``."""
+        variables = self.objective.variables
+        layout = self.objective.layout
+        with tf.GradientTape() as outer:
+            with tf.GradientTape() as inner:
+                total = tf.zeros([], self.dtype)
+                if x is not None:
+                    losses = self.objective.per_example_loss(x, y)
+                    total += loss_weight * tf.reduce_sum(losses)
+                if regularization_weight:
+                    total += regularization_weight * self.objective.regularization()
+            grads = inner.gradient(total, variables)
+            flat_grad = layout.flatten(grads, self.dtype)
+            projections = tf.linalg.matvec(vectors, flat_grad, transpose_a=True)  # (k,)
+        columns = outer.jacobian(projections, variables)
+        k = tf.shape(vectors)[1]
+        return tf.transpose(layout.flatten_batched(columns, k, self.dtype))  # (p, k)
+
+    def _matvec_impl(self, vectors):
+        n = tf.cast(self.num_examples, self.dtype)
+        total = tf.zeros_like(vectors)
+        for batch in self.data.batches():
+            x, y = batch[0], batch[1]
+            total += self._hvp(x, y, vectors, 1.0 / n, 0.0)
+        if self.objective.has_regularization():
+            total += self._hvp(None, None, vectors, 0.0, 1.0)
+        return total + self.damping * vectors
+
+    def _batch_matvec_impl(self, vectors, x, y):
+        size = tf.cast(tf.shape(tf.nest.flatten(x)[0])[0], self.dtype)
+        result = self._hvp(x, y, vectors, 1.0 / size, 0.0)
+        if self.objective.has_regularization():
+            result += self._hvp(None, None, vectors, 0.0, 1.0)
+        return result + self.damping * vectors
+
+    def matvec(self, vectors: tf.Tensor) -> tf.Tensor:
+        """``(H + damping * I) @ vectors`` over the whole training set.
+
+        Args:
+            vectors: shape ``(num_params,)`` or ``(num_params, k)``.
+
+        Returns:
+            A tensor of the same shape as ``vectors``.
+        """
+        vectors = tf.convert_to_tensor(vectors, self.dtype)
+        if vectors.shape.rank == 1:
+            return self._matvec(vectors[:, None])[:, 0]
+        return self._matvec(vectors)
+
+    def batch_matvec(self, vectors: tf.Tensor, batch) -> tf.Tensor:
+        """An unbiased estimate of ``(H + damping * I) @ vectors`` from one batch ``(x, y)``.
+
+        Uses ``(1/b) sum_{j in batch} hessian(L_j) + hessian(Omega) + damping * I``.
+        """
+        return self._batch_matvec(vectors, batch[0], batch[1])
+
+    def dense(self) -> tf.Tensor:
+        """The dense ``(p, p)`` matrix ``H + damping * I`` in float64, symmetrised.
+
+        Built from Hessian-vector products in chunks of columns, so it costs about
+        ``p / DENSE_CHUNK`` passes over the data. Only sensible for small ``p``.
+        """
+
+        def make():
+            p = self.num_params
+            eye = tf.eye(p, dtype=self.dtype)
+            chunks = [
+                self._matvec(eye[:, start : start + DENSE_CHUNK])
+                for start in range(0, p, DENSE_CHUNK)
+            ]
+            matrix = tf.cast(tf.concat(chunks, axis=1), tf.float64)
+            return 0.5 * (matrix + tf.transpose(matrix))
+
+        return self.cached("dense", make)

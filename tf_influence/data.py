@@ -1,0 +1,215 @@
+"""Examples in a fixed order: arrays, tensors or a batched ``tf.data.Dataset`` of ``(x, y)``.
+
+Column ``j`` of every score matrix is the ``j``-th example of the training
+data, so the order is fixed here once and never shuffled (except by LiSSA's
+explicitly seeded sampling stream, which does not affect column order).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from tf_influence._errors import describe, first_nonfinite_index
+
+DEFAULT_BATCH_SIZE = 32
+
+
+def _is_dataset(x) -> bool:
+    return isinstance(x, tf.data.Dataset)
+
+
+def _to_numpy_tree(x, argument):
+    def convert(leaf):
+        if isinstance(leaf, (np.ndarray, tf.Tensor)) or hasattr(leaf, "__array__"):
+            return np.asarray(leaf)
+        if isinstance(leaf, (list, tuple)) and leaf and np.isscalar(leaf[0]):
+            return np.asarray(leaf)
+        raise TypeError(
+            f"Argument `{argument}` must be a numpy array, a tensor, a list/dict of those, or "
+            f"a tf.data.Dataset. Received: {argument}={describe(leaf)}"
+        )
+
+    if isinstance(x, dict):
+        return {k: convert(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)) and x and not np.isscalar(x[0]) and hasattr(x[0], "shape"):
+        return type(x)(convert(v) for v in x)
+    return convert(x)
+
+
+class ExampleData:
+    """A fixed-order set of examples ``(x, y)``, served in batches.
+
+    Args:
+        x: input arrays/tensors (a single array, or a list/dict for several inputs), or
+            a batched ``tf.data.Dataset`` yielding ``(x, y)`` in a fixed order.
+        y: targets, shape ``(n, ...)``; must be None when ``x`` is a dataset.
+        batch_size: examples per batch (default 32, as Keras); must be None for a dataset.
+        x_name, y_name: the argument names used in error messages.
+        require_y: whether targets are required.
+
+    Attributes:
+        num_examples: n, the number of examples.
+    """
+
+    def __init__(
+        self, x, y=None, batch_size=None, x_name="x", y_name="y", require_y=True
+    ):
+        self.x_name, self.y_name = x_name, y_name
+        if batch_size is not None and (
+            not isinstance(batch_size, (int, np.integer)) or batch_size < 1
+        ):
+            raise ValueError(
+                f"Argument `batch_size` must be a positive integer. Received: "
+                f"batch_size={batch_size!r}"
+            )
+        if _is_dataset(x):
+            self._init_dataset(x, y, batch_size, require_y)
+        else:
+            self._init_arrays(x, y, batch_size, require_y)
+
+    # -- construction ---------------------------------------------------------------
+    def _init_arrays(self, x, y, batch_size, require_y):
+        if x is None:
+            raise ValueError(f"Argument `{self.x_name}` is required. Received: {self.x_name}=None")
+        x = _to_numpy_tree(x, self.x_name)
+        leaves = tf.nest.flatten(x)
+        lengths = {leaf.shape[0] if leaf.ndim else None for leaf in leaves}
+        if None in lengths or len(lengths) != 1:
+            raise ValueError(
+                f"All inputs in `{self.x_name}` must have the same number of examples along "
+                f"axis 0. Received shapes: {[leaf.shape for leaf in leaves]}"
+            )
+        n = lengths.pop()
+        if n == 0:
+            raise ValueError(
+                f"Argument `{self.x_name}` is empty. Received: {self.x_name} with 0 examples. "
+                "Pass at least one example."
+            )
+        for leaf in leaves:
+            bad = first_nonfinite_index(leaf)
+            if bad is not None:
+                raise ValueError(
+                    f"Argument `{self.x_name}` holds NaN or inf at example {bad}. Received: "
+                    f"{self.x_name}[{bad}] not finite. Clean or drop that example first."
+                )
+        if y is None:
+            if require_y:
+                raise ValueError(
+                    f"Argument `{self.y_name}` is required: influence is computed on the loss "
+                    f"of each example. Received: {self.y_name}=None with {self.x_name} of "
+                    f"{n} examples. Pass the training targets."
+                )
+        else:
+            if _is_dataset(y):
+                raise ValueError(
+                    f"Argument `{self.y_name}` must be an array when `{self.x_name}` is an "
+                    f"array. Received: {self.y_name}={describe(y)}. Pass a dataset of (x, y) "
+                    f"as `{self.x_name}` instead."
+                )
+            y = _to_numpy_tree(y, self.y_name)
+            y_leaves = tf.nest.flatten(y)
+            for leaf in y_leaves:
+                if leaf.ndim == 0 or leaf.shape[0] != n:
+                    raise ValueError(
+                        f"Arguments `{self.x_name}` and `{self.y_name}` must hold the same "
+                        f"number of examples. Received: {self.x_name} with {n} examples and "
+                        f"{self.y_name} of shape {leaf.shape}."
+                    )
+                bad = first_nonfinite_index(leaf)
+                if bad is not None:
+                    raise ValueError(
+                        f"Argument `{self.y_name}` holds NaN or inf at example {bad}. "
+                        f"Received: {self.y_name}[{bad}]={leaf[bad]!r}. Fix that label."
+                    )
+        self.num_examples = int(n)
+        self.batch_size = int(batch_size or DEFAULT_BATCH_SIZE)
+        self._x, self._y = x, y
+        elements = (x, y) if y is not None else (x,)
+        self._unbatched = tf.data.Dataset.from_tensor_slices(elements)
+        self._batched = self._unbatched.batch(self.batch_size)
+
+    def _init_dataset(self, dataset, y, batch_size, require_y):
+        if y is not None:
+            raise ValueError(
+                f"Argument `{self.y_name}` must be None when `{self.x_name}` is a "
+                f"tf.data.Dataset (the dataset yields (x, y)). Received: "
+                f"{self.y_name}={describe(y)}"
+            )
+        if batch_size is not None:
+            raise ValueError(
+                f"Argument `batch_size` must be None when `{self.x_name}` is a tf.data.Dataset "
+                f"(batch the dataset itself). Received: batch_size={batch_size}"
+            )
+        spec = dataset.element_spec
+        if not isinstance(spec, tuple) or len(spec) not in (1, 2, 3):
+            if require_y:
+                raise ValueError(
+                    f"A dataset passed as `{self.x_name}` must yield tuples (x, y). Received a "
+                    f"dataset with element_spec={spec}. Map it, e.g. `ds.map(lambda x: (x, y))`."
+                )
+            spec = (spec,)
+            dataset = dataset.map(lambda *e: (e[0],) if len(e) == 1 else e)
+        if len(spec) == 3:  # (x, y, sample_weight): weights are not used.
+            dataset = dataset.map(lambda x, y, w: (x, y))
+        if require_y and len(dataset.element_spec) < 2:
+            raise ValueError(
+                f"A dataset passed as `{self.x_name}` must yield tuples (x, y). Received: "
+                f"element_spec={dataset.element_spec}"
+            )
+        n, first_batch = 0, None
+        for batch in dataset:
+            size = int(tf.shape(tf.nest.flatten(batch[0])[0])[0])
+            for part, name in zip(batch, (self.x_name, self.y_name)):
+                for leaf in tf.nest.flatten(part):
+                    bad = first_nonfinite_index(leaf.numpy())
+                    if bad is not None:
+                        raise ValueError(
+                            f"The dataset passed as `{self.x_name}` holds NaN or inf in its "
+                            f"{'inputs' if name == self.x_name else 'targets'} at example "
+                            f"{n + bad}. Clean or drop that example first."
+                        )
+            if first_batch is None:
+                first_batch = size
+            n += size
+        if n == 0:
+            raise ValueError(
+                f"Argument `{self.x_name}` is an empty dataset. Received: a tf.data.Dataset "
+                "yielding 0 examples."
+            )
+        self.num_examples = n
+        self.batch_size = int(first_batch)
+        self._x = self._y = None
+        self._batched = dataset
+        self._unbatched = dataset.unbatch()
+
+    # -- access -------------------------------------------------------------------------
+    @property
+    def has_targets(self) -> bool:
+        return len(self._batched.element_spec) >= 2
+
+    def batches(self, batch_size: int | None = None) -> tf.data.Dataset:
+        """The examples in their fixed order, in batches of tuples ``(x, y)`` or ``(x,)``."""
+        if batch_size is None or batch_size == self.batch_size:
+            return self._batched
+        return self._unbatched.batch(batch_size)
+
+    def num_batches(self, batch_size: int | None = None) -> int:
+        size = batch_size or self.batch_size
+        if self._x is None and batch_size is None:
+            card = int(self._batched.cardinality())
+            if card >= 0:
+                return card
+        return -(-self.num_examples // size)
+
+    def sample_stream(self, batch_size: int, seed: int) -> tf.data.Dataset:
+        """An endless stream of random batches (with a fixed seed), for stochastic solvers."""
+        buffer = min(self.num_examples, 10_000)
+        return (
+            self._unbatched.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
+            .repeat()
+            .batch(batch_size, drop_remainder=True)
+        )
+
+    def first_batch(self):
+        return next(iter(self.batches()))

@@ -1,0 +1,391 @@
+"""``InfluenceModel``: the Keras-style front door (``compile`` / ``fit`` / ``explain``)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import NamedTuple
+
+import numpy as np
+import tensorflow as tf
+
+from tf_influence import solvers as solvers_lib
+from tf_influence._errors import describe
+from tf_influence._progress import Progress, resolve_verbose
+from tf_influence.curvature import HessianOperator
+from tf_influence.data import ExampleData
+from tf_influence.gradients import PerExampleGradients
+from tf_influence.objective import Objective, variable_name
+from tf_influence.solvers.base import Diagnostics
+
+
+class TopK(NamedTuple):
+    """The most helpful and most harmful training examples for each test point.
+
+    All arrays have shape ``(n_test, k)``. Helpful examples have the most negative
+    scores (up-weighting them lowers the test loss), listed most helpful first;
+    harmful examples have the most positive scores, listed most harmful first.
+    """
+
+    helpful_indices: np.ndarray
+    helpful_scores: np.ndarray
+    harmful_indices: np.ndarray
+    harmful_scores: np.ndarray
+
+
+class InfluenceModel:
+    """Influence functions for a trained Keras model (Koh & Liang, 2017).
+
+    The objective is the one ``model.fit`` minimised,
+    ``R(theta) = (1/n) sum_j L(z_j, theta) + Omega(theta)``, with
+    ``H = hessian(R)(theta_hat) + damping*I``. Every score this class returns is
+    ``I_up,loss``::
+
+        scores[i, j] = -grad L(z_test_i)^T @ inv(H) @ grad L(z_j)
+
+    ``scores[i, j] > 0``: up-weighting training example j raises test loss i
+    (harmful); ``< 0``: it lowers it (helpful). Removing example j changes test
+    loss i by about ``-scores[i, j] / n_train``.
+
+    Args:
+        model: a built ``keras.Model`` (Sequential, Functional or subclassed) on the
+            TensorFlow backend.
+        loss: a keras loss object, a loss name or a callable ``(y_true, y_pred)``;
+            None uses the loss the model was compiled with.
+        params: None for all trainable weights, or layers / layer names / variables
+            (the influence is then taken with the other weights held fixed).
+
+    Example:
+        >>> im = tfi.InfluenceModel(model)
+        >>> im.compile(solver="cg", damping=1e-3)
+        >>> im.fit(x_train, y_train)
+        >>> scores = im.explain(x_test[:5], y_test[:5])     # (5, n_train)
+
+    References:
+        Koh & Liang, "Understanding Black-box Predictions via Influence Functions",
+        ICML 2017.
+    """
+
+    def __init__(self, model, loss=None, params=None):
+        self.model = model
+        self.objective = Objective(model, loss=loss, params=params)
+        self._gradients = PerExampleGradients(self.objective)
+        self.solver: solvers_lib.Solver = solvers_lib.CG()
+        self.damping = 0.0
+        self._data: ExampleData | None = None
+        self._operator: HessianOperator | None = None
+        self.diagnostics: Diagnostics | None = None
+
+    # -- configuration ----------------------------------------------------------------
+    def compile(self, solver="cg", damping: float = 0.0) -> None:
+        """Chooses the inverse-HVP solver and the damping.
+
+        Optional: without it, ``fit`` uses ``solver="cg", damping=0.0``.
+
+        Args:
+            solver: ``"exact"``, ``"cg"``, ``"lissa"`` or a ``tfi.solvers`` instance.
+            damping: non-negative number added to the Hessian's diagonal
+                (``H + damping*I``); needed when H is not positive definite
+                (non-convex models, or parameters the loss does not constrain).
+        """
+        try:
+            value = float(damping)
+        except (TypeError, ValueError):
+            value = float("nan")
+        if isinstance(damping, bool) or not math.isfinite(value) or value < 0:
+            raise ValueError(
+                "Argument `damping` must be a finite number >= 0. Received: "
+                f"damping={damping!r}. Use 0.0 for a convex model, or a small positive value "
+                "such as 1e-3 otherwise."
+            )
+        self.solver = solvers_lib.get(solver)
+        self.damping = value
+        if self._data is not None:
+            self._build_operator()
+
+    @property
+    def num_params(self) -> int:
+        """Number of parameters influence is computed over."""
+        return self.objective.num_params
+
+    @property
+    def num_train(self) -> int:
+        """Number of training examples seen by ``fit`` (0 before it)."""
+        return self._data.num_examples if self._data is not None else 0
+
+    @property
+    def operator(self) -> HessianOperator:
+        """The ``v -> (H + damping*I) v`` operator over the training data."""
+        self._require_fit("operator")
+        return self._operator
+
+    # -- fit ---------------------------------------------------------------------------
+    def fit(self, x, y=None, batch_size: int | None = None, verbose="auto") -> InfluenceModel:
+        """Takes the training data and prepares the curvature.
+
+        Args:
+            x: training inputs (array, tensor, list/dict of them) or a batched
+                ``tf.data.Dataset`` of ``(x, y)`` in a fixed order; column ``j`` of every
+                score matrix is its ``j``-th example.
+            y: training targets (None when ``x`` is a dataset).
+            batch_size: examples per batch for Hessian-vector products and gradients
+                (default 32); must be None for a dataset.
+            verbose: "auto", 0, 1 or 2, as in Keras.
+
+        Returns:
+            self, so that ``im.fit(x, y).explain(...)`` chains.
+        """
+        verbose = resolve_verbose(verbose)
+        data = ExampleData(x, y, batch_size, x_name="x", y_name="y")
+        self._check_weights()
+        self._check_batch(data.first_batch(), "x", "y", check_gradients=True)
+        self._data = data
+        progress = Progress(1, verbose, f"Preparing {self.solver.name} solver")
+        self._build_operator()
+        progress.done()
+        return self
+
+    def _build_operator(self):
+        self._operator = HessianOperator(self.objective, self._data, self.damping)
+        self.solver.prepare(self._operator)
+
+    def _require_fit(self, what):
+        if self._data is None:
+            raise RuntimeError(
+                f"`{what}` needs the training data. Call `fit(x_train, y_train)` on the "
+                "InfluenceModel first."
+            )
+
+    def _check_weights(self):
+        for variable in self.objective.variables:
+            value = np.asarray(variable.numpy())
+            if not np.all(np.isfinite(value)):
+                raise ValueError(
+                    f"Model weight {variable_name(variable)!r} holds NaN or inf. Received: "
+                    f"{int(np.sum(~np.isfinite(value)))} non-finite values. Influence needs a "
+                    "trained model with finite weights: retrain it (lower learning rate, "
+                    "gradient clipping) or restore a good checkpoint."
+                )
+
+    def _check_batch(self, batch, x_name, y_name, check_gradients=False):
+        """Evaluates the loss on one batch to turn shape problems into clear errors."""
+        x, y = batch[0], batch[1]
+        y_pred = self.model(x, training=False)
+        try:
+            with tf.GradientTape() as tape:
+                losses = self.objective.per_example_loss(x, y)
+                total = tf.reduce_sum(losses) + self.objective.regularization()
+        except (ValueError, TypeError, tf.errors.InvalidArgumentError) as error:
+            raise ValueError(
+                f"The loss {self.objective.loss_name!r} cannot be computed on the targets "
+                f"`{y_name}`. Received: {y_name} batch of shape "
+                f"{[tuple(t.shape) for t in tf.nest.flatten(y)]} for model outputs of shape "
+                f"{[tuple(t.shape) for t in tf.nest.flatten(y_pred)]}. Give class indices of "
+                "shape (n,) for sparse_categorical_crossentropy, one-hot (n, classes) for "
+                "categorical_crossentropy, and targets shaped like the outputs otherwise. "
+                f"(The loss said: {str(error).splitlines()[0][:300]})"
+            ) from error
+        size = int(tf.shape(tf.nest.flatten(x)[0])[0])
+        if losses.shape.rank != 1 or losses.shape[0] != size:
+            raise ValueError(
+                f"The loss must give one value per example of `{x_name}`. Received: per-example "
+                f"loss of shape {tuple(losses.shape)} for a batch of {size}. Check the shapes of "
+                f"`{y_name}` against the model outputs."
+            )
+        finite = np.isfinite(losses.numpy())
+        if not finite.all():
+            index = int(np.flatnonzero(~finite)[0])
+            raise ValueError(
+                f"The loss is NaN or inf at example {index} of `{x_name}`. Received: loss="
+                f"{losses.numpy()[index]!r}. Check that example's target, or use a loss on "
+                "logits (from_logits=True) if predicted probabilities reach 0 or 1."
+            )
+        if check_gradients:
+            grads = tape.gradient(total, self.objective.variables)
+            missing = [variable_name(v) for v, g in zip(self.objective.variables, grads) if g is None]
+            if missing:
+                raise ValueError(
+                    f"These parameters get no gradient from the loss: {missing}. Received: "
+                    "params including variables the loss does not depend on. Exclude them "
+                    "with `params=` (layers, layer names or variables to analyse)."
+                )
+
+    # -- solves ------------------------------------------------------------------------
+    def _test_data(self, x_test, y_test, batch_size):
+        return ExampleData(
+            x_test, y_test, batch_size, x_name="x_test", y_name="y_test", require_y=False
+        )
+
+    def _targets(self, batch, y_name):
+        x = batch[0]
+        if len(batch) > 1:
+            return x, batch[1]
+        return x, self.objective.predicted_labels(x)
+
+    def _solve(self, rhs) -> tf.Tensor:
+        solution, diagnostics = self.solver.solve(self._operator, rhs)
+        return solution, diagnostics
+
+    def inverse_hvp_tests(self, x_test, y_test=None, batch_size=None, verbose="auto"):
+        """``inv(H) @ grad L(z_test_i)`` for every test point, shape ``(num_params, n_test)``.
+
+        ``y_test=None`` uses the model's predicted class as the target.
+        """
+        self._require_fit("explain")
+        verbose = resolve_verbose(verbose)
+        tests = self._test_data(x_test, y_test, batch_size)
+        first = True
+        solutions, diagnostics = [], []
+        progress = Progress(tests.num_batches(), verbose, "Solving for test points")
+        offset = 0
+        for step, batch in enumerate(tests.batches(), start=1):
+            x, y = self._targets(batch, "y_test")
+            if first:
+                self._check_batch((x, y), "x_test", "y_test")
+                first = False
+            grads = self._gradients(x, y)
+            finite = np.all(np.isfinite(grads.numpy()), axis=1)
+            if not finite.all():
+                index = offset + int(np.flatnonzero(~finite)[0])
+                raise ValueError(
+                    f"The loss gradient is NaN or inf at test example {index} of `x_test`. "
+                    "Check that example and its target."
+                )
+            solution, diag = self._solve(tf.transpose(grads))
+            solutions.append(solution)
+            diagnostics.append(diag)
+            offset += int(grads.shape[0])
+            progress.update(step)
+        progress.done()
+        self.diagnostics = _merge(diagnostics)
+        self._warn_if_unconverged(self.diagnostics, "test points")
+        return tf.concat(solutions, axis=1)
+
+    def _warn_if_unconverged(self, diagnostics, what):
+        if diagnostics is None or diagnostics.all_converged:
+            return
+        bad = int(np.sum(~diagnostics.converged))
+        worst = float(np.max(diagnostics.residual_norm))
+        warnings.warn(
+            f"Solver {self.solver!r} did not converge for {bad} of "
+            f"{diagnostics.converged.size} {what} (largest relative residual {worst:.2e} after "
+            f"{diagnostics.iterations} iterations). Scores may be inaccurate: raise max_iter "
+            "(CG) or recursion_depth (LiSSA), or add damping in `compile`.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+    # -- scores ------------------------------------------------------------------------
+    def _score_training(self, solutions, verbose) -> np.ndarray:
+        n = self._data.num_examples
+        scores = np.empty((int(solutions.shape[1]), n), dtype=self.objective.dtype.as_numpy_dtype)
+        progress = Progress(self._data.num_batches(), verbose, "Scoring training examples")
+        offset = 0
+        for step, batch in enumerate(self._data.batches(), start=1):
+            block, finite = self._gradients.scores(batch[0], batch[1], solutions)
+            finite = finite.numpy()
+            if not finite.all():
+                index = offset + int(np.flatnonzero(~finite)[0])
+                raise ValueError(
+                    f"The loss gradient is NaN or inf at training example {index}. Check that "
+                    "example and its label, then call `fit` again."
+                )
+            size = int(block.shape[1])
+            scores[:, offset : offset + size] = block.numpy()
+            offset += size
+            progress.update(step)
+        progress.done()
+        return scores
+
+    def explain(self, x_test, y_test=None, batch_size=None, verbose="auto") -> np.ndarray:
+        """Influence of every training example on the loss of every test point.
+
+        Returns ``I_up,loss``: ``scores[i, j] = -grad L(z_test_i)^T @ inv(H) @ grad L(z_j)``.
+        Positive: up-weighting training example j raises test loss i (harmful);
+        negative: helpful. Removing example j changes test loss i by about
+        ``-scores[i, j] / n_train``.
+
+        Args:
+            x_test: test inputs (array, tensor, list/dict, or a batched dataset).
+            y_test: test targets; None explains the model's own predicted class
+                (classification losses only).
+            batch_size: test points solved together (default 32).
+            verbose: "auto", 0, 1 or 2, as in Keras.
+
+        Returns:
+            ``np.ndarray`` of shape ``(n_test, n_train)``.
+        """
+        solutions = self.inverse_hvp_tests(x_test, y_test, batch_size, verbose)
+        return self._score_training(solutions, resolve_verbose(verbose))
+
+    def self_influence(self, verbose="auto") -> np.ndarray:
+        """``grad L(z_j)^T @ inv(H) @ grad L(z_j)`` for every training example.
+
+        Non-negative for a positive-definite H; equals ``-diag(explain(x_train, y_train))``.
+        High values flag examples the model finds surprising (often mislabelled).
+
+        Returns:
+            ``np.ndarray`` of shape ``(n_train,)``.
+        """
+        self._require_fit("self_influence")
+        verbose = resolve_verbose(verbose)
+        values, diagnostics = [], []
+        progress = Progress(self._data.num_batches(), verbose, "Self-influence")
+        exact = isinstance(self.solver, solvers_lib.Exact)
+        for step, batch in enumerate(self._data.batches(), start=1):
+            grads = tf.transpose(self._gradients(batch[0], batch[1]))  # (p, b)
+            if exact:
+                values.append(self.solver.self_products(self._operator, grads).numpy())
+            else:
+                solution, diag = self._solve(grads)
+                diagnostics.append(diag)
+                values.append(tf.reduce_sum(grads * solution, axis=0).numpy())
+            progress.update(step)
+        progress.done()
+        if diagnostics:
+            self.diagnostics = _merge(diagnostics)
+            self._warn_if_unconverged(self.diagnostics, "training points")
+        result = np.concatenate(values).astype(self.objective.dtype.as_numpy_dtype)
+        if not np.all(np.isfinite(result)):
+            index = int(np.flatnonzero(~np.isfinite(result))[0])
+            raise ValueError(
+                f"Self-influence is NaN or inf at training example {index}. Check that example "
+                "and its label, and the damping."
+            )
+        return result
+
+    def top_k(self, x_test, y_test=None, k: int = 10, batch_size=None, verbose="auto") -> TopK:
+        """The ``k`` most helpful and most harmful training examples per test point.
+
+        Ranks ``I_up,loss`` scores (see ``explain``): helpful = most negative,
+        harmful = most positive. ``k`` larger than the training set is cut to it.
+
+        Returns:
+            ``TopK(helpful_indices, helpful_scores, harmful_indices, harmful_scores)``,
+            each of shape ``(n_test, k)``.
+        """
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"Argument `k` must be a positive integer. Received: k={describe(k)}")
+        scores = self.explain(x_test, y_test, batch_size=batch_size, verbose=verbose)
+        k = min(int(k), scores.shape[1])
+        order = np.argsort(scores, axis=1, kind="stable")
+        helpful = order[:, :k]
+        harmful = order[:, ::-1][:, :k]
+        return TopK(
+            helpful_indices=helpful,
+            helpful_scores=np.take_along_axis(scores, helpful, axis=1),
+            harmful_indices=harmful,
+            harmful_scores=np.take_along_axis(scores, harmful, axis=1),
+        )
+
+
+def _merge(parts: list[Diagnostics]) -> Diagnostics | None:
+    if not parts:
+        return None
+    return Diagnostics(
+        solver=parts[0].solver,
+        iterations=max(p.iterations for p in parts),
+        residual_norm=np.concatenate([p.residual_norm for p in parts]),
+        converged=np.concatenate([p.converged for p in parts]),
+        info=parts[-1].info,
+    )

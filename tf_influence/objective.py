@@ -1,0 +1,263 @@
+"""The training objective that ``model.fit`` minimised, made differentiable per example.
+
+    R(theta) = (1/n) * sum_j L(z_j, theta) + Omega(theta)
+
+``L`` is the per-example loss (the compiled Keras loss with reduction off),
+``Omega`` the sum of the weight regularizers of the model, and ``theta`` the
+chosen parameters. The model is always called with ``training=False`` so that
+Dropout and BatchNormalization behave as at prediction time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import keras
+import tensorflow as tf
+
+from tf_influence._errors import describe
+from tf_influence._flat import ParamLayout
+
+# Losses whose label is a class index / one-hot vector / binary decision, so
+# that ``y_test=None`` can mean "the model's own prediction".
+_SPARSE_CLASS_LOSSES = {"sparse_categorical_crossentropy", "sparse_categorical_focal_crossentropy"}
+_ONE_HOT_LOSSES = {"categorical_crossentropy", "categorical_focal_crossentropy", "categorical_hinge"}
+_BINARY_LOSSES = {"binary_crossentropy", "binary_focal_crossentropy"}
+_SIGNED_BINARY_LOSSES = {"hinge", "squared_hinge"}
+
+
+def check_model(model) -> None:
+    """Raises a clear error if ``model`` cannot be analysed."""
+    if keras.backend.backend() != "tensorflow":
+        raise RuntimeError(
+            "tf_influence needs the TensorFlow backend of Keras. Received: "
+            f"keras.backend.backend()={keras.backend.backend()!r}. Set the environment "
+            "variable KERAS_BACKEND=tensorflow before importing keras."
+        )
+    if not isinstance(model, keras.Model):
+        raise TypeError(
+            "Argument `model` must be a keras.Model (Sequential, Functional or subclassed). "
+            f"Received: model={describe(model)}"
+        )
+    if not model.built:
+        raise ValueError(
+            f"Argument `model` must be built before it can be analysed. Received: model "
+            f"{model.name!r} with built=False. Build it by calling it on a batch of data, "
+            "e.g. `model(x[:1])`, by `model.build(input_shape)`, or by starting a "
+            "Sequential model with `keras.Input(shape)`."
+        )
+    for layer in model._flatten_layers(include_self=True):
+        if getattr(layer, "activity_regularizer", None) is not None:
+            raise ValueError(
+                f"Layer {layer.name!r} of argument `model` has an activity_regularizer, which "
+                "makes the training loss depend on the batch and is not supported. Received: "
+                f"activity_regularizer={layer.activity_regularizer!r}. Remove it, or analyse "
+                "a copy of the model without it."
+            )
+
+
+def resolve_loss(loss, model, dtype=None) -> tuple[Callable, str, bool]:
+    """Turns ``loss`` (or the compiled ``model.loss``) into a per-example loss function.
+
+    Returns:
+        ``(fn, name, from_logits)`` where ``fn(y_true, y_pred)`` returns one value per
+        example (any further axes are averaged, as Keras's default reduction does),
+        ``name`` is the underlying Keras loss name (or the callable's name) and
+        ``from_logits`` tells whether predictions are logits.
+    """
+    source = "loss"
+    if loss is None:
+        loss = getattr(model, "loss", None)
+        source = "model.loss"
+        if loss is None:
+            raise ValueError(
+                "No loss to differentiate. Received: loss=None and the model was not compiled "
+                "with a loss. Pass `loss=` to InfluenceModel (a keras loss object, its name, "
+                "or a callable(y_true, y_pred)), or call `model.compile(loss=...)` first."
+            )
+    if isinstance(loss, (dict, list, tuple)):
+        raise ValueError(
+            f"Models with several outputs and one loss per output are not supported yet. "
+            f"Received: {source}={describe(loss)}. Pass a single loss with `loss=` that maps "
+            "(y_true, y_pred) to one value per example."
+        )
+    if isinstance(loss, str):
+        try:
+            loss = keras.losses.get(loss)
+        except ValueError as error:
+            raise ValueError(
+                f"Unknown loss name. Received: {source}={loss!r}. Use a name from "
+                "keras.losses (e.g. 'sparse_categorical_crossentropy') or a callable."
+            ) from error
+    if isinstance(loss, keras.losses.Loss):
+        config = dict(loss.get_config())
+        from_logits = bool(config.get("from_logits", False))
+        config["reduction"] = None
+        if dtype is not None:
+            # Compute the loss in the parameters' dtype (Keras defaults to floatx).
+            config["dtype"] = tf.as_dtype(dtype).name
+        try:
+            unreduced = type(loss).from_config(config)
+        except TypeError:
+            config.pop("dtype", None)
+            unreduced = type(loss).from_config(config)
+        fn_name = getattr(getattr(loss, "fn", None), "__name__", type(loss).__name__)
+        return unreduced, _canonical(fn_name), from_logits
+    if callable(loss):
+        name = getattr(loss, "__name__", type(loss).__name__)
+        return loss, _canonical(name), False
+    raise TypeError(
+        f"Argument `{source}` must be a keras loss object, a loss name or a callable "
+        f"(y_true, y_pred). Received: {source}={describe(loss)}"
+    )
+
+
+def _canonical(name: str) -> str:
+    aliases = {"mse": "mean_squared_error", "mae": "mean_absolute_error"}
+    return aliases.get(name, name)
+
+
+def resolve_params(model, params) -> list:
+    """The trainable variables to differentiate with respect to.
+
+    Args:
+        model: the keras.Model.
+        params: None (all trainable weights), or a sequence of layers, layer names
+            or variables of ``model``.
+    """
+    if params is None:
+        variables = list(model.trainable_variables)
+    else:
+        if isinstance(params, (str, keras.layers.Layer, keras.Variable, tf.Variable)):
+            params = [params]
+        variables = []
+        for item in params:
+            if isinstance(item, str):
+                try:
+                    layer = model.get_layer(item)
+                except ValueError as error:
+                    names = [layer.name for layer in model.layers]
+                    raise ValueError(
+                        f"Argument `params` names a layer the model does not have. Received: "
+                        f"params=[..., {item!r}, ...]. Layers of the model: {names}."
+                    ) from error
+                variables.extend(layer.trainable_variables)
+            elif isinstance(item, keras.layers.Layer):
+                variables.extend(item.trainable_variables)
+            elif isinstance(item, (keras.Variable, tf.Variable)):
+                variables.append(item)
+            else:
+                raise TypeError(
+                    "Argument `params` must hold layers, layer names or variables. "
+                    f"Received an item: {describe(item)}"
+                )
+        known = {id(v) for v in model.trainable_variables}
+        for v in variables:
+            if id(v) not in known:
+                raise ValueError(
+                    "Argument `params` holds a variable that is not a trainable variable of "
+                    f"the model. Received: {v.path if hasattr(v, 'path') else v.name}. Pass "
+                    "variables from `model.trainable_variables`, or layers of the model."
+                )
+        # Keep model order and drop duplicates.
+        chosen = {id(v) for v in variables}
+        variables = [v for v in model.trainable_variables if id(v) in chosen]
+    if not variables:
+        raise ValueError(
+            f"There are no trainable parameters to analyse. Received: params={describe(params)} "
+            f"for model {model.name!r} with {len(model.trainable_variables)} trainable "
+            "variables. Make sure the chosen layers are trainable."
+        )
+    return variables
+
+
+def variable_name(variable) -> str:
+    return getattr(variable, "path", None) or variable.name
+
+
+class Objective:
+    """Per-example loss, regularisation and parameters of a Keras model.
+
+    Args:
+        model: a built ``keras.Model`` (TensorFlow backend).
+        loss: keras loss object, name or callable ``(y_true, y_pred)``; ``None`` uses
+            ``model.loss``.
+        params: ``None`` for all trainable weights, or layers / layer names / variables.
+    """
+
+    def __init__(self, model, loss=None, params=None):
+        check_model(model)
+        self.model = model
+        self.variables: Sequence = resolve_params(model, params)
+        self.layout = ParamLayout(self.variables)
+        self.dtype = tf.as_dtype(self.variables[0].dtype)
+        if not self.dtype.is_floating:
+            raise ValueError(
+                f"Parameters must be floating point. Received: dtype={self.dtype.name} for "
+                f"variable {variable_name(self.variables[0])!r}."
+            )
+        self.loss_fn, self.loss_name, self.from_logits = resolve_loss(loss, model, self.dtype)
+
+    @property
+    def num_params(self) -> int:
+        return self.layout.num_params
+
+    def per_example_loss(self, x, y) -> tf.Tensor:
+        """``L(z_j, theta)`` for each example of a batch, shape ``(batch,)``, in ``self.dtype``."""
+        y_pred = self.model(x, training=False)
+        if (
+            isinstance(y, tf.Tensor)
+            and isinstance(y_pred, tf.Tensor)
+            and y.shape.rank is not None
+            and y.shape.rank == y_pred.shape.rank - 1
+            and y_pred.shape[-1] == 1
+        ):
+            # Targets of shape (n,) for outputs of shape (n, 1), as Keras's losses allow.
+            y = y[..., None]
+        values = tf.convert_to_tensor(self.loss_fn(y, y_pred))
+        if values.shape.rank == 0:
+            raise ValueError(
+                "The loss returned one number for the whole batch; influence needs one value "
+                f"per example. Received: loss {self.loss_name!r} returning shape (). Pass a "
+                "keras loss object or a callable that does not reduce over the batch axis."
+            )
+        if values.shape.rank > 1:
+            values = tf.reduce_mean(values, axis=list(range(1, values.shape.rank)))
+        return tf.cast(values, self.dtype)
+
+    def regularization(self) -> tf.Tensor:
+        """``Omega(theta)``: the sum of the weight regularizers, as ``model.fit`` adds them."""
+        total = tf.zeros([], self.dtype)
+        for variable in self.model.trainable_variables:
+            regularizer = getattr(variable, "regularizer", None)
+            if regularizer is not None:
+                total += tf.cast(regularizer(variable), self.dtype)
+        return total
+
+    def has_regularization(self) -> bool:
+        return any(
+            getattr(v, "regularizer", None) is not None for v in self.model.trainable_variables
+        )
+
+    def predicted_labels(self, x) -> tf.Tensor:
+        """Labels equal to the model's own prediction, in the format the loss expects.
+
+        Raises:
+            ValueError: the loss is a regression loss (or unknown), so a "predicted
+                label" has no meaning; ``y_test`` must be given.
+        """
+        name = self.loss_name
+        y_pred = self.model(x, training=False)
+        if name in _SPARSE_CLASS_LOSSES:
+            return tf.argmax(y_pred, axis=-1, output_type=tf.int32)
+        if name in _ONE_HOT_LOSSES:
+            depth = y_pred.shape[-1]
+            return tf.one_hot(tf.argmax(y_pred, axis=-1), depth, dtype=y_pred.dtype)
+        if name in _BINARY_LOSSES | _SIGNED_BINARY_LOSSES:
+            threshold = 0.0 if (self.from_logits or name in _SIGNED_BINARY_LOSSES) else 0.5
+            return tf.cast(y_pred > threshold, y_pred.dtype)
+        raise ValueError(
+            "`y_test=None` explains the model's own predicted class, which needs a "
+            f"classification loss. Received: y_test=None with loss {name!r}. Pass the "
+            "targets to explain with `y_test=`."
+        )

@@ -1,0 +1,22 @@
+"""Inverse Hessian-vector-product solvers: ``(operator, rhs) -> (solution, diagnostics)``."""
+
+from tf_influence.solvers.base import CurvatureError, Diagnostics, Solver
+from tf_influence.solvers.cg import CG
+from tf_influence.solvers.exact import Exact
+from tf_influence.solvers.lissa import LiSSA
+
+__all__ = ["CG", "CurvatureError", "Diagnostics", "Exact", "LiSSA", "Solver", "get"]
+
+_BY_NAME = {"exact": Exact, "cg": CG, "lissa": LiSSA}
+
+
+def get(identifier) -> Solver:
+    """A solver from its name (``"exact"``, ``"cg"``, ``"lissa"``) or an instance."""
+    if isinstance(identifier, Solver):
+        return identifier
+    if isinstance(identifier, str) and identifier.lower() in _BY_NAME:
+        return _BY_NAME[identifier.lower()]()
+    raise ValueError(
+        f"Argument `solver` must be one of {sorted(_BY_NAME)} or a tf_influence.solvers.Solver "
+        f"instance. Received: solver={identifier!r}"
+    )
