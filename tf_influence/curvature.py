@@ -15,6 +15,7 @@ from collections.abc import Callable, Hashable
 
 import tensorflow as tf
 
+from tf_influence._compile import BatchFunction
 from tf_influence.data import ExampleData
 from tf_influence.objective import Objective
 
@@ -46,7 +47,9 @@ class HessianOperator:
         self._cache: dict = {}
         spec = tf.TensorSpec([self.num_params, None], self.dtype)
         self._matvec = tf.function(self._matvec_impl, input_signature=[spec])
-        self._batch_matvec = tf.function(self._batch_matvec_impl, reduce_retracing=True)
+        self._batch_matvec = BatchFunction(
+            lambda x, y, vectors: self._batch_matvec_impl(vectors, x, y), [spec]
+        )
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -114,7 +117,7 @@ class HessianOperator:
 
         Uses ``(1/b) sum_{j in batch} hessian(L_j) + hessian(Omega) + damping * I``.
         """
-        return self._batch_matvec(vectors, batch[0], batch[1])
+        return self._batch_matvec(batch[0], batch[1], tf.convert_to_tensor(vectors, self.dtype))
 
     def dense(self) -> tf.Tensor:
         """The dense ``(p, p)`` matrix ``H + damping * I`` in float64, symmetrised.

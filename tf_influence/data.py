@@ -203,11 +203,16 @@ class ExampleData:
         return -(-self.num_examples // size)
 
     def sample_stream(self, batch_size: int, seed: int) -> tf.data.Dataset:
-        """An endless stream of random batches (with a fixed seed), for stochastic solvers."""
+        """An endless stream of random batches, for stochastic solvers.
+
+        The repeated data pass through one shuffle buffer (as large as the data, up
+        to 10,000 examples) seeded with ``seed``; every new iterator replays the same
+        stream, so results are reproducible.
+        """
         buffer = min(self.num_examples, 10_000)
         return (
-            self._unbatched.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
-            .repeat()
+            self._unbatched.repeat()
+            .shuffle(buffer, seed=seed, reshuffle_each_iteration=False)
             .batch(batch_size, drop_remainder=True)
         )
 

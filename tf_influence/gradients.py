@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from tf_influence._compile import BatchFunction
 from tf_influence.objective import Objective
 
 
@@ -23,8 +24,9 @@ class PerExampleGradients:
 
     def __init__(self, objective: Objective):
         self.objective = objective
-        self._gradients = tf.function(self._gradients_impl, reduce_retracing=True)
-        self._scores = tf.function(self._scores_impl, reduce_retracing=True)
+        self._gradients = BatchFunction(self._gradients_impl)
+        solutions = tf.TensorSpec([objective.num_params, None], objective.dtype)
+        self._scores = BatchFunction(self._scores_impl, [solutions])
 
     def _gradients_impl(self, x, y):
         variables = self.objective.variables
@@ -55,4 +57,8 @@ class PerExampleGradients:
             ``(scores, finite)``: scores of shape ``(k, b)`` and a ``(b,)`` boolean that is
             False where an example's gradient holds NaN or inf.
         """
-        return self._scores(x, y, solutions)
+        return self._scores(x, y, tf.convert_to_tensor(solutions, self.objective.dtype))
+
+    def tracing_count(self) -> int:
+        """Traces so far of the gradient and scoring functions (for retracing checks)."""
+        return self._gradients.tracing_count() + self._scores.tracing_count()

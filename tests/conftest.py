@@ -1,0 +1,56 @@
+"""Shared fixtures: small models and data whose curvature can be checked densely."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+
+def make_mlp(num_inputs=4, hidden=5, num_classes=3, dtype="float64", l2=0.01, seed=0):
+    """A tiny tanh MLP with logits outputs, in ``dtype``."""
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential(
+        [
+            keras.Input((num_inputs,), dtype=dtype),
+            keras.layers.Dense(
+                hidden,
+                activation="tanh",
+                dtype=dtype,
+                kernel_regularizer=keras.regularizers.L2(l2),
+                name="hidden",
+            ),
+            keras.layers.Dense(num_classes, dtype=dtype, name="logits"),
+        ]
+    )
+
+
+def dense_hessian(objective, x, y):
+    """Reference Hessian of mean loss + regularisation, by two nested full-batch tapes."""
+    variables = objective.variables
+    with tf.GradientTape() as outer:
+        with tf.GradientTape() as inner:
+            loss = tf.reduce_mean(objective.per_example_loss(x, y)) + objective.regularization()
+        grad = objective.layout.flatten(inner.gradient(loss, variables))
+    jac = outer.jacobian(grad, variables)
+    return objective.layout.flatten_batched(jac, objective.num_params, tf.float64).numpy()
+
+
+@pytest.fixture
+def blobs():
+    """50 float64 points in 4-d, 3 classes."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(50, 4))
+    y = rng.integers(0, 3, size=50)
+    return x, y
+
+
+@pytest.fixture
+def mlp():
+    model = make_mlp()
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model

@@ -1,0 +1,130 @@
+"""Solvers against tf.linalg.solve on the dense matrix, and their guards."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import make_mlp
+
+import tf_influence as tfi
+from tf_influence.curvature import HessianOperator
+from tf_influence.data import ExampleData
+from tf_influence.solvers import CG, CurvatureError, Exact, LiSSA
+
+
+@pytest.fixture
+def operator(mlp, blobs):
+    x, y = blobs
+    return HessianOperator(tfi.Objective(mlp), ExampleData(x, y, 16), damping=0.5)
+
+
+@pytest.fixture
+def rhs(operator):
+    return tf.constant(np.random.default_rng(4).normal(size=(operator.num_params, 4)))
+
+
+def reference(operator, rhs):
+    return tf.linalg.solve(operator.dense(), rhs).numpy()
+
+
+def test_exact_equals_linalg_solve(operator, rhs):
+    solution, diagnostics = Exact().solve(operator, rhs)
+    np.testing.assert_allclose(solution.numpy(), reference(operator, rhs), rtol=1e-9)
+    assert diagnostics.all_converged and diagnostics.residual_norm.max() < 1e-10
+
+
+def test_cg_equals_linalg_solve_for_several_rhs(operator, rhs):
+    solution, diagnostics = CG(tol=1e-10).solve(operator, rhs)
+    np.testing.assert_allclose(solution.numpy(), reference(operator, rhs), rtol=1e-7, atol=1e-9)
+    assert diagnostics.all_converged
+    assert 0 < diagnostics.iterations <= operator.num_params + 5
+    assert diagnostics.residual_norm.shape == (4,)
+
+
+def test_cg_columns_are_independent(operator, rhs):
+    together, _ = CG(tol=1e-10).solve(operator, rhs)
+    alone, _ = CG(tol=1e-10).solve(operator, rhs[:, 2:3])
+    np.testing.assert_allclose(together.numpy()[:, 2:3], alone.numpy(), rtol=1e-8, atol=1e-10)
+
+
+def test_cg_zero_rhs_gives_zero(operator):
+    rhs = tf.zeros([operator.num_params, 2], tf.float64)
+    solution, diagnostics = CG().solve(operator, rhs)
+    assert np.all(solution.numpy() == 0) and diagnostics.all_converged
+
+
+def test_cg_reports_unconverged_when_max_iter_too_small(operator, rhs):
+    _, diagnostics = CG(tol=1e-12, max_iter=2).solve(operator, rhs)
+    assert diagnostics.iterations == 2 and not diagnostics.all_converged
+
+
+def test_lissa_within_its_own_tolerance(operator, rhs):
+    solver = LiSSA(recursion_depth=400, num_repeats=4, batch_size=25, seed=0)
+    solution, diagnostics = solver.solve(operator, rhs)
+    expected = reference(operator, rhs)
+    error = np.linalg.norm(solution.numpy() - expected, axis=0) / np.linalg.norm(expected, axis=0)
+    assert error.max() < 0.1, error
+    assert diagnostics.all_converged, diagnostics
+    assert diagnostics.info["scale"] > 0
+
+
+def test_lissa_is_reproducible(operator, rhs):
+    a, _ = LiSSA(recursion_depth=50, seed=3).solve(operator, rhs)
+    b, _ = LiSSA(recursion_depth=50, seed=3).solve(operator, rhs)
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_lissa_divergence_is_reported_with_a_scale(operator, rhs):
+    with pytest.raises(CurvatureError, match=r"LiSSA diverged .* Pass a larger scale, e.g. LiSSA\(scale="):
+        LiSSA(recursion_depth=200, scale=1e-3).solve(operator, rhs)
+
+
+def test_indefinite_hessian_exact_and_cg_suggest_damping(blobs):
+    """An untrained MLP with no damping has negative curvature."""
+    x, y = blobs
+    model = make_mlp(l2=0.0, seed=1)
+    objective = tfi.Objective(model, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    operator = HessianOperator(objective, ExampleData(x, y, 16), damping=0.0)
+    eigenvalues = np.linalg.eigvalsh(operator.dense().numpy())
+    assert eigenvalues[0] < 0  # the premise of this test
+    with pytest.raises(CurvatureError, match=r"not positive definite.*smallest eigenvalue.*damping="):
+        Exact().solve(operator, tf.ones([operator.num_params, 1], tf.float64))
+    rhs = tf.constant(np.linalg.eigh(operator.dense().numpy())[1][:, :1])
+    with pytest.raises(CurvatureError, match=r"non-positive curvature.*e.g. damping="):
+        CG().solve(operator, rhs)
+
+
+def test_exact_error_suggests_damping_that_works(blobs):
+    x, y = blobs
+    model = make_mlp(l2=0.0, seed=1)
+    objective = tfi.Objective(model, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    operator = HessianOperator(objective, ExampleData(x, y, 16), damping=0.0)
+    with pytest.raises(CurvatureError) as info:
+        Exact().prepare(operator)
+    suggested = float(str(info.value).split("e.g. damping=")[1].split(",")[0])
+    fixed = HessianOperator(objective, ExampleData(x, y, 16), damping=suggested)
+    Exact().prepare(fixed)  # no error
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: CG(tol=0), r"`tol` must be a positive finite number. Received: tol=0"),
+        (lambda: CG(max_iter=0), r"`max_iter` must be a positive integer. Received: max_iter=0"),
+        (lambda: LiSSA(recursion_depth=-1), r"`recursion_depth` must be a positive integer"),
+        (lambda: LiSSA(scale=float("nan")), r"`scale` must be a positive finite number"),
+        (lambda: LiSSA(num_repeats=1.5), r"`num_repeats` must be a positive integer"),
+        (lambda: LiSSA(seed="a"), r"`seed` must be an integer"),
+        (lambda: tfi.solvers.get("newton"), r"`solver` must be one of .* Received: solver='newton'"),
+    ],
+)
+def test_bad_solver_arguments(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+@pytest.mark.parametrize("solver", [Exact(), CG(tol=1e-7, max_iter=50), LiSSA(recursion_depth=10, scale=3.0)])
+def test_config_round_trip(solver):
+    rebuilt = type(solver).from_config(solver.get_config())
+    assert rebuilt.get_config() == solver.get_config()
+    assert repr(rebuilt) == repr(solver)
