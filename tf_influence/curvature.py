@@ -83,10 +83,10 @@ class HessianOperator:
 
     def _matvec_impl(self, vectors):
         n = tf.cast(self.num_examples, self.dtype)
-        total = tf.zeros_like(vectors)
-        for batch in self.data.batches():
-            x, y = batch[0], batch[1]
-            total += self._hvp(x, y, vectors, 1.0 / n, 0.0)
+        total = self.data.fold(
+            lambda acc, batch: acc + self._hvp(batch[0], batch[1], vectors, 1.0 / n, 0.0),
+            tf.zeros_like(vectors),
+        )
         if self.objective.has_regularization():
             total += self._hvp(None, None, vectors, 0.0, 1.0)
         return total + self.damping * vectors

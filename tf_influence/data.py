@@ -124,8 +124,10 @@ class ExampleData:
                     )
         self.num_examples = int(n)
         self.batch_size = int(batch_size or DEFAULT_BATCH_SIZE)
-        self._x, self._y = x, y
         elements = (x, y) if y is not None else (x,)
+        # Kept as tensors (on the device) and sliced in the graph: much cheaper per
+        # batch than iterating a tf.data pipeline inside a tf.function.
+        self._tensors = tf.nest.map_structure(tf.convert_to_tensor, elements)
         self._unbatched = tf.data.Dataset.from_tensor_slices(elements)
         self._batched = self._unbatched.batch(self.batch_size)
 
@@ -179,42 +181,82 @@ class ExampleData:
             )
         self.num_examples = n
         self.batch_size = int(first_batch)
-        self._x = self._y = None
+        self._tensors = None
         self._batched = dataset
         self._unbatched = dataset.unbatch()
 
     # -- access -------------------------------------------------------------------------
     @property
+    def in_memory(self) -> bool:
+        """True for arrays/tensors (sliced directly), False for a ``tf.data.Dataset``."""
+        return self._tensors is not None
+
+    @property
     def has_targets(self) -> bool:
         return len(self._batched.element_spec) >= 2
 
-    def batches(self, batch_size: int | None = None) -> tf.data.Dataset:
-        """The examples in their fixed order, in batches of tuples ``(x, y)`` or ``(x,)``."""
+    def _slice(self, start, size):
+        return tf.nest.map_structure(lambda t: t[start : start + size], self._tensors)
+
+    def batches(self, batch_size: int | None = None):
+        """The examples in their fixed order, in batches of tuples ``(x, y)`` or ``(x,)``.
+
+        An iterable for eager Python loops (one step per batch, e.g. with a progress bar).
+        """
+        size = batch_size or self.batch_size
+        if self.in_memory:
+            return (self._slice(start, size) for start in range(0, self.num_examples, size))
         if batch_size is None or batch_size == self.batch_size:
             return self._batched
         return self._unbatched.batch(batch_size)
 
+    def fold(self, fn, initial):
+        """``acc = fn(acc, batch)`` over all batches in order; traceable inside ``tf.function``."""
+        if not self.in_memory:
+            acc = initial
+            for batch in self._batched:
+                acc = fn(acc, batch)
+            return acc
+        size = self.batch_size
+        acc = initial
+        for start in tf.range(0, self.num_examples, size):
+            acc = fn(acc, self._slice(start, size))
+        return acc
+
     def num_batches(self, batch_size: int | None = None) -> int:
         size = batch_size or self.batch_size
-        if self._x is None and batch_size is None:
+        if not self.in_memory and batch_size is None:
             card = int(self._batched.cardinality())
             if card >= 0:
                 return card
         return -(-self.num_examples // size)
 
-    def sample_stream(self, batch_size: int, seed: int) -> tf.data.Dataset:
-        """An endless stream of random batches, for stochastic solvers.
+    def sampler(self, batch_size: int, seed: int):
+        """A function ``step -> batch`` of random training batches, for stochastic solvers.
 
-        The repeated data pass through one shuffle buffer (as large as the data, up
-        to 10,000 examples) seeded with ``seed``; every new iterator replays the same
-        stream, so results are reproducible.
+        Arrays: ``batch_size`` indices drawn uniformly with replacement by a stateless
+        generator keyed on ``(seed, step)``. Datasets: the repeated data through a shuffle
+        buffer (up to 10,000 examples) seeded with ``seed``, read in order. Either way
+        the same seed replays the same batches, so results are reproducible. Call it
+        inside the ``tf.function`` that consumes the batches.
         """
+        if self.in_memory:
+            n = self.num_examples
+
+            def draw(step):
+                key = tf.stack([tf.constant(seed, tf.int64), tf.cast(step, tf.int64)])
+                index = tf.random.stateless_uniform([batch_size], key, maxval=n, dtype=tf.int32)
+                return tf.nest.map_structure(lambda t: tf.gather(t, index), self._tensors)
+
+            return draw
         buffer = min(self.num_examples, 10_000)
-        return (
+        stream = (
             self._unbatched.repeat()
             .shuffle(buffer, seed=seed, reshuffle_each_iteration=False)
             .batch(batch_size, drop_remainder=True)
         )
+        iterator = iter(stream)
+        return lambda step: next(iterator)
 
     def first_batch(self):
         return next(iter(self.batches()))

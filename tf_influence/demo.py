@@ -163,7 +163,7 @@ class NewtonRefiner:
         return [v.numpy().copy() for v in self.variables]
 
     def _set(self, values):
-        for variable, value in zip(self.variables, values):
+        for variable, value in zip(self.variables, values, strict=True):
             variable.assign(value)
 
     def _unflatten(self, flat):
@@ -198,7 +198,7 @@ class NewtonRefiner:
             direction = self._unflatten(self._inverse @ grad)
             start, size = self._get(), 1.0
             while True:  # backtracking: accept the first step that lowers the objective
-                self._set([w - size * d for w, d in zip(start, direction)])
+                self._set([w - size * d for w, d in zip(start, direction, strict=True)])
                 new_value, new_grad = (t.numpy() for t in self._value_and_grad(weights))
                 if new_value <= value or size < 1e-6:
                     break
@@ -262,25 +262,39 @@ def choose_test_points(model, x_test, y_test) -> np.ndarray:
     return np.array([confident, unsure, worst])
 
 
-def plot_grid(path, test_images, test_labels, test_predicted, test_indices, train_images,
-              train_labels, top, num_shown=NUM_SHOWN):
+def plot_grid(
+    path,
+    test_images,
+    test_labels,
+    test_predicted,
+    test_indices,
+    train_images,
+    train_labels,
+    top,
+    num_shown=NUM_SHOWN,
+):
     """Saves a PNG: one row per test digit, then its most helpful and most harmful
     training digits, each titled with its index, label and score."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    # The object-oriented API with the Agg canvas: no pyplot, no global backend change.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     rows, cols = len(test_indices), 1 + 2 * num_shown
-    fig, axes = plt.subplots(rows, cols, figsize=(1.55 * cols, 1.95 * rows), squeeze=False)
+    fig = Figure(figsize=(1.55 * cols, 1.95 * rows))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, cols, squeeze=False)
     for r in range(rows):
         ax = axes[r, 0]
         ax.imshow(test_images[r], cmap="gray_r", vmin=0, vmax=16)
         colour = "black" if test_predicted[r] == test_labels[r] else "red"
         ax.set_title(
             f"TEST #{test_indices[r]}\nlabel {test_labels[r]}, pred {test_predicted[r]}",
-            fontsize=8, color=colour, fontweight="bold",
+            fontsize=8,
+            color=colour,
+            fontweight="bold",
         )
+        for spine in ax.spines.values():
+            spine.set_color(colour)
         for c in range(num_shown):
             for kind, offset, indices, scores, colour in (
                 ("helpful", 1, top.helpful_indices, top.helpful_scores, "tab:green"),
@@ -290,16 +304,18 @@ def plot_grid(path, test_images, test_labels, test_predicted, test_indices, trai
                 j = int(indices[r, c])
                 ax.imshow(train_images[j], cmap="gray_r", vmin=0, vmax=16)
                 ax.set_title(
-                    f"{kind} #{j}\nlabel {train_labels[j]}, {scores[r, c]:+.3g}",
-                    fontsize=8, color=colour,
+                    f"{kind} #{j}\nlabel {train_labels[j]}, {scores[r, c]:+.4g}",
+                    fontsize=8,
+                    color=colour,
                 )
         for ax in axes[r]:
             ax.set_xticks([])
             ax.set_yticks([])
-    for ax in axes.ravel():
-        for spine in ax.spines.values():
-            spine.set_visible(False)
-    axes[0, 0].spines["left"].set_visible(False)
+    for k, ax in enumerate(axes.ravel()):
+        is_test = k % cols == 0
+        for spine in ax.spines.values():  # a frame around the test digits only
+            spine.set_visible(is_test)
+            spine.set_linewidth(2)
     fig.suptitle(
         "Which training digits made the model predict this?  "
         "(I_up,loss score: < 0 helpful, > 0 harmful)",
@@ -307,7 +323,6 @@ def plot_grid(path, test_images, test_labels, test_predicted, test_indices, trai
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
@@ -344,16 +359,17 @@ def run_demo(output_dir="demo_output", seed: int = 0, verbose: int = 1) -> dict:
     x_train, y_train = data["x_train"], data["y_train"]
     x_test, y_test = data["x_test"], data["y_test"]
     n_train = len(x_train)
-    say(f"Training a softmax regression (L2={L2}) on {n_train} digits, "
-        f"{len(x_test)} held out ...")
+    say(f"Training a softmax regression (L2={L2}) on {n_train} digits, {len(x_test)} held out ...")
     with float64():
         model = build_model(x_train.shape[1], 10, seed=seed)
         model.fit(x_train, y_train, batch_size=64, epochs=20, shuffle=True, verbose=0)
         refiner = NewtonRefiner(model, x_train, y_train)
         steps = refiner.minimize()
         accuracy = float(model.evaluate(x_test, y_test, verbose=0, return_dict=True)["accuracy"])
-    say(f"  Adam for 20 epochs, then {steps} Newton steps to the exact optimum; "
-        f"test accuracy {accuracy:.3f}")
+    say(
+        f"  Adam for 20 epochs, then {steps} Newton steps to the exact optimum; "
+        f"test accuracy {accuracy:.3f}"
+    )
 
     # 2. Influence: which training digits helped or hurt three test predictions?
     im = tfi.InfluenceModel(model)
@@ -363,8 +379,10 @@ def run_demo(output_dir="demo_output", seed: int = 0, verbose: int = 1) -> dict:
     x_explain, y_explain = x_test[test_indices], y_test[test_indices]
     predicted = np.argmax(np.asarray(model(x_explain, training=False)), axis=1)
     top = im.top_k(x_explain, y_explain, k=NUM_RETRAINED // 2, verbose=lib_verbose)
-    say(f"\nInfluence of all {n_train} training digits on {len(test_indices)} test digits "
-        f"({im.num_params} parameters, CG, {im.diagnostics.iterations} iterations).")
+    say(
+        f"\nInfluence of all {n_train} training digits on {len(test_indices)} test digits "
+        f"({im.num_params} parameters, CG, {im.diagnostics.iterations} iterations)."
+    )
     say("Score I_up,loss: > 0 harmful (up-weighting it raises the test loss), < 0 helpful.")
     for r, i in enumerate(test_indices):
         status = "correct" if predicted[r] == y_explain[r] else "WRONG"
@@ -374,7 +392,8 @@ def run_demo(output_dir="demo_output", seed: int = 0, verbose: int = 1) -> dict:
             ("most harmful", top.harmful_indices[r], top.harmful_scores[r]),
         ):
             items = ", ".join(
-                f"#{j} (label {y_train[j]}, {s:+.3f})" for j, s in zip(indices[:NUM_SHOWN], values)
+                f"#{j} (label {y_train[j]}, {s:+.3f})"
+                for j, s in zip(indices[:NUM_SHOWN], values[:NUM_SHOWN], strict=True)
             )
             say(f"  {kind}: {items}")
 
@@ -382,23 +401,38 @@ def run_demo(output_dir="demo_output", seed: int = 0, verbose: int = 1) -> dict:
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     png = out / "influence_digits.png"
-    plot_grid(png, data["images_test"][test_indices], y_explain, predicted, test_indices,
-              data["images_train"], y_train, top)
+    plot_grid(
+        png,
+        data["images_test"][test_indices],
+        y_explain,
+        predicted,
+        test_indices,
+        data["images_train"],
+        y_train,
+        top,
+    )
 
     # 4. Leave-one-out check on the last test digit: retrain without each of its
     #    most helpful and most harmful training digits.
     row = len(test_indices) - 1
     removed = np.concatenate([top.helpful_indices[row], top.harmful_indices[row]])
     predicted_change = -np.concatenate([top.helpful_scores[row], top.harmful_scores[row]]) / n_train
-    say(f"\nLeave-one-out check for test digit #{test_indices[row]}: retraining "
-        f"{len(removed)} times, each without one of its most influential training digits ...")
+    say(
+        f"\nLeave-one-out check for test digit #{test_indices[row]}: retraining "
+        f"{len(removed)} times, each without one of its most influential training digits ..."
+    )
     actual_change = leave_one_out(
-        model, x_train, y_train, x_explain[row:row + 1], y_explain[row:row + 1], removed,
+        model,
+        x_train,
+        y_train,
+        x_explain[row : row + 1],
+        y_explain[row : row + 1],
+        removed,
         refiner=refiner,
     )[0]
     pearson = float(np.corrcoef(predicted_change, actual_change)[0, 1])
     say("  removed   predicted   actual   (change in test loss)")
-    for j, p, a in zip(removed, predicted_change, actual_change):
+    for j, p, a in zip(removed, predicted_change, actual_change, strict=True):
         say(f"  #{j:<6d} {p:+.2e}  {a:+.2e}")
     say(f"  Pearson correlation, predicted vs actual: {pearson:.4f}")
 

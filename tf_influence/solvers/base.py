@@ -2,7 +2,7 @@
 
 A solver maps ``(operator, rhs)`` to ``inv(H + damping*I) @ rhs``. It knows
 nothing of Keras: the operator only needs ``matvec`` (and, for stochastic
-solvers, ``batch_matvec`` and ``data.sample_stream``). The numerical loop runs
+solvers, ``batch_matvec`` and ``data.sampler``). The numerical loop runs
 inside one ``tf.function``; the host reads the diagnostics once, after it.
 """
 

@@ -112,9 +112,10 @@ class LiSSA(Solver):
         """1.5x the largest eigenvalue seen over the full operator and a few batches."""
 
         def make():
-            stream = operator.data.sample_stream(self._batch_size(operator), self.seed + 7919)
+            draw = operator.data.sampler(self._batch_size(operator), self.seed + 7919)
             estimates = [power_iteration(operator.matvec, operator.num_params, operator.dtype)]
-            for k, batch in enumerate(stream.take(4)):
+            for k in range(4):
+                batch = draw(k)
                 estimates.append(
                     power_iteration(
                         lambda v, b=batch: operator.batch_matvec(v, b),
@@ -133,21 +134,19 @@ class LiSSA(Solver):
 
     def _graph(self, operator, scale):
         depth, repeats = self.recursion_depth, self.num_repeats
-        stream = operator.data.sample_stream(self._batch_size(operator), self.seed)
-
         def run(rhs):
+            draw = operator.data.sampler(self._batch_size(operator), self.seed)
             dtype = rhs.dtype
             scale_t = tf.cast(scale, dtype)
             rhs_norm = tf.norm(rhs, axis=0)
             h = rhs
             total = tf.zeros_like(rhs)
             diverged = tf.zeros_like(rhs_norm, dtype=tf.bool)
-            batches = iter(stream)
             steps = tf.constant(0)
             for step in tf.range(depth * repeats):
                 if tf.reduce_any(diverged):
                     break
-                h = rhs + h - operator.batch_matvec(h, next(batches)) / scale_t
+                h = rhs + h - operator.batch_matvec(h, draw(step)) / scale_t
                 bound = _GROWTH_SLACK * tf.cast(step % depth + 2, dtype) * rhs_norm
                 norm = tf.norm(h, axis=0)
                 grew = tf.logical_or(tf.logical_not(tf.math.is_finite(norm)), norm > bound)
