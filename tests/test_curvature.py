@@ -20,12 +20,16 @@ def test_hvp_equals_dense_hessian_times_v(mlp, blobs, batch_size, damping):
     reference = dense_hessian(objective, x, y) + damping * np.eye(objective.num_params)
     rng = np.random.default_rng(1)
     vectors = rng.normal(size=(objective.num_params, 3))
-    np.testing.assert_allclose(operator.matvec(vectors).numpy(), reference @ vectors, rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(
+        operator.matvec(vectors).numpy(), reference @ vectors, rtol=1e-6, atol=1e-12
+    )
     # One vector (rank 1) and the assembled dense matrix agree too.
     np.testing.assert_allclose(
         operator.matvec(vectors[:, 0]).numpy(), reference @ vectors[:, 0], rtol=1e-6, atol=1e-12
     )
-    np.testing.assert_allclose(operator.dense().numpy(), 0.5 * (reference + reference.T), rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(
+        operator.dense().numpy(), 0.5 * (reference + reference.T), rtol=1e-6, atol=1e-12
+    )
 
 
 def test_hessian_of_logistic_regression_matches_closed_form():
@@ -78,7 +82,7 @@ def test_float32_model_hvp_close_to_float64_reference(blobs):
     x, y = blobs
     model32 = make_mlp(dtype="float32")
     model64 = make_mlp(dtype="float64")
-    for a, b in zip(model32.weights, model64.weights):
+    for a, b in zip(model32.weights, model64.weights, strict=True):
         b.assign(a.numpy().astype("float64"))
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     op32 = HessianOperator(tfi.Objective(model32, loss), ExampleData(x.astype("float32"), y, 16))

@@ -69,10 +69,14 @@ def test_activity_regularizer_is_refused():
 
 def test_label_shape_mismatch(im, blobs):
     x, y = blobs
-    with pytest.raises(ValueError, match=r"`x` and `y` must hold the same number.*50 examples.*\(49,\)"):
+    with pytest.raises(
+        ValueError, match=r"`x` and `y` must hold the same number.*50 examples.*\(49,\)"
+    ):
         im.fit(x, y[:49], verbose=0)
     one_hot = keras.utils.to_categorical(y, 3)
-    with pytest.raises(ValueError, match=r"cannot be computed on the targets `y`.*\(16, 3\).*class indices"):
+    with pytest.raises(
+        ValueError, match=r"cannot be computed on the targets `y`.*\(16, 3\).*class indices"
+    ):
         im.fit(x, one_hot, batch_size=16, verbose=0)
 
 
@@ -134,7 +138,9 @@ def test_variable_without_gradient_is_named(blobs):
     model = WithUnusedLayer()
     model(x[:1])
     model.unused.build((None, 4))
-    im = tfi.InfluenceModel(model, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    im = tfi.InfluenceModel(
+        model, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
     with pytest.raises(ValueError, match=r"get no gradient.*unused/kernel.*params="):
         im.fit(x, y, verbose=0)
 
@@ -142,7 +148,9 @@ def test_variable_without_gradient_is_named(blobs):
 def test_indefinite_hessian_through_influence_model(blobs):
     x, y = blobs
     model = make_mlp(l2=0.0, seed=1)
-    im = tfi.InfluenceModel(model, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    im = tfi.InfluenceModel(
+        model, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
     im.compile("exact", damping=0.0)
     with pytest.raises(CurvatureError, match=r"not positive definite.*e.g. damping="):
         im.fit(x, y, verbose=0)
@@ -150,18 +158,24 @@ def test_indefinite_hessian_through_influence_model(blobs):
 
 @pytest.mark.parametrize("damping", [-1.0, float("nan"), "a", True])
 def test_bad_damping(im, damping):
-    with pytest.raises(ValueError, match=r"`damping` must be a finite number >= 0. Received: damping="):
+    with pytest.raises(
+        ValueError, match=r"`damping` must be a finite number >= 0. Received: damping="
+    ):
         im.compile("cg", damping=damping)
 
 
 def test_bad_batch_size_and_verbose(im, blobs):
     x, y = blobs
-    with pytest.raises(ValueError, match=r"`batch_size` must be a positive integer. Received: batch_size=0"):
+    with pytest.raises(
+        ValueError, match=r"`batch_size` must be a positive integer. Received: batch_size=0"
+    ):
         im.fit(x, y, batch_size=0)
     with pytest.raises(ValueError, match=r"`verbose` must be .* Received: verbose='loud'"):
         im.fit(x, y, verbose="loud")
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
-    with pytest.raises(ValueError, match=r"`batch_size` must be None when `x` is a tf.data.Dataset"):
+    with pytest.raises(
+        ValueError, match=r"`batch_size` must be None when `x` is a tf.data.Dataset"
+    ):
         im.fit(ds, batch_size=8)
     with pytest.raises(ValueError, match=r"`y` must be None when `x` is a tf.data.Dataset"):
         im.fit(ds, y)
@@ -190,7 +204,9 @@ def test_regression_without_y_test():
     im = tfi.InfluenceModel(model, loss="mse")
     im.compile("exact", damping=0.01)
     im.fit(x, x[:, 0], verbose=0)
-    with pytest.raises(ValueError, match=r"y_test=None.*classification loss.*'mean_squared_error'.*`y_test=`"):
+    with pytest.raises(
+        ValueError, match=r"y_test=None.*classification loss.*'mean_squared_error'.*`y_test=`"
+    ):
         im.explain(x[:2])
 
 
@@ -206,5 +222,7 @@ def test_unconverged_cg_warns(mlp, blobs):
     im = tfi.InfluenceModel(mlp)
     im.compile(tfi.solvers.CG(tol=1e-12, max_iter=2), damping=0.5)
     im.fit(x, y, verbose=0)
-    with pytest.warns(RuntimeWarning, match=r"did not converge for 3 of 3 test points.*raise max_iter"):
+    with pytest.warns(
+        RuntimeWarning, match=r"did not converge for 3 of 3 test points.*raise max_iter"
+    ):
         im.explain(x[:3], y[:3], verbose=0)

@@ -49,7 +49,9 @@ def test_scores_match_direct_formula(mlp, blobs):
     np.testing.assert_allclose(scores, expected, rtol=1e-8, atol=1e-12)
 
 
-@pytest.mark.parametrize("solver", ["exact", "cg", tfi.solvers.LiSSA(recursion_depth=300, num_repeats=2)])
+@pytest.mark.parametrize(
+    "solver", ["exact", "cg", tfi.solvers.LiSSA(recursion_depth=300, num_repeats=4, batch_size=30)]
+)
 def test_self_influence_is_minus_diagonal_of_explain(mlp, blobs, solver):
     x, y = blobs
     im = fitted(mlp, x[:30], y[:30], solver=solver)
@@ -68,7 +70,9 @@ def test_scores_do_not_depend_on_batch_sizes_or_test_order(mlp, blobs, solver):
     x, y = blobs
     reference = fitted(mlp, x, y, solver=solver, batch_size=50).explain(x[:9], y[:9], verbose=0)
     im = fitted(mlp, x, y, solver=solver, batch_size=7)
-    np.testing.assert_allclose(im.explain(x[:9], y[:9], batch_size=2, verbose=0), reference, rtol=1e-6)
+    np.testing.assert_allclose(
+        im.explain(x[:9], y[:9], batch_size=2, verbose=0), reference, rtol=1e-6
+    )
     order = np.array([8, 3, 0, 5, 1, 7, 2, 6, 4])
     shuffled = im.explain(x[order], y[order], batch_size=4, verbose=0)
     np.testing.assert_allclose(shuffled, reference[order], rtol=1e-6)
@@ -90,7 +94,9 @@ def test_y_test_none_explains_predicted_class(mlp, blobs):
     x, y = blobs
     im = fitted(mlp, x, y)
     predicted = np.argmax(mlp.predict(x[:6], verbose=0), axis=1)
-    np.testing.assert_allclose(im.explain(x[:6], verbose=0), im.explain(x[:6], predicted, verbose=0))
+    np.testing.assert_allclose(
+        im.explain(x[:6], verbose=0), im.explain(x[:6], predicted, verbose=0)
+    )
 
 
 def test_top_k_ranks_scores(mlp, blobs):
@@ -111,8 +117,9 @@ def test_top_k_ranks_scores(mlp, blobs):
 class SubclassedMLP(keras.Model):
     def __init__(self):
         super().__init__(dtype="float64")
-        self.hidden = keras.layers.Dense(5, activation="tanh", dtype="float64",
-                                         kernel_regularizer=keras.regularizers.L2(0.01))
+        self.hidden = keras.layers.Dense(
+            5, activation="tanh", dtype="float64", kernel_regularizer=keras.regularizers.L2(0.01)
+        )
         self.out = keras.layers.Dense(3, dtype="float64")
 
     def call(self, inputs):
@@ -124,13 +131,14 @@ def test_sequential_functional_and_subclassed_agree(mlp, blobs):
     reference = fitted(mlp, x, y, loss=SPARSE_LOGITS).explain(x[:4], y[:4], verbose=0)
 
     inputs = keras.Input((4,), dtype="float64")
-    hidden = keras.layers.Dense(5, activation="tanh", dtype="float64",
-                                kernel_regularizer=keras.regularizers.L2(0.01))(inputs)
+    hidden = keras.layers.Dense(
+        5, activation="tanh", dtype="float64", kernel_regularizer=keras.regularizers.L2(0.01)
+    )(inputs)
     functional = keras.Model(inputs, keras.layers.Dense(3, dtype="float64")(hidden))
     subclassed = SubclassedMLP()
     subclassed(x[:1])
     for other in (functional, subclassed):
-        for target, source in zip(other.weights, mlp.weights):
+        for target, source in zip(other.weights, mlp.weights, strict=True):
             target.assign(source)
         scores = fitted(other, x, y, loss=SPARSE_LOGITS).explain(x[:4], y[:4], verbose=0)
         np.testing.assert_allclose(scores, reference, rtol=1e-9)
@@ -141,7 +149,11 @@ def test_logits_and_probabilities_sparse_and_one_hot_agree(blobs):
     logits_model = make_mlp()
     reference = fitted(logits_model, x, y, loss=SPARSE_LOGITS).explain(x[:4], y[:4], verbose=0)
     probs_model = keras.Sequential(
-        [keras.Input((4,), dtype="float64"), *logits_model.layers, keras.layers.Softmax(dtype="float64")]
+        [
+            keras.Input((4,), dtype="float64"),
+            *logits_model.layers,
+            keras.layers.Softmax(dtype="float64"),
+        ]
     )
     one_hot = keras.utils.to_categorical(y, 3)
     for model, loss, labels in [
@@ -154,7 +166,9 @@ def test_logits_and_probabilities_sparse_and_one_hot_agree(blobs):
     # y_test=None picks the predicted class in the loss's label format.
     im = fitted(probs_model, x, one_hot, loss="categorical_crossentropy")
     predicted = keras.utils.to_categorical(np.argmax(probs_model.predict(x[:4], verbose=0), 1), 3)
-    np.testing.assert_allclose(im.explain(x[:4], verbose=0), im.explain(x[:4], predicted, verbose=0))
+    np.testing.assert_allclose(
+        im.explain(x[:4], verbose=0), im.explain(x[:4], predicted, verbose=0)
+    )
 
 
 def test_binary_logits_and_probabilities_agree(blobs):
@@ -163,11 +177,18 @@ def test_binary_logits_and_probabilities_agree(blobs):
     keras.utils.set_random_seed(0)
     dense = keras.layers.Dense(1, dtype="float64", kernel_regularizer=keras.regularizers.L2(0.1))
     logits = keras.Sequential([keras.Input((4,), dtype="float64"), dense])
-    probs = keras.Sequential([keras.Input((4,), dtype="float64"), dense,
-                              keras.layers.Activation("sigmoid", dtype="float64")])
+    probs = keras.Sequential(
+        [
+            keras.Input((4,), dtype="float64"),
+            dense,
+            keras.layers.Activation("sigmoid", dtype="float64"),
+        ]
+    )
     a = fitted(logits, x, y, loss=keras.losses.BinaryCrossentropy(from_logits=True), damping=0.0)
     b = fitted(probs, x, y, loss="binary_crossentropy", damping=0.0)
-    np.testing.assert_allclose(a.explain(x[:5], y[:5], verbose=0), b.explain(x[:5], y[:5], verbose=0), rtol=1e-5)
+    np.testing.assert_allclose(
+        a.explain(x[:5], y[:5], verbose=0), b.explain(x[:5], y[:5], verbose=0), rtol=1e-5
+    )
     predicted = (logits.predict(x[:5], verbose=0)[:, 0] > 0).astype("float64")
     np.testing.assert_allclose(a.explain(x[:5], verbose=0), a.explain(x[:5], predicted, verbose=0))
 
@@ -177,8 +198,9 @@ def test_regression_matches_closed_form_linear_regression():
     rng = np.random.default_rng(7)
     x = rng.normal(size=(30, 3))
     y = x @ np.array([1.0, -2.0, 0.5]) + 0.1 * rng.normal(size=30)
-    model = keras.Sequential([keras.Input((3,), dtype="float64"),
-                              keras.layers.Dense(1, use_bias=False, dtype="float64")])
+    model = keras.Sequential(
+        [keras.Input((3,), dtype="float64"), keras.layers.Dense(1, use_bias=False, dtype="float64")]
+    )
     w = np.linalg.solve(x.T @ x, x.T @ y)  # the exact minimiser of mean squared error
     model.layers[0].kernel.assign(w[:, None])
     im = fitted(model, x, y, loss="mse", damping=0.0)
@@ -219,13 +241,15 @@ def test_explain_does_not_retrace(mlp, blobs):
 def test_dropout_and_batchnorm_run_in_inference_mode(blobs):
     x, y = blobs
     keras.utils.set_random_seed(0)
-    model = keras.Sequential([
-        keras.Input((4,), dtype="float64"),
-        keras.layers.Dense(6, activation="relu", dtype="float64"),
-        keras.layers.BatchNormalization(dtype="float64"),
-        keras.layers.Dropout(0.5, dtype="float64"),
-        keras.layers.Dense(3, dtype="float64"),
-    ])
+    model = keras.Sequential(
+        [
+            keras.Input((4,), dtype="float64"),
+            keras.layers.Dense(6, activation="relu", dtype="float64"),
+            keras.layers.BatchNormalization(dtype="float64"),
+            keras.layers.Dropout(0.5, dtype="float64"),
+            keras.layers.Dense(3, dtype="float64"),
+        ]
+    )
     model.compile(loss=SPARSE_LOGITS, optimizer="adam")
     model.fit(x, y, epochs=2, verbose=0)
     im = fitted(model, x, y, solver="cg", damping=1.0)

@@ -75,7 +75,9 @@ def test_lissa_is_reproducible(operator, rhs):
 
 
 def test_lissa_divergence_is_reported_with_a_scale(operator, rhs):
-    with pytest.raises(CurvatureError, match=r"LiSSA diverged .* Pass a larger scale, e.g. LiSSA\(scale="):
+    with pytest.raises(
+        CurvatureError, match=r"LiSSA diverged .* Pass a larger scale, e.g. LiSSA\(scale="
+    ):
         LiSSA(recursion_depth=200, scale=1e-3).solve(operator, rhs)
 
 
@@ -83,11 +85,15 @@ def test_indefinite_hessian_exact_and_cg_suggest_damping(blobs):
     """An untrained MLP with no damping has negative curvature."""
     x, y = blobs
     model = make_mlp(l2=0.0, seed=1)
-    objective = tfi.Objective(model, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    objective = tfi.Objective(
+        model, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
     operator = HessianOperator(objective, ExampleData(x, y, 16), damping=0.0)
     eigenvalues = np.linalg.eigvalsh(operator.dense().numpy())
     assert eigenvalues[0] < 0  # the premise of this test
-    with pytest.raises(CurvatureError, match=r"not positive definite.*smallest eigenvalue.*damping="):
+    with pytest.raises(
+        CurvatureError, match=r"not positive definite.*smallest eigenvalue.*damping="
+    ):
         Exact().solve(operator, tf.ones([operator.num_params, 1], tf.float64))
     rhs = tf.constant(np.linalg.eigh(operator.dense().numpy())[1][:, :1])
     with pytest.raises(CurvatureError, match=r"non-positive curvature.*e.g. damping="):
@@ -97,7 +103,9 @@ def test_indefinite_hessian_exact_and_cg_suggest_damping(blobs):
 def test_exact_error_suggests_damping_that_works(blobs):
     x, y = blobs
     model = make_mlp(l2=0.0, seed=1)
-    objective = tfi.Objective(model, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    objective = tfi.Objective(
+        model, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
     operator = HessianOperator(objective, ExampleData(x, y, 16), damping=0.0)
     with pytest.raises(CurvatureError) as info:
         Exact().prepare(operator)
@@ -115,7 +123,10 @@ def test_exact_error_suggests_damping_that_works(blobs):
         (lambda: LiSSA(scale=float("nan")), r"`scale` must be a positive finite number"),
         (lambda: LiSSA(num_repeats=1.5), r"`num_repeats` must be a positive integer"),
         (lambda: LiSSA(seed="a"), r"`seed` must be an integer"),
-        (lambda: tfi.solvers.get("newton"), r"`solver` must be one of .* Received: solver='newton'"),
+        (
+            lambda: tfi.solvers.get("newton"),
+            r"`solver` must be one of .* Received: solver='newton'",
+        ),
     ],
 )
 def test_bad_solver_arguments(make, message):
@@ -123,7 +134,9 @@ def test_bad_solver_arguments(make, message):
         make()
 
 
-@pytest.mark.parametrize("solver", [Exact(), CG(tol=1e-7, max_iter=50), LiSSA(recursion_depth=10, scale=3.0)])
+@pytest.mark.parametrize(
+    "solver", [Exact(), CG(tol=1e-7, max_iter=50), LiSSA(recursion_depth=10, scale=3.0)]
+)
 def test_config_round_trip(solver):
     rebuilt = type(solver).from_config(solver.get_config())
     assert rebuilt.get_config() == solver.get_config()

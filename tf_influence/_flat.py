@@ -37,7 +37,7 @@ class ParamLayout:
         dtype = dtype or _common_dtype(tensors)
         parts = [
             tf.zeros([size], dtype) if t is None else tf.cast(tf.reshape(t, [-1]), dtype)
-            for t, size in zip(tensors, self.sizes)
+            for t, size in zip(tensors, self.sizes, strict=True)
         ]
         return tf.concat(parts, axis=0)
 
@@ -57,19 +57,19 @@ class ParamLayout:
             tf.zeros([batch_size, size], dtype)
             if t is None
             else tf.cast(tf.reshape(t, [batch_size, size]), dtype)
-            for t, size in zip(tensors, self.sizes)
+            for t, size in zip(tensors, self.sizes, strict=True)
         ]
         return tf.concat(parts, axis=1)
 
     def unflatten(self, vector: tf.Tensor) -> list[tf.Tensor]:
         """Splits a ``(num_params,)`` vector back into per-variable tensors."""
         parts = tf.split(vector, self.sizes, axis=0)
-        return [tf.reshape(p, s) for p, s in zip(parts, self.shapes)]
+        return [tf.reshape(p, s) for p, s in zip(parts, self.shapes, strict=True)]
 
     def unflatten_columns(self, matrix: tf.Tensor) -> list[tf.Tensor]:
         """Splits a ``(num_params, k)`` matrix into tensors of shape ``(*variable.shape, k)``."""
         parts = tf.split(matrix, self.sizes, axis=0)
-        return [tf.reshape(p, list(s) + [-1]) for p, s in zip(parts, self.shapes)]
+        return [tf.reshape(p, list(s) + [-1]) for p, s in zip(parts, self.shapes, strict=True)]
 
 
 def _common_dtype(tensors):

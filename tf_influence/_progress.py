@@ -34,8 +34,10 @@ class Progress:
         self.total, self.verbose, self.label = total, verbose, label
         self.start = time.perf_counter()
         self.bar = None
+        self.step = 0
 
     def update(self, step: int) -> None:
+        self.step = step
         if self.verbose != 1:
             return
         if self.bar is None and time.perf_counter() - self.start < SHOW_AFTER:
@@ -47,7 +49,7 @@ class Progress:
 
     def done(self, summary: str = "") -> None:
         elapsed = time.perf_counter() - self.start
-        if self.verbose == 1 and self.bar is not None:
+        if self.verbose == 1 and self.bar is not None and self.step < self.total:
             self.bar.update(self.total, finalize=True)
         elif self.verbose == 2:
             print(f"{self.label} {self.total} steps - {elapsed:.1f}s {summary}".rstrip())

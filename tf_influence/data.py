@@ -52,9 +52,7 @@ class ExampleData:
         num_examples: n, the number of examples.
     """
 
-    def __init__(
-        self, x, y=None, batch_size=None, x_name="x", y_name="y", require_y=True
-    ):
+    def __init__(self, x, y=None, batch_size=None, x_name="x", y_name="y", require_y=True):
         self.x_name, self.y_name = x_name, y_name
         if batch_size is not None and (
             not isinstance(batch_size, (int, np.integer)) or batch_size < 1
@@ -162,7 +160,7 @@ class ExampleData:
         n, first_batch = 0, None
         for batch in dataset:
             size = int(tf.shape(tf.nest.flatten(batch[0])[0])[0])
-            for part, name in zip(batch, (self.x_name, self.y_name)):
+            for part, name in zip(batch, (self.x_name, self.y_name), strict=False):
                 for leaf in tf.nest.flatten(part):
                     bad = first_nonfinite_index(leaf.numpy())
                     if bad is not None:

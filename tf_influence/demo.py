@@ -138,7 +138,9 @@ class NewtonRefiner:
         def objective(weights):
             losses = tf.cast(per_example(y, model(x, training=False)), dtype)
             total = tf.reduce_sum(weights * losses) / tf.reduce_sum(weights)
-            return total + tf.add_n([tf.cast(r, dtype) for r in model.losses])
+            for regularization in model.losses:  # Omega(theta), as model.fit adds it
+                total += tf.cast(regularization, dtype)
+            return total
 
         @tf.function
         def value_and_grad(weights):
@@ -159,10 +161,12 @@ class NewtonRefiner:
         self._ones = np.ones(len(y), dtype=dtype.as_numpy_dtype)
         self._inverse = None  # inverse Hessian from the last refresh, reused while it works
 
-    def _get(self):
+    def get_weights(self) -> list:
+        """Copies of the current values of the trainable variables."""
         return [v.numpy().copy() for v in self.variables]
 
-    def _set(self, values):
+    def set_weights(self, values) -> None:
+        """Assigns values (as from ``get_weights``) to the trainable variables."""
         for variable, value in zip(self.variables, values, strict=True):
             variable.assign(value)
 
@@ -196,9 +200,9 @@ class NewtonRefiner:
             if self._inverse is None:
                 self._inverse = np.linalg.inv(self._hessian(weights).numpy())
             direction = self._unflatten(self._inverse @ grad)
-            start, size = self._get(), 1.0
+            start, size = self.get_weights(), 1.0
             while True:  # backtracking: accept the first step that lowers the objective
-                self._set([w - size * d for w, d in zip(start, direction, strict=True)])
+                self.set_weights([w - size * d for w, d in zip(start, direction, strict=True)])
                 new_value, new_grad = (t.numpy() for t in self._value_and_grad(weights))
                 if new_value <= value or size < 1e-6:
                     break
@@ -235,22 +239,22 @@ def leave_one_out(model, x_train, y_train, x_test, y_test, removed, refiner=None
         it as ``-scores[i, j] / n_train``.
     """
     refiner = refiner or NewtonRefiner(model, x_train, y_train)
-    optimum = refiner._get()
+    optimum = refiner.get_weights()
     base = per_example_loss(model, x_test, y_test)
     changes = np.empty((len(base), len(removed)))
     try:
         for column, j in enumerate(removed):
             refiner.minimize(removed=[int(j)])
             changes[:, column] = per_example_loss(model, x_test, y_test) - base
-            refiner._set(optimum)
+            refiner.set_weights(optimum)
     finally:
-        refiner._set(optimum)
+        refiner.set_weights(optimum)
     return changes
 
 
 def choose_test_points(model, x_test, y_test) -> np.ndarray:
-    """Three test digits worth explaining: a confident correct one, the least confident
-    correct one, and the worst mistake (or the next least confident if there is none)."""
+    """Three test digits worth explaining: a typical correct one (median loss), the least
+    confident correct one, and the worst mistake (or the next least confident if none)."""
     losses = per_example_loss(model, x_test, y_test)
     predicted = np.argmax(np.asarray(model(x_test, training=False)), axis=1)
     correct = np.flatnonzero(predicted == y_test)
@@ -344,8 +348,6 @@ def run_demo(output_dir="demo_output", seed: int = 0, verbose: int = 1) -> dict:
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     start = time.perf_counter()
-    import keras
-
     import tf_influence as tfi
 
     def say(*args):
@@ -449,7 +451,6 @@ def run_demo(output_dir="demo_output", seed: int = 0, verbose: int = 1) -> dict:
         "predicted_change": predicted_change,
         "actual_change": actual_change,
         "pearson": pearson,
-        "png": str(png),
+        "png": str(png.resolve()),
         "seconds": seconds,
-        "keras_version": keras.__version__,
     }

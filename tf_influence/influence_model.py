@@ -202,7 +202,11 @@ class InfluenceModel:
             )
         if check_gradients:
             grads = tape.gradient(total, self.objective.variables)
-            missing = [variable_name(v) for v, g in zip(self.objective.variables, grads) if g is None]
+            missing = [
+                variable_name(v)
+                for v, g in zip(self.objective.variables, grads, strict=True)
+                if g is None
+            ]
             if missing:
                 raise ValueError(
                     f"These parameters get no gradient from the loss: {missing}. Received: "

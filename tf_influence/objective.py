@@ -21,7 +21,11 @@ from tf_influence._flat import ParamLayout
 # Losses whose label is a class index / one-hot vector / binary decision, so
 # that ``y_test=None`` can mean "the model's own prediction".
 _SPARSE_CLASS_LOSSES = {"sparse_categorical_crossentropy", "sparse_categorical_focal_crossentropy"}
-_ONE_HOT_LOSSES = {"categorical_crossentropy", "categorical_focal_crossentropy", "categorical_hinge"}
+_ONE_HOT_LOSSES = {
+    "categorical_crossentropy",
+    "categorical_focal_crossentropy",
+    "categorical_hinge",
+}
 _BINARY_LOSSES = {"binary_crossentropy", "binary_focal_crossentropy"}
 _SIGNED_BINARY_LOSSES = {"hinge", "squared_hinge"}
 

@@ -92,7 +92,9 @@ class CG(Solver):
         return tf.function(run, input_signature=[spec])
 
     def solve(self, operator, rhs):
-        graph = operator.cached(("cg",) + tuple(self.get_config().values()), lambda: self._graph(operator))
+        graph = operator.cached(
+            ("cg",) + tuple(self.get_config().values()), lambda: self._graph(operator)
+        )
         x, iterations, residual, bad, rayleigh = graph(tf.convert_to_tensor(rhs, operator.dtype))
         bad = bad.numpy()
         if bad.any():

@@ -87,4 +87,3 @@ def _raise_not_positive_definite(matrix, damping):
         f"{largest:.3e}). Pass a larger damping to `compile`, e.g. damping={suggestion:.2g}, "
         "or train the model closer to a minimum."
     )
-

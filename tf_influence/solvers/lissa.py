@@ -134,6 +134,7 @@ class LiSSA(Solver):
 
     def _graph(self, operator, scale):
         depth, repeats = self.recursion_depth, self.num_repeats
+
         def run(rhs):
             draw = operator.data.sampler(self._batch_size(operator), self.seed)
             dtype = rhs.dtype

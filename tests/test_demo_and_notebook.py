@@ -1,0 +1,141 @@
+"""The demo (`python -m tf_influence demo`) and the quickstart notebook, end to end.
+
+Both train a softmax regression on scikit-learn's digits, explain test digits and
+check the influence scores against real leave-one-out retraining.
+"""
+
+import contextlib
+import io
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tf_influence.__main__ import main
+
+NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "01_quickstart.ipynb"
+
+
+def _check_png(path):
+    import matplotlib.image
+
+    image = matplotlib.image.imread(str(path))
+    assert image.ndim == 3 and image.shape[0] > 300 and image.shape[1] > 600, image.shape
+    gray = image[..., :3].mean(axis=-1)
+    assert gray.std() > 0.1, "the picture is blank"
+    assert (gray < 0.2).mean() > 0.02, "the picture has (almost) no dark digit pixels"
+
+
+@pytest.fixture(scope="module")
+def demo_result(tmp_path_factory):
+    from tf_influence.demo import run_demo
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        result = run_demo(output_dir=tmp_path_factory.mktemp("demo"), seed=0, verbose=0)
+    result["printed"] = printed.getvalue()
+    return result
+
+
+@pytest.mark.slow
+def test_run_demo(demo_result):
+    result = demo_result
+    assert result["printed"] == ""  # verbose=0 prints nothing
+    _check_png(result["png"])
+    assert result["accuracy"] > 0.9
+    assert result["n_train"] == 1347 and result["num_params"] == 650
+
+    top = result["top_k"]
+    assert top.helpful_indices.shape == top.harmful_indices.shape == (3, 5)
+    assert np.all(top.helpful_scores < 0), "helpful examples must have negative I_up,loss"
+    assert np.all(top.harmful_scores > 0), "harmful examples must have positive I_up,loss"
+    assert np.all(np.diff(top.helpful_scores, axis=1) >= 0)  # most helpful first
+    assert np.all(np.diff(top.harmful_scores, axis=1) <= 0)  # most harmful first
+
+    # Removing a helpful example raises the test loss, removing a harmful one lowers it.
+    predicted, actual = result["predicted_change"], result["actual_change"]
+    assert np.all(predicted[:5] > 0) and np.all(predicted[5:] < 0)
+    assert np.all(np.sign(actual) == np.sign(predicted))
+    assert result["pearson"] > 0.95
+    assert result["pearson"] == pytest.approx(np.corrcoef(predicted, actual)[0, 1])
+
+
+@pytest.mark.slow
+def test_cli_demo(tmp_path, demo_result):
+    out = tmp_path / "pictures"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", KERAS_BACKEND="tensorflow")
+    completed = subprocess.run(
+        [sys.executable, "-m", "tf_influence", "demo", "--output-dir", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    stdout = completed.stdout
+    png = out / "influence_digits.png"
+    assert str(png.resolve()) in stdout
+    _check_png(png)
+
+    helpful = re.findall(r"most helpful: (.*)", stdout)
+    harmful = re.findall(r"most harmful: (.*)", stdout)
+    assert len(helpful) == len(harmful) == 3
+    score = r"\(label \d, ([+-][\d.]+)\)"
+    assert all(float(s) < 0 for line in helpful for s in re.findall(score, line))
+    assert all(float(s) > 0 for line in harmful for s in re.findall(score, line))
+    assert all(len(re.findall(score, line)) == 3 for line in helpful + harmful)
+
+    pearson = float(re.search(r"Pearson correlation, predicted vs actual: ([\d.]+)", stdout)[1])
+    assert pearson > 0.95
+    # Same seed, another process: the same numbers.
+    assert pearson == pytest.approx(demo_result["pearson"], abs=2e-4)
+
+
+def test_cli_without_command_prints_help(capsys):
+    assert main([]) == 2
+    assert "demo" in capsys.readouterr().out
+
+
+def test_cli_demo_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--help"])
+    assert exit_info.value.code == 0
+    assert "--output-dir" in capsys.readouterr().out
+
+
+def test_notebook_is_stored_clean():
+    nbformat = pytest.importorskip("nbformat")
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    nbformat.validate(notebook)
+    code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    assert code, "the notebook has no code cells"
+    for cell in code:
+        assert cell.outputs == [] and cell.execution_count is None, "strip the outputs"
+
+
+@pytest.mark.slow
+def test_quickstart_notebook_runs(tmp_path):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    client = nbclient.NotebookClient(
+        notebook,
+        kernel_name="python3",
+        timeout=600,
+        resources={"metadata": {"path": str(tmp_path)}},
+    )
+    client.execute()  # raises CellExecutionError if any cell (or its asserts) fails
+
+    outputs = [output for cell in notebook.cells for output in cell.get("outputs", [])]
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(images) >= 3, "expected the top-k grid, self-influence and LOO scatter plots"
+    text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
+    match = re.search(r"Pearson correlation \(predicted vs actual\): ([\d.]+)", text)
+    assert match, text[-2000:]
+    assert float(match[1]) > 0.9
+    assert "self-influence" in text
