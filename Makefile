@@ -20,7 +20,7 @@ test: $(STAMP)
 	$(PY) -m pytest -ra
 
 bench: $(STAMP)
-	$(PY) benchmarks/run.py
+	$(PY) benchmarks/accuracy.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check tf_influence tests benchmarks

@@ -136,8 +136,8 @@ class WithUnusedLayer(keras.Model):
 def test_variable_without_gradient_is_named(blobs):
     x, y = blobs
     model = WithUnusedLayer()
-    model(x[:1])
     model.unused.build((None, 4))
+    model(x[:1])
     im = tfi.InfluenceModel(
         model, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     )

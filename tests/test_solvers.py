@@ -81,37 +81,30 @@ def test_lissa_divergence_is_reported_with_a_scale(operator, rhs):
         LiSSA(recursion_depth=200, scale=1e-3).solve(operator, rhs)
 
 
-def test_indefinite_hessian_exact_and_cg_suggest_damping(blobs):
-    """An untrained MLP with no damping has negative curvature."""
-    x, y = blobs
+def indefinite_operator(x, y, damping=0.0):
+    """An untrained MLP without regularisation or damping has negative curvature."""
     model = make_mlp(l2=0.0, seed=1)
-    objective = tfi.Objective(
-        model, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    )
-    operator = HessianOperator(objective, ExampleData(x, y, 16), damping=0.0)
-    eigenvalues = np.linalg.eigvalsh(operator.dense().numpy())
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    return HessianOperator(tfi.Objective(model, loss=loss), ExampleData(x, y, 16), damping)
+
+
+def test_indefinite_hessian_exact_and_cg_suggest_damping(blobs):
+    operator = indefinite_operator(*blobs)
+    eigenvalues, eigenvectors = np.linalg.eigh(operator.dense().numpy())
     assert eigenvalues[0] < 0  # the premise of this test
     with pytest.raises(
         CurvatureError, match=r"not positive definite.*smallest eigenvalue.*damping="
     ):
         Exact().solve(operator, tf.ones([operator.num_params, 1], tf.float64))
-    rhs = tf.constant(np.linalg.eigh(operator.dense().numpy())[1][:, :1])
     with pytest.raises(CurvatureError, match=r"non-positive curvature.*e.g. damping="):
-        CG().solve(operator, rhs)
+        CG().solve(operator, tf.constant(eigenvectors[:, :1]))
 
 
 def test_exact_error_suggests_damping_that_works(blobs):
-    x, y = blobs
-    model = make_mlp(l2=0.0, seed=1)
-    objective = tfi.Objective(
-        model, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    )
-    operator = HessianOperator(objective, ExampleData(x, y, 16), damping=0.0)
     with pytest.raises(CurvatureError) as info:
-        Exact().prepare(operator)
+        Exact().prepare(indefinite_operator(*blobs))
     suggested = float(str(info.value).split("e.g. damping=")[1].split(",")[0])
-    fixed = HessianOperator(objective, ExampleData(x, y, 16), damping=suggested)
-    Exact().prepare(fixed)  # no error
+    Exact().prepare(indefinite_operator(*blobs, damping=suggested))  # no error
 
 
 @pytest.mark.parametrize(
