@@ -13,8 +13,9 @@ example j is harmful to test point i, negative means helpful.
 from tf_influence import solvers
 from tf_influence.curvature import HessianOperator
 from tf_influence.gradients import PerExampleGradients
-from tf_influence.influence_model import InfluenceModel, TopK
+from tf_influence.influence_model import InfluenceModel
 from tf_influence.objective import Objective
+from tf_influence.outputs import TopK
 
 __version__ = "0.1.0"
 

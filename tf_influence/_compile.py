@@ -26,11 +26,13 @@ class BatchFunction:
     Args:
         fn: the Python function to compile.
         extra_specs: ``tf.TensorSpec`` for each argument after ``x, y``.
+        jit_compile: compile with XLA.
     """
 
-    def __init__(self, fn: Callable, extra_specs: Sequence[tf.TensorSpec] = ()):
+    def __init__(self, fn: Callable, extra_specs: Sequence[tf.TensorSpec] = (), jit_compile=False):
         self._fn = fn
         self._extra_specs = list(extra_specs)
+        self._jit_compile = bool(jit_compile)
         self._compiled: dict[str, tf.types.experimental.GenericFunction] = {}
 
     def __call__(self, x, y, *extra):
@@ -40,7 +42,9 @@ class BatchFunction:
         key = repr(specs)
         if key not in self._compiled:
             signature = [specs[0], specs[1], *self._extra_specs]
-            self._compiled[key] = tf.function(self._fn, input_signature=signature)
+            self._compiled[key] = tf.function(
+                self._fn, input_signature=signature, jit_compile=self._jit_compile or None
+            )
         return self._compiled[key](x, y, *extra)
 
     def tracing_count(self) -> int:

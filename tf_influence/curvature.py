@@ -2,11 +2,17 @@
 
     H = hessian(R)(theta_hat) + damping * I,   R(theta) = (1/n) sum_j L(z_j, theta) + Omega(theta)
 
-The product is formed with nested ``tf.GradientTape``s (reverse-over-reverse):
-the inner tape gives ``g = grad R``, the outer tape differentiates ``g . v``.
-Several vectors are handled at once (the outer pass is vectorised with pfor),
-and the sum over the training set is accumulated batch by batch inside the
-graph, so memory is bounded by the batch size, never by ``n_train``.
+Two ways to form the product, both exact:
+
+* ``"reverse_over_reverse"`` (the reference): nested ``tf.GradientTape``s; the
+  inner tape gives ``g = grad R``, the outer tape differentiates ``g . v``.
+* ``"forward_over_reverse"``: a ``tf.autodiff.ForwardAccumulator`` pushes ``v``
+  forward through the gradient computation (Pearlmutter's R-operator); it does
+  not keep a second backward graph and is usually the faster.
+
+Several vectors are handled at once (vectorised with pfor), and the sum over the
+training set is accumulated batch by batch inside the graph, so memory is
+bounded by the batch size, never by ``n_train``.
 """
 
 from __future__ import annotations
@@ -22,6 +28,25 @@ from tf_influence.objective import Objective
 # Columns per matvec when the dense Hessian is assembled from Hessian-vector products.
 DENSE_CHUNK = 128
 
+HVP_MODES = ("reverse_over_reverse", "forward_over_reverse")
+# "auto" picks this one: benchmarks/run.py measures both side by side.
+DEFAULT_HVP_MODE = "forward_over_reverse"
+
+
+def check_hvp_mode(mode: str) -> str:
+    if mode == "auto":
+        return DEFAULT_HVP_MODE
+    if mode not in HVP_MODES:
+        raise ValueError(
+            f'Argument `hvp` must be "auto" or one of {list(HVP_MODES)}. Received: hvp={mode!r}'
+        )
+    return mode
+
+
+def tf_variable(variable):
+    """The ``tf.Variable`` behind a Keras variable (ForwardAccumulator needs it)."""
+    return getattr(variable, "value", variable)
+
 
 class HessianOperator:
     """The matrix-free operator ``v -> (H + damping * I) v`` over a training set.
@@ -30,6 +55,8 @@ class HessianOperator:
         objective: the per-example loss, regularisation and parameters.
         data: the training examples, in a fixed order.
         damping: non-negative number added to the diagonal.
+        hvp: ``"auto"``, ``"reverse_over_reverse"`` or ``"forward_over_reverse"``.
+        jit_compile: compile the per-batch product with XLA.
 
     Attributes:
         num_params: p, the side of the (p, p) operator.
@@ -37,10 +64,22 @@ class HessianOperator:
         dtype: the dtype of vectors it acts on (the parameters' dtype).
     """
 
-    def __init__(self, objective: Objective, data: ExampleData, damping: float = 0.0):
+    def __init__(
+        self,
+        objective: Objective,
+        data: ExampleData,
+        damping: float = 0.0,
+        hvp: str = "auto",
+        jit_compile: bool = False,
+    ):
         self.objective = objective
         self.data = data
         self.damping = float(damping)
+        self.hvp_mode = check_hvp_mode(hvp)
+        self.jit_compile = bool(jit_compile)
+        self._batch_hvp = (
+            tf.function(self._hvp, jit_compile=True) if self.jit_compile else self._hvp
+        )
         self.num_params = objective.num_params
         self.num_examples = data.num_examples
         self.dtype = objective.dtype
@@ -62,29 +101,47 @@ class HessianOperator:
         return self._cache[key]
 
     # -- products -------------------------------------------------------------------------
+    def _objective_value(self, x, y, loss_weight, regularization_weight):
+        total = tf.zeros([], self.dtype)
+        if x is not None:
+            total += loss_weight * tf.reduce_sum(self.objective.per_example_loss(x, y))
+        if regularization_weight:
+            total += regularization_weight * self.objective.regularization()
+        return total
+
     def _hvp(self, x, y, vectors, loss_weight, regularization_weight):
         """``hessian(loss_weight * sum_batch L + regularization_weight * Omega) @ vectors``."""
+        if self.hvp_mode == "forward_over_reverse":
+            return self._hvp_forward_over_reverse(x, y, vectors, loss_weight, regularization_weight)
         variables = self.objective.variables
         layout = self.objective.layout
         with tf.GradientTape() as outer:
             with tf.GradientTape() as inner:
-                total = tf.zeros([], self.dtype)
-                if x is not None:
-                    losses = self.objective.per_example_loss(x, y)
-                    total += loss_weight * tf.reduce_sum(losses)
-                if regularization_weight:
-                    total += regularization_weight * self.objective.regularization()
-            grads = inner.gradient(total, variables)
-            flat_grad = layout.flatten(grads, self.dtype)
+                total = self._objective_value(x, y, loss_weight, regularization_weight)
+            flat_grad = layout.flatten(inner.gradient(total, variables), self.dtype)
             projections = tf.linalg.matvec(vectors, flat_grad, transpose_a=True)  # (k,)
         columns = outer.jacobian(projections, variables)
         k = tf.shape(vectors)[1]
         return tf.transpose(layout.flatten_batched(columns, k, self.dtype))  # (p, k)
 
+    def _hvp_forward_over_reverse(self, x, y, vectors, loss_weight, regularization_weight):
+        variables = self.objective.variables
+        layout = self.objective.layout
+        primals = [tf_variable(v) for v in variables]
+
+        def one(vector):
+            with tf.autodiff.ForwardAccumulator(primals, layout.unflatten(vector)) as acc:
+                with tf.GradientTape() as tape:
+                    total = self._objective_value(x, y, loss_weight, regularization_weight)
+                grads = tape.gradient(total, variables)
+            return layout.flatten([None if g is None else acc.jvp(g) for g in grads], self.dtype)
+
+        return tf.transpose(tf.vectorized_map(one, tf.transpose(vectors)))
+
     def _matvec_impl(self, vectors):
         n = tf.cast(self.num_examples, self.dtype)
         total = self.data.fold(
-            lambda acc, batch: acc + self._hvp(batch[0], batch[1], vectors, 1.0 / n, 0.0),
+            lambda acc, batch: acc + self._batch_hvp(batch[0], batch[1], vectors, 1.0 / n, 0.0),
             tf.zeros_like(vectors),
         )
         if self.objective.has_regularization():
@@ -93,7 +150,7 @@ class HessianOperator:
 
     def _batch_matvec_impl(self, vectors, x, y):
         size = tf.cast(tf.shape(tf.nest.flatten(x)[0])[0], self.dtype)
-        result = self._hvp(x, y, vectors, 1.0 / size, 0.0)
+        result = self._batch_hvp(x, y, vectors, 1.0 / size, 0.0)
         if self.objective.has_regularization():
             result += self._hvp(None, None, vectors, 0.0, 1.0)
         return result + self.damping * vectors
@@ -118,6 +175,21 @@ class HessianOperator:
         Uses ``(1/b) sum_{j in batch} hessian(L_j) + hessian(Omega) + damping * I``.
         """
         return self._batch_matvec(batch[0], batch[1], tf.convert_to_tensor(vectors, self.dtype))
+
+    def subsample(self, size: int, seed: int = 0) -> HessianOperator:
+        """The same operator over a fixed random subset of ``size`` training examples.
+
+        An unbiased, cheaper estimate of H for large training sets; cached per
+        ``(size, seed)``.
+        """
+
+        def make():
+            data = self.data.subset(size, seed)
+            return HessianOperator(
+                self.objective, data, self.damping, self.hvp_mode, self.jit_compile
+            )
+
+        return self.cached(("subsample", int(size), int(seed)), make)
 
     def dense(self) -> tf.Tensor:
         """The dense ``(p, p)`` matrix ``H + damping * I`` in float64, symmetrised.

@@ -209,17 +209,53 @@ class ExampleData:
         return self._unbatched.batch(batch_size)
 
     def fold(self, fn, initial):
-        """``acc = fn(acc, batch)`` over all batches in order; traceable inside ``tf.function``."""
+        """``acc = fn(acc, batch)`` over all batches in order; traceable inside ``tf.function``.
+
+        For arrays, the full batches run in a ``tf.range`` loop with a static batch shape
+        and the last, shorter batch (if any) once after it, so XLA sees static shapes.
+        """
+        acc = initial
         if not self.in_memory:
-            acc = initial
             for batch in self._batched:
                 acc = fn(acc, batch)
             return acc
-        size = self.batch_size
-        acc = initial
-        for start in tf.range(0, self.num_examples, size):
-            acc = fn(acc, self._slice(start, size))
+        size, n = self.batch_size, self.num_examples
+        full = n // size
+        for index in tf.range(full):
+            acc = fn(acc, self._fixed_slice(index * size, size))
+        if n % size:
+            acc = fn(acc, self._fixed_slice(full * size, n % size))
         return acc
+
+    def _fixed_slice(self, start, size):
+        def take(t):
+            begin = tf.concat([[start], tf.zeros([t.shape.rank - 1], tf.int32)], axis=0)
+            return tf.slice(t, begin, [size] + t.shape.as_list()[1:])
+
+        return tf.nest.map_structure(take, self._tensors)
+
+    def subset(self, size: int, seed: int) -> ExampleData:
+        """A fixed random subset of ``size`` examples (same batch size), e.g. to subsample H."""
+        size = min(int(size), self.num_examples)
+        if self.in_memory:
+            index = tf.random.experimental.index_shuffle(
+                tf.range(self.num_examples, dtype=tf.int64),
+                seed=[seed, 0, 0],
+                max_index=self.num_examples - 1,
+            )[:size]
+            picked = tf.nest.map_structure(lambda t: tf.gather(t, index).numpy(), self._tensors)
+            y = picked[1] if len(picked) > 1 else None
+            return ExampleData(
+                picked[0], y, self.batch_size, self.x_name, self.y_name, y is not None
+            )
+        sample = (
+            self._unbatched.shuffle(
+                min(self.num_examples, 10_000), seed=seed, reshuffle_each_iteration=False
+            )
+            .take(size)
+            .batch(self.batch_size)
+        )
+        return ExampleData(sample, None, None, self.x_name, self.y_name, self.has_targets)
 
     def num_batches(self, batch_size: int | None = None) -> int:
         size = batch_size or self.batch_size

@@ -1,10 +1,19 @@
 """Per-example gradients and their dot products with solved vectors, vectorised.
 
-For a batch of b examples, ``tf.GradientTape.jacobian`` (vectorised with pfor)
-gives all b gradients of the per-example loss in one pass, flattened to a
-``(b, p)`` matrix. Scores against the inverse-HVP vectors of the test points
-are one matrix product per batch, so memory is bounded by the batch and the
-number of test points, never by the size of the training set.
+Scores of a batch of b training examples against k solved vectors
+``s_i = inv(H) @ grad L(z_test_i)`` are ``-grad L(z_j) . s_i``. Two exact ways:
+
+* ``"jacobian"``: ``tf.GradientTape.jacobian`` (vectorised with pfor) gives the
+  ``(b, p)`` per-example gradients in one pass, then one ``(k, p) x (p, b)``
+  matrix product. Cost about one batched backward pass, whatever k is.
+* ``"jvp"``: a forward-mode ``tf.autodiff.ForwardAccumulator`` pushes each
+  ``s_i`` through the per-example losses: the directional derivatives are the
+  scores, and no gradient is ever materialised. Cost about k forward passes;
+  cheaper when there are few test points.
+
+``"auto"`` takes ``"jvp"`` up to ``JVP_MAX_TESTS`` test points and
+``"jacobian"`` above. Memory is bounded by the batch and the number of test
+points, never by the size of the training set.
 """
 
 from __future__ import annotations
@@ -12,21 +21,42 @@ from __future__ import annotations
 import tensorflow as tf
 
 from tf_influence._compile import BatchFunction
+from tf_influence.curvature import tf_variable
 from tf_influence.objective import Objective
+
+SCORING_MODES = ("jacobian", "jvp")
+# "auto" uses forward-mode scoring up to this many test points per pass;
+# benchmarks/run.py measures the two side by side.
+JVP_MAX_TESTS = 8
+
+
+def check_scoring_mode(mode: str) -> str:
+    if mode != "auto" and mode not in SCORING_MODES:
+        raise ValueError(
+            f'Argument `scoring` must be "auto" or one of {list(SCORING_MODES)}. '
+            f"Received: scoring={mode!r}"
+        )
+    return mode
 
 
 class PerExampleGradients:
-    """``grad_theta L(z_j, theta)`` for every example of a batch.
+    """``grad_theta L(z_j, theta)`` for every example of a batch, and scores against them.
 
     Args:
         objective: the per-example loss and the parameters.
+        scoring: ``"auto"``, ``"jacobian"`` or ``"jvp"`` (see the module docstring).
+        jit_compile: compile the per-batch functions with XLA.
     """
 
-    def __init__(self, objective: Objective):
+    def __init__(self, objective: Objective, scoring: str = "auto", jit_compile: bool = False):
         self.objective = objective
-        self._gradients = BatchFunction(self._gradients_impl)
+        self.scoring = check_scoring_mode(scoring)
+        self._gradients = BatchFunction(self._gradients_impl, jit_compile=jit_compile)
         solutions = tf.TensorSpec([objective.num_params, None], objective.dtype)
-        self._scores = BatchFunction(self._scores_impl, [solutions])
+        self._scores = {
+            "jacobian": BatchFunction(self._jacobian_scores, [solutions], jit_compile),
+            "jvp": BatchFunction(self._jvp_scores, [solutions], jit_compile),
+        }
 
     def _gradients_impl(self, x, y):
         variables = self.objective.variables
@@ -36,18 +66,38 @@ class PerExampleGradients:
         size = tf.shape(losses)[0]
         return self.objective.layout.flatten_batched(jac, size, self.objective.dtype)
 
-    def _scores_impl(self, x, y, solutions):
+    def _jacobian_scores(self, x, y, solutions):
         grads = self._gradients_impl(x, y)  # (b, p)
         scores = -tf.matmul(solutions, grads, transpose_a=True, transpose_b=True)  # (k, b)
         finite = tf.reduce_all(tf.math.is_finite(grads), axis=1)  # (b,)
+        return scores, finite
+
+    def _jvp_scores(self, x, y, solutions):
+        primals = [tf_variable(v) for v in self.objective.variables]
+        layout = self.objective.layout
+
+        def one(solution):
+            with tf.autodiff.ForwardAccumulator(primals, layout.unflatten(solution)) as acc:
+                losses = self.objective.per_example_loss(x, y)
+            jvp = acc.jvp(losses)
+            return tf.zeros_like(losses) if jvp is None else jvp
+
+        scores = -tf.vectorized_map(one, tf.transpose(solutions))  # (k, b)
+        finite = tf.reduce_all(tf.math.is_finite(scores), axis=0)  # (b,)
         return scores, finite
 
     def __call__(self, x, y) -> tf.Tensor:
         """Gradients of shape ``(batch, num_params)``."""
         return self._gradients(x, y)
 
+    def mode_for(self, num_tests: int) -> str:
+        """The scoring mode used for ``num_tests`` solved vectors."""
+        if self.scoring != "auto":
+            return self.scoring
+        return "jvp" if num_tests <= JVP_MAX_TESTS else "jacobian"
+
     def scores(self, x, y, solutions) -> tuple[tf.Tensor, tf.Tensor]:
-        """``-grad L(z_j) . solutions[:, i]`` for the batch, without keeping the gradients.
+        """``-grad L(z_j) . solutions[:, i]`` for the batch.
 
         Args:
             x, y: a batch of b training examples.
@@ -55,10 +105,14 @@ class PerExampleGradients:
 
         Returns:
             ``(scores, finite)``: scores of shape ``(k, b)`` and a ``(b,)`` boolean that is
-            False where an example's gradient holds NaN or inf.
+            False where an example's gradient (or score) holds NaN or inf.
         """
-        return self._scores(x, y, tf.convert_to_tensor(solutions, self.objective.dtype))
+        solutions = tf.convert_to_tensor(solutions, self.objective.dtype)
+        mode = self.mode_for(int(solutions.shape[1]))
+        return self._scores[mode](x, y, solutions)
 
     def tracing_count(self) -> int:
         """Traces so far of the gradient and scoring functions (for retracing checks)."""
-        return self._gradients.tracing_count() + self._scores.tracing_count()
+        return self._gradients.tracing_count() + sum(
+            f.tracing_count() for f in self._scores.values()
+        )

@@ -4,33 +4,20 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import NamedTuple
 
 import numpy as np
 import tensorflow as tf
 
 from tf_influence import solvers as solvers_lib
+from tf_influence._cache import SolutionCache, batch_key
 from tf_influence._errors import describe
 from tf_influence._progress import Progress, resolve_verbose
 from tf_influence.curvature import HessianOperator
 from tf_influence.data import ExampleData
 from tf_influence.gradients import PerExampleGradients
 from tf_influence.objective import Objective, variable_name
+from tf_influence.outputs import DenseSink, TopK, TopKSink
 from tf_influence.solvers.base import Diagnostics
-
-
-class TopK(NamedTuple):
-    """The most helpful and most harmful training examples for each test point.
-
-    All arrays have shape ``(n_test, k)``. Helpful examples have the most negative
-    scores (up-weighting them lowers the test loss), listed most helpful first;
-    harmful examples have the most positive scores, listed most harmful first.
-    """
-
-    helpful_indices: np.ndarray
-    helpful_scores: np.ndarray
-    harmful_indices: np.ndarray
-    harmful_scores: np.ndarray
 
 
 class InfluenceModel:
@@ -69,16 +56,26 @@ class InfluenceModel:
     def __init__(self, model, loss=None, params=None):
         self.model = model
         self.objective = Objective(model, loss=loss, params=params)
-        self._gradients = PerExampleGradients(self.objective)
         self.solver: solvers_lib.Solver = solvers_lib.CG()
         self.damping = 0.0
+        self.hvp = "auto"
+        self.jit_compile = False
+        self._gradients = PerExampleGradients(self.objective)
         self._data: ExampleData | None = None
         self._operator: HessianOperator | None = None
+        self._solution_cache = SolutionCache()
         self.diagnostics: Diagnostics | None = None
 
     # -- configuration ----------------------------------------------------------------
-    def compile(self, solver="cg", damping: float = 0.0) -> None:
-        """Chooses the inverse-HVP solver and the damping.
+    def compile(
+        self,
+        solver="cg",
+        damping: float = 0.0,
+        hvp: str = "auto",
+        scoring: str = "auto",
+        jit_compile: bool = False,
+    ) -> None:
+        """Chooses the inverse-HVP solver, the damping and how products are computed.
 
         Optional: without it, ``fit`` uses ``solver="cg", damping=0.0``.
 
@@ -87,6 +84,14 @@ class InfluenceModel:
             damping: non-negative number added to the Hessian's diagonal
                 (``H + damping*I``); needed when H is not positive definite
                 (non-convex models, or parameters the loss does not constrain).
+            hvp: Hessian-vector products by ``"forward_over_reverse"`` or
+                ``"reverse_over_reverse"`` (nested tapes); ``"auto"`` takes the
+                faster, forward-over-reverse.
+            scoring: training scores by ``"jvp"`` (forward mode, no gradients kept)
+                or ``"jacobian"`` (vectorised per-example gradients); ``"auto"``
+                picks by the number of test points.
+            jit_compile: compile the per-batch products and gradients with XLA, as
+                ``keras.Model.compile(jit_compile=True)`` does.
         """
         try:
             value = float(damping)
@@ -98,8 +103,20 @@ class InfluenceModel:
                 f"damping={damping!r}. Use 0.0 for a convex model, or a small positive value "
                 "such as 1e-3 otherwise."
             )
+        from tf_influence.curvature import check_hvp_mode
+
+        check_hvp_mode(hvp)
+        if not isinstance(jit_compile, bool):
+            raise ValueError(
+                "Argument `jit_compile` must be True or False. Received: "
+                f"jit_compile={jit_compile!r}"
+            )
+        self._gradients = PerExampleGradients(self.objective, scoring, jit_compile)
         self.solver = solvers_lib.get(solver)
         self.damping = value
+        self.hvp = hvp
+        self.jit_compile = jit_compile
+        self._solution_cache.clear()
         if self._data is not None:
             self._build_operator()
 
@@ -146,7 +163,10 @@ class InfluenceModel:
         return self
 
     def _build_operator(self):
-        self._operator = HessianOperator(self.objective, self._data, self.damping)
+        self._operator = HessianOperator(
+            self.objective, self._data, self.damping, self.hvp, self.jit_compile
+        )
+        self._solution_cache.clear()
         self.solver.prepare(self._operator)
 
     def _require_fit(self, what):
@@ -233,7 +253,9 @@ class InfluenceModel:
     def inverse_hvp_tests(self, x_test, y_test=None, batch_size=None, verbose="auto"):
         """``inv(H) @ grad L(z_test_i)`` for every test point, shape ``(num_params, n_test)``.
 
-        ``y_test=None`` uses the model's predicted class as the target.
+        ``y_test=None`` uses the model's predicted class as the target. Solutions are
+        cached per test batch (up to 512 MiB), so explaining the same test points
+        again does not solve again; ``compile`` and ``fit`` clear the cache.
         """
         self._require_fit("explain")
         verbose = resolve_verbose(verbose)
@@ -247,18 +269,23 @@ class InfluenceModel:
             if first:
                 self._check_batch((x, y), "x_test", "y_test")
                 first = False
-            grads = self._gradients(x, y)
-            finite = np.all(np.isfinite(grads.numpy()), axis=1)
-            if not finite.all():
-                index = offset + int(np.flatnonzero(~finite)[0])
-                raise ValueError(
-                    f"The loss gradient is NaN or inf at test example {index} of `x_test`. "
-                    "Check that example and its target."
-                )
-            solution, diag = self._solve(tf.transpose(grads))
+            key = batch_key(x, y)
+            cached = self._solution_cache.get(key)
+            if cached is None:
+                grads = self._gradients(x, y)
+                finite = np.all(np.isfinite(grads.numpy()), axis=1)
+                if not finite.all():
+                    index = offset + int(np.flatnonzero(~finite)[0])
+                    raise ValueError(
+                        f"The loss gradient is NaN or inf at test example {index} of `x_test`. "
+                        "Check that example and its target."
+                    )
+                cached = self._solve(tf.transpose(grads))
+                self._solution_cache.put(key, *cached)
+            solution, diag = cached
             solutions.append(solution)
             diagnostics.append(diag)
-            offset += int(grads.shape[0])
+            offset += int(solution.shape[1])
             progress.update(step)
         progress.done()
         self.diagnostics = _merge(diagnostics)
@@ -280,9 +307,7 @@ class InfluenceModel:
         )
 
     # -- scores ------------------------------------------------------------------------
-    def _score_training(self, solutions, verbose) -> np.ndarray:
-        n = self._data.num_examples
-        scores = np.empty((int(solutions.shape[1]), n), dtype=self.objective.dtype.as_numpy_dtype)
+    def _score_training(self, solutions, verbose, sink):
         progress = Progress(self._data.num_batches(), verbose, "Scoring training examples")
         offset = 0
         for step, batch in enumerate(self._data.batches(), start=1):
@@ -294,14 +319,22 @@ class InfluenceModel:
                     f"The loss gradient is NaN or inf at training example {index}. Check that "
                     "example and its label, then call `fit` again."
                 )
-            size = int(block.shape[1])
-            scores[:, offset : offset + size] = block.numpy()
-            offset += size
+            block = block.numpy()
+            sink.write(offset, block)
+            offset += block.shape[1]
             progress.update(step)
         progress.done()
-        return scores
+        return sink.result()
 
-    def explain(self, x_test, y_test=None, batch_size=None, verbose="auto") -> np.ndarray:
+    def explain(
+        self,
+        x_test,
+        y_test=None,
+        batch_size=None,
+        verbose="auto",
+        top_k: int | None = None,
+        output=None,
+    ):
         """Influence of every training example on the loss of every test point.
 
         Returns ``I_up,loss``: ``scores[i, j] = -grad L(z_test_i)^T @ inv(H) @ grad L(z_j)``.
@@ -315,12 +348,32 @@ class InfluenceModel:
                 (classification losses only).
             batch_size: test points solved together (default 32).
             verbose: "auto", 0, 1 or 2, as in Keras.
+            top_k: if given, keep only the ``top_k`` most helpful and most harmful
+                training examples per test point while streaming over the training
+                data, and return a ``TopK`` instead of the matrix.
+            output: path of a ``.npy`` file; the matrix is written there block by
+                block (memory-mapped) and returned opened read-only with
+                ``mmap_mode="r"``.
 
         Returns:
-            ``np.ndarray`` of shape ``(n_test, n_train)``.
+            ``np.ndarray`` of shape ``(n_test, n_train)`` (a memmap with ``output``),
+            or ``TopK`` with arrays of shape ``(n_test, top_k)`` when ``top_k`` is set.
         """
+        if top_k is not None:
+            _check_k(top_k, "top_k")
+            if output is not None:
+                raise ValueError(
+                    "Arguments `top_k` and `output` cannot be combined. Received: "
+                    f"top_k={top_k}, output={output!r}. Pass one of them."
+                )
         solutions = self.inverse_hvp_tests(x_test, y_test, batch_size, verbose)
-        return self._score_training(solutions, resolve_verbose(verbose))
+        num_tests = int(solutions.shape[1])
+        dtype = self.objective.dtype.as_numpy_dtype
+        if top_k is not None:
+            sink = TopKSink(num_tests, self.num_train, top_k, dtype)
+        else:
+            sink = DenseSink(num_tests, self.num_train, dtype, output)
+        return self._score_training(solutions, resolve_verbose(verbose), sink)
 
     def self_influence(self, verbose="auto") -> np.ndarray:
         """``grad L(z_j)^T @ inv(H) @ grad L(z_j)`` for every training example.
@@ -362,24 +415,21 @@ class InfluenceModel:
         """The ``k`` most helpful and most harmful training examples per test point.
 
         Ranks ``I_up,loss`` scores (see ``explain``): helpful = most negative,
-        harmful = most positive. ``k`` larger than the training set is cut to it.
+        harmful = most positive. Streams over the training data, keeping only the
+        top ``k`` per test point. ``k`` larger than the training set is cut to it.
 
         Returns:
             ``TopK(helpful_indices, helpful_scores, harmful_indices, harmful_scores)``,
             each of shape ``(n_test, k)``.
         """
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"Argument `k` must be a positive integer. Received: k={describe(k)}")
-        scores = self.explain(x_test, y_test, batch_size=batch_size, verbose=verbose)
-        k = min(int(k), scores.shape[1])
-        order = np.argsort(scores, axis=1, kind="stable")
-        helpful = order[:, :k]
-        harmful = order[:, ::-1][:, :k]
-        return TopK(
-            helpful_indices=helpful,
-            helpful_scores=np.take_along_axis(scores, helpful, axis=1),
-            harmful_indices=harmful,
-            harmful_scores=np.take_along_axis(scores, harmful, axis=1),
+        _check_k(k, "k")
+        return self.explain(x_test, y_test, batch_size=batch_size, verbose=verbose, top_k=k)
+
+
+def _check_k(k, name):
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(
+            f"Argument `{name}` must be a positive integer. Received: {name}={describe(k)}"
         )
 
 

@@ -1,0 +1,100 @@
+"""Where scores go: a full matrix in memory, a memory-mapped ``.npy`` file, or top-k only.
+
+The scoring pass hands each block ``scores[:, start:start + b]`` of training
+columns to a sink, so a run over 100k training points never holds more than one
+block plus what the sink keeps.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import numpy as np
+
+
+class TopK(NamedTuple):
+    """The most helpful and most harmful training examples for each test point.
+
+    All arrays have shape ``(n_test, k)``. Helpful examples have the most negative
+    scores (up-weighting them lowers the test loss), listed most helpful first;
+    harmful examples have the most positive scores, listed most harmful first.
+    """
+
+    helpful_indices: np.ndarray
+    helpful_scores: np.ndarray
+    harmful_indices: np.ndarray
+    harmful_scores: np.ndarray
+
+
+class DenseSink:
+    """Keeps the whole ``(n_test, n_train)`` matrix in memory (or in a memmap)."""
+
+    def __init__(self, num_tests: int, num_train: int, dtype, output=None):
+        self.output = None if output is None else os.fspath(output)
+        if self.output is None:
+            self.scores = np.empty((num_tests, num_train), dtype=dtype)
+        else:
+            if not self.output.endswith(".npy"):
+                raise ValueError(
+                    "Argument `output` must be a path ending in .npy. Received: "
+                    f"output={self.output!r}"
+                )
+            self.scores = np.lib.format.open_memmap(
+                self.output, mode="w+", dtype=dtype, shape=(num_tests, num_train)
+            )
+
+    def write(self, start: int, block: np.ndarray) -> None:
+        self.scores[:, start : start + block.shape[1]] = block
+
+    def result(self):
+        if self.output is None:
+            return self.scores
+        self.scores.flush()
+        del self.scores
+        return np.load(self.output, mmap_mode="r")
+
+
+class TopKSink:
+    """Keeps only the ``k`` most negative and ``k`` most positive scores per test point."""
+
+    def __init__(self, num_tests: int, num_train: int, k: int, dtype):
+        self.k = min(int(k), num_train)
+        self.low_scores = np.empty((num_tests, 0), dtype)
+        self.low_index = np.empty((num_tests, 0), np.int64)
+        self.high_scores = np.empty((num_tests, 0), dtype)
+        self.high_index = np.empty((num_tests, 0), np.int64)
+
+    @staticmethod
+    def _keep(scores, index, k, largest):
+        if scores.shape[1] <= k:
+            return scores, index
+        key = -scores if largest else scores
+        part = np.argpartition(key, k - 1, axis=1)[:, :k]
+        return np.take_along_axis(scores, part, 1), np.take_along_axis(index, part, 1)
+
+    def write(self, start: int, block: np.ndarray) -> None:
+        index = np.broadcast_to(np.arange(start, start + block.shape[1]), block.shape)
+        self.low_scores, self.low_index = self._keep(
+            np.concatenate([self.low_scores, block], 1),
+            np.concatenate([self.low_index, index], 1),
+            self.k,
+            largest=False,
+        )
+        self.high_scores, self.high_index = self._keep(
+            np.concatenate([self.high_scores, block], 1),
+            np.concatenate([self.high_index, index], 1),
+            self.k,
+            largest=True,
+        )
+
+    def result(self) -> TopK:
+        # Sort by score, ties by training index, so results match a full argsort.
+        low = np.lexsort((self.low_index, self.low_scores), axis=1)
+        high = np.lexsort((self.high_index, -self.high_scores), axis=1)
+        return TopK(
+            helpful_indices=np.take_along_axis(self.low_index, low, 1),
+            helpful_scores=np.take_along_axis(self.low_scores, low, 1),
+            harmful_indices=np.take_along_axis(self.high_index, high, 1),
+            harmful_scores=np.take_along_axis(self.high_scores, high, 1),
+        )
