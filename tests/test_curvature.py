@@ -11,12 +11,12 @@ from tf_influence.curvature import HessianOperator
 from tf_influence.data import ExampleData
 
 
-@pytest.mark.parametrize("batch_size", [7, 16, 50])
-@pytest.mark.parametrize("damping", [0.0, 0.3])
-def test_hvp_equals_dense_hessian_times_v(mlp, blobs, batch_size, damping):
+@pytest.mark.parametrize("hvp", ["reverse_over_reverse", "forward_over_reverse"])
+@pytest.mark.parametrize("batch_size, damping", [(7, 0.0), (16, 0.3), (50, 0.0)])
+def test_hvp_equals_dense_hessian_times_v(mlp, blobs, batch_size, damping, hvp):
     x, y = blobs
     objective = tfi.Objective(mlp)
-    operator = HessianOperator(objective, ExampleData(x, y, batch_size), damping)
+    operator = HessianOperator(objective, ExampleData(x, y, batch_size), damping, hvp=hvp)
     reference = dense_hessian(objective, x, y) + damping * np.eye(objective.num_params)
     rng = np.random.default_rng(1)
     vectors = rng.normal(size=(objective.num_params, 3))
@@ -89,3 +89,36 @@ def test_float32_model_hvp_close_to_float64_reference(blobs):
     op64 = HessianOperator(tfi.Objective(model64, loss), ExampleData(x, y, 16))
     assert op32.dtype == tf.float32
     np.testing.assert_allclose(op32.dense().numpy(), op64.dense().numpy(), atol=1e-5)
+
+
+def test_xla_compiled_hvp_matches(mlp, blobs):
+    x, y = blobs
+    objective = tfi.Objective(mlp)
+    plain = HessianOperator(objective, ExampleData(x, y, 16), 0.1)
+    xla = HessianOperator(objective, ExampleData(x, y, 16), 0.1, jit_compile=True)
+    vectors = np.random.default_rng(3).normal(size=(objective.num_params, 2))
+    np.testing.assert_allclose(
+        xla.matvec(vectors).numpy(), plain.matvec(vectors).numpy(), rtol=1e-9
+    )
+
+
+def test_subsampled_operator_is_the_hessian_of_the_subset(mlp, blobs):
+    x, y = blobs
+    objective = tfi.Objective(mlp)
+    operator = HessianOperator(objective, ExampleData(x, y, 16), 0.1)
+    sub = operator.subsample(20, seed=4)
+    assert sub.num_examples == 20 and sub is operator.subsample(20, seed=4)
+    # Which 20? Find them, and compare with the dense Hessian on exactly those rows.
+    chosen = sub.data._tensors[0].numpy()
+    rows = [int(np.flatnonzero((x == row).all(axis=1))[0]) for row in chosen]
+    assert len(set(rows)) == 20
+    reference = dense_hessian(objective, x[rows], y[rows]) + 0.1 * np.eye(objective.num_params)
+    np.testing.assert_allclose(sub.dense().numpy(), reference, rtol=1e-6, atol=1e-12)
+
+
+def test_hvp_mode_is_checked(mlp, blobs):
+    x, y = blobs
+    with pytest.raises(
+        ValueError, match=r"`hvp` must be \"auto\" or one of .* Received: hvp='fast'"
+    ):
+        HessianOperator(tfi.Objective(mlp), ExampleData(x, y, 16), hvp="fast")

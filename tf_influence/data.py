@@ -240,7 +240,7 @@ class ExampleData:
         if self.in_memory:
             index = tf.random.experimental.index_shuffle(
                 tf.range(self.num_examples, dtype=tf.int64),
-                seed=[seed, 0, 0],
+                seed=[seed, 0],
                 max_index=self.num_examples - 1,
             )[:size]
             picked = tf.nest.map_structure(lambda t: tf.gather(t, index).numpy(), self._tensors)

@@ -24,6 +24,12 @@ class CG(Solver):
     Args:
         tol: relative residual at which a column has converged.
         max_iter: most iterations; None means ``min(num_params, 1000)``.
+        hessian_sample_size: if given, H is estimated on a fixed random subset of
+            this many training examples (drawn with ``seed``), so each iteration
+            costs a pass over the subset instead of the whole training set. The
+            subset stays fixed during the solve (CG needs a fixed matrix); the
+            residual is measured against that subsampled H.
+        seed: seed of the subset.
 
     Raises:
         CurvatureError: a direction of non-positive curvature ``p^T H p <= 0``
@@ -37,12 +43,29 @@ class CG(Solver):
 
     name = "cg"
 
-    def __init__(self, tol: float = 1e-6, max_iter: int | None = None):
+    def __init__(
+        self,
+        tol: float = 1e-6,
+        max_iter: int | None = None,
+        hessian_sample_size: int | None = None,
+        seed: int = 0,
+    ):
         self.tol = check_positive_float("tol", tol)
         self.max_iter = check_positive_int("max_iter", max_iter, allow_none=True)
+        self.hessian_sample_size = check_positive_int(
+            "hessian_sample_size", hessian_sample_size, allow_none=True
+        )
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"Argument `seed` must be an integer. Received: seed={seed!r}")
+        self.seed = seed
 
     def get_config(self):
-        return {"tol": self.tol, "max_iter": self.max_iter}
+        return {
+            "tol": self.tol,
+            "max_iter": self.max_iter,
+            "hessian_sample_size": self.hessian_sample_size,
+            "seed": self.seed,
+        }
 
     def _graph(self, operator):
         max_iter = self.max_iter or min(operator.num_params, 1000)
@@ -92,6 +115,8 @@ class CG(Solver):
         return tf.function(run, input_signature=[spec])
 
     def solve(self, operator, rhs):
+        if self.hessian_sample_size is not None:
+            operator = operator.subsample(self.hessian_sample_size, self.seed)
         graph = operator.cached(
             ("cg",) + tuple(self.get_config().values()), lambda: self._graph(operator)
         )

@@ -1,0 +1,203 @@
+"""Influence of the digits workload with Deel's ``influenciae`` (TF 2.15 / Keras 2).
+
+Run with the influenciae venv (see setup_envs.sh)::
+
+    /tmp/bench-influenciae/bin/python benchmarks/external/run_influenciae.py \
+        --workload /tmp/bench/workload.npz --out /tmp/bench/results
+
+What influenciae computes (``FirstOrderInfluenceCalculator``,
+``estimate_influence_values_in_batches``): ``grad L(z_test)^T H^-1 grad L(z_j)``
+with ``H`` the mean Hessian of the per-example loss it is given, inverted with
+``tf.linalg.pinv`` ("exact") or solved by its CG (``"cgd"``). That is ``-1`` times
+our score: ``factor = -1``, no ``1/n``.
+
+Regularisation and damping: influenciae has neither (its loss is only the
+reduction-less loss function; ``model.losses`` are ignored and the exact solver
+takes a pseudo-inverse, without damping). We give it our objective's curvature
+through the loss function: every per-example loss gets the term
+``0.5 * sum_k c_k (theta_k - theta_hat_k)^2`` with ``c = 2*l2 + damping`` on
+kernel entries and ``c = damping`` on bias entries (``theta_hat``: the trained
+weights, a constant). Its gradient at ``theta_hat`` is exactly zero, so the
+per-example gradients are unchanged, and its Hessian is exactly the L2 Hessian
+plus ``damping * I``; averaged over the training set it is added once. So the
+Hessian influenciae inverts is exactly our ``H``.
+
+CG cost: influenciae solves one CG system per *training* point (and runs each
+Hessian-vector product example by example with ``tf.map_fn``), so 1437 solves
+would take hours. Its CG runs are capped to two slices of the training set
+(``--cg-columns``, default 8 and 24 columns); the time for all 1437 columns is
+extrapolated linearly, ``t(m) = a + b*m`` through the two measured points, and
+the Pearson correlation uses the columns computed (the first 24).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import numpy as np  # noqa: E402
+
+from common import Results, Timer, Workload, parse_args, selected  # noqa: E402
+
+
+def build_model(tf, work):
+    reg = tf.keras.regularizers.L2(work.l2)
+    model = tf.keras.Sequential(
+        [
+            tf.keras.Input((64,)),
+            tf.keras.layers.Dense(128, activation="tanh", kernel_regularizer=reg, name="dense_1"),
+            tf.keras.layers.Dense(128, activation="tanh", kernel_regularizer=reg, name="dense_2"),
+            tf.keras.layers.Dense(10, kernel_regularizer=reg, name="logits"),
+        ]
+    )
+    for layer in model.layers:
+        layer.set_weights(list(work.weights[layer.name]))
+    return model
+
+
+def make_loss(tf, variables, l2, damping):
+    """Cross-entropy per example plus a zero-gradient quadratic carrying L2 + damping."""
+    base = tf.keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True, reduction=tf.keras.losses.Reduction.NONE
+    )
+    anchors = [tf.constant(v.numpy()) for v in variables]
+    coefs = [(2.0 * l2 + damping) if "kernel" in v.name else damping for v in variables]
+
+    def loss(y_true, y_pred, sample_weight=None):
+        per_example = base(y_true, y_pred, sample_weight)
+        curvature = tf.add_n(
+            [
+                0.5 * c * tf.reduce_sum(tf.square(v - a))
+                for v, a, c in zip(variables, anchors, coefs, strict=True)
+            ]
+        )
+        return per_example + curvature
+
+    return loss
+
+
+def scores_matrix(calculator, test_ds, train_ds):
+    """Assembles the (n_test, n_train_columns) matrix from influenciae's nested datasets."""
+    rows = []
+    for _, per_train in calculator.estimate_influence_values_in_batches(test_ds, train_ds):
+        rows.append(np.concatenate([values.numpy() for _, values in per_train], axis=1))
+    return np.concatenate(rows, axis=0)
+
+
+def main(argv=None):
+    args = parse_args(__doc__.splitlines()[0], argv)
+    work = Workload(args.workload)
+    try:
+        import tensorflow as tf
+        from deel.influenciae.common import InfluenceModel
+        from deel.influenciae.influence import FirstOrderInfluenceCalculator
+    except ImportError as error:  # pragma: no cover - depends on the venv
+        Results("influenciae", "?", args.out).not_installable(repr(error))
+        return
+    from importlib.metadata import version
+
+    results = Results(
+        "influenciae",
+        version("influenciae"),
+        args.out,
+        framework=f"tensorflow {tf.__version__}",
+    )
+    tf.keras.utils.set_random_seed(0)
+    model = build_model(tf, work)
+    # Warm-up (TF runtime, kernels); not timed, as for every library.
+    model(work.x_test, training=False)
+
+    bs = work.batch_size
+    train_ds = tf.data.Dataset.from_tensor_slices((work.x_train, work.y_train)).batch(bs)
+    test_ds = tf.data.Dataset.from_tensor_slices((work.x_test, work.y_test)).batch(work.n_test)
+    common_settings = {
+        "batch_size": bs,
+        "regularisation": "zero-gradient quadratic in the loss: c=2*l2+damping on kernels, "
+        "c=damping on biases (see module docstring)",
+        "dtype": "float32",
+    }
+    conversion = "ours = -theirs (influenciae returns +g_test^T H^-1 g_train, no 1/n)"
+    # influenciae's start_layer: index into model.layers (Keras 2 Sequential, no InputLayer).
+    layer_index = {layer.name: i for i, layer in enumerate(model.layers)}
+    plans = [
+        ("A", "exact", layer_index["logits"], None),
+        ("A", "cg", layer_index["logits"], None),
+        ("B", "cg", 0, -1),
+    ]
+    for workload, solver, start, last in plans:
+        if not selected(args, workload, solver):
+            continue
+        try:
+            run(tf, InfluenceModel, FirstOrderInfluenceCalculator, results, work, model,
+                train_ds, test_ds, workload, solver, start, last, common_settings,
+                conversion, args)
+        except Exception as error:  # noqa: BLE001 - recorded in the JSON
+            results.fail_run(workload, solver, error)
+
+
+def run(tf, InfluenceModel, FirstOrderInfluenceCalculator, results, work, model, train_ds,
+        test_ds, workload, solver, start, last, common_settings, conversion, args):
+    def make_calculator():
+        influence_model = InfluenceModel(
+            model,
+            start_layer=start,
+            last_layer=last,
+            loss_function=None,
+        )
+        influence_model.loss_function = make_loss(
+            tf, influence_model.weights, work.l2, work.damping
+        )
+        calculator = FirstOrderInfluenceCalculator(
+            influence_model, train_ds, ihvp_calculator="exact" if solver == "exact" else "cgd"
+        )
+        return influence_model, calculator
+
+    if solver == "exact":
+        with Timer() as timer:
+            influence_model, calculator = make_calculator()
+            scores = scores_matrix(calculator, test_ds, train_ds)
+        results.add(
+            workload, solver, int(influence_model.nb_params), scores, timer.seconds, -1.0,
+            conversion,
+            settings={**common_settings, "solver": "ExactIHVP: tf.linalg.pinv of the mean Hessian"},
+        )
+        return
+
+    small, large = (int(m) for m in os.environ.get("INFLUENCIAE_CG_COLUMNS", "8,24").split(","))
+    times, matrices = [], []
+    for m in (small, large):
+        subset = tf.data.Dataset.from_tensor_slices(
+            (work.x_train[:m], work.y_train[:m])
+        ).batch(work.batch_size)
+        with Timer() as timer:
+            influence_model, calculator = make_calculator()
+            matrices.append(scores_matrix(calculator, test_ds, subset))
+        times.append(timer.seconds)
+        print(f"  influenciae {workload}-cg: {m} training columns in {timer.seconds:.1f} s",
+              flush=True)
+    slope = (times[1] - times[0]) / (large - small)
+    fixed = times[1] - slope * large
+    estimate = fixed + slope * work.n_train
+    results.add(
+        workload, solver, int(influence_model.nb_params), matrices[1], estimate, -1.0,
+        conversion,
+        columns=range(large),
+        seconds_measured=times[1],
+        timing=(
+            f"extrapolated to {work.n_train} columns: measured {times[0]:.1f} s for {small} and "
+            f"{times[1]:.1f} s for {large} training columns, t(m) = {fixed:.1f} + {slope:.2f}*m"
+        ),
+        settings={
+            **common_settings,
+            "solver": "ConjugateGradientDescentIHVP, library defaults: n_opt_iters=100, "
+            "tol=1e-3 (|r| <= max(1e-3 |b|, 1e-5)); one CG solve per training point",
+        },
+        notes="CG capped: columns are the first training points only",
+    )
+
+
+if __name__ == "__main__":
+    main()
