@@ -191,20 +191,29 @@ class HessianOperator:
 
         return self.cached(("subsample", int(size), int(seed)), make)
 
-    def dense(self) -> tf.Tensor:
+    @property
+    def num_dense_chunks(self) -> int:
+        """How many matvecs ``dense()`` takes."""
+        return -(-self.num_params // DENSE_CHUNK)
+
+    def dense(self, progress: Callable[[int], None] | None = None) -> tf.Tensor:
         """The dense ``(p, p)`` matrix ``H + damping * I`` in float64, symmetrised.
 
         Built from Hessian-vector products in chunks of columns, so it costs about
         ``p / DENSE_CHUNK`` passes over the data. Only sensible for small ``p``.
+
+        Args:
+            progress: optional callable, called with the number of chunks done.
         """
 
         def make():
             p = self.num_params
             eye = tf.eye(p, dtype=self.dtype)
-            chunks = [
-                self._matvec(eye[:, start : start + DENSE_CHUNK])
-                for start in range(0, p, DENSE_CHUNK)
-            ]
+            chunks = []
+            for start in range(0, p, DENSE_CHUNK):
+                chunks.append(self._matvec(eye[:, start : start + DENSE_CHUNK]))
+                if progress is not None:
+                    progress(len(chunks))
             matrix = tf.cast(tf.concat(chunks, axis=1), tf.float64)
             return 0.5 * (matrix + tf.transpose(matrix))
 

@@ -157,16 +157,21 @@ class InfluenceModel:
         self._check_weights()
         self._check_batch(data.first_batch(), "x", "y", check_gradients=True)
         self._data = data
-        progress = Progress(1, verbose, f"Preparing {self.solver.name} solver")
-        self._build_operator()
-        progress.done()
+        self._build_operator(verbose)
         return self
 
-    def _build_operator(self):
+    def _build_operator(self, verbose=0):
         self._operator = HessianOperator(
             self.objective, self._data, self.damping, self.hvp, self.jit_compile
         )
         self._solution_cache.clear()
+        if isinstance(self.solver, solvers_lib.Exact):
+            total = self._operator.num_dense_chunks
+            progress = Progress(
+                total, verbose, f"Building the {self.num_params}x{self.num_params} Hessian"
+            )
+            self._operator.dense(progress=progress.update)
+            progress.done()
         self.solver.prepare(self._operator)
 
     def _require_fit(self, what):
