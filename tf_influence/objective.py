@@ -100,11 +100,7 @@ def resolve_loss(loss, model, dtype=None) -> tuple[Callable, str, bool]:
         if dtype is not None:
             # Compute the loss in the parameters' dtype (Keras defaults to floatx).
             config["dtype"] = tf.as_dtype(dtype).name
-        try:
-            unreduced = type(loss).from_config(config)
-        except TypeError:
-            config.pop("dtype", None)
-            unreduced = type(loss).from_config(config)
+        unreduced = type(loss).from_config(config)
         fn_name = getattr(getattr(loss, "fn", None), "__name__", type(loss).__name__)
         return unreduced, _canonical(fn_name), from_logits
     if callable(loss):
@@ -132,7 +128,10 @@ def resolve_params(model, params) -> list:
     if params is None:
         variables = list(model.trainable_variables)
     else:
-        if isinstance(params, (str, keras.layers.Layer, keras.Variable, tf.Variable)):
+        # Before Keras 3.7, layers create variables of a parent class of the exported
+        # `keras.Variable`, so also accept the classes of the model's own variables.
+        variable_types = (keras.Variable, tf.Variable, *{type(v) for v in model.variables})
+        if isinstance(params, (str, keras.layers.Layer, *variable_types)):
             params = [params]
         variables = []
         for item in params:
@@ -148,7 +147,7 @@ def resolve_params(model, params) -> list:
                 variables.extend(layer.trainable_variables)
             elif isinstance(item, keras.layers.Layer):
                 variables.extend(item.trainable_variables)
-            elif isinstance(item, (keras.Variable, tf.Variable)):
+            elif isinstance(item, variable_types):
                 variables.append(item)
             else:
                 raise TypeError(
