@@ -63,12 +63,20 @@ class Workload:
         return int(self.x_test.shape[0])
 
 
-def parse_args(description, argv=None):
+def parse_args(description, argv=None, extra=()):
     import argparse
 
     parser = argparse.ArgumentParser(description=description)
+    for flags, options in extra:
+        parser.add_argument(*flags, **options)
     parser.add_argument("--workload", default="/tmp/bench/workload.npz")
     parser.add_argument("--out", default="/tmp/bench/results", help="folder for JSON and .npy")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="examples per batch for this library's passes (default: the workload's)",
+    )
     parser.add_argument(
         "--only",
         default=None,
@@ -126,6 +134,7 @@ class Results:
         seconds_measured=None,
         timing="measured on the full task",
         notes="",
+        stages=None,
     ):
         scores = np.asarray(scores, dtype=np.float64)
         name = f"{self.library}_{workload}_{solver}.npy"
@@ -146,6 +155,7 @@ class Results:
                 "conversion": conversion,
                 "settings": settings or {},
                 "notes": notes,
+                "stages": stages or {},
             }
         )
         self.write()

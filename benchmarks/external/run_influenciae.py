@@ -43,6 +43,9 @@ import numpy as np  # noqa: E402
 from common import Results, Timer, Workload, parse_args, selected  # noqa: E402
 
 
+INFLUENCIAE_BATCH_SIZE = 8
+
+
 def build_model(tf, work):
     reg = tf.keras.regularizers.L2(work.l2)
     model = tf.keras.Sequential(
@@ -88,7 +91,14 @@ def scores_matrix(calculator, test_ds, train_ds):
 
 
 def main(argv=None):
-    args = parse_args(__doc__.splitlines()[0], argv)
+    args = parse_args(
+        __doc__.splitlines()[0],
+        argv,
+        extra=[
+            (("--cg-columns-a",), {"default": "8,24", "help": "two column counts for A-cg"}),
+            (("--cg-columns-b",), {"default": "1,3", "help": "two column counts for B-cg"}),
+        ],
+    )
     work = Workload(args.workload)
     try:
         import tensorflow as tf
@@ -110,7 +120,11 @@ def main(argv=None):
     # Warm-up (TF runtime, kernels); not timed, as for every library.
     model(work.x_test, training=False)
 
-    bs = work.batch_size
+    # Not the workload's 128: influenciae's exact Hessian takes the jacobian of the
+    # (batch, p) per-example jacobian, whose pfor intermediates grow with batch**2 * p**2
+    # (batch 128: one tensor of [165120, 128, 1280] floats, 108 GB; batch 16 was killed
+    # by the OOM killer at 23 GB on this 24 GB machine). 8 is the largest that fits.
+    bs = args.batch_size or INFLUENCIAE_BATCH_SIZE
     train_ds = tf.data.Dataset.from_tensor_slices((work.x_train, work.y_train)).batch(bs)
     test_ds = tf.data.Dataset.from_tensor_slices((work.x_test, work.y_test)).batch(work.n_test)
     common_settings = {
@@ -166,12 +180,13 @@ def run(tf, InfluenceModel, FirstOrderInfluenceCalculator, results, work, model,
         )
         return
 
-    small, large = (int(m) for m in os.environ.get("INFLUENCIAE_CG_COLUMNS", "8,24").split(","))
+    spec = args.cg_columns_a if workload == "A" else args.cg_columns_b
+    small, large = (int(m) for m in spec.split(","))
     times, matrices = [], []
     for m in (small, large):
         subset = tf.data.Dataset.from_tensor_slices(
             (work.x_train[:m], work.y_train[:m])
-        ).batch(work.batch_size)
+        ).batch(common_settings["batch_size"])
         with Timer() as timer:
             influence_model, calculator = make_calculator()
             matrices.append(scores_matrix(calculator, test_ds, subset))
