@@ -21,6 +21,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/accuracy.py
+	$(PY) benchmarks/run.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check tf_influence tests benchmarks

@@ -111,8 +111,9 @@ class CG(Solver):
             residual = tf.math.divide_no_nan(tf.sqrt(rs), rhs_norm)
             return x, i, residual, bad, rayleigh
 
-        spec = tf.TensorSpec([operator.num_params, None], operator.dtype)
-        return tf.function(run, input_signature=[spec])
+        # Traced per number of right-hand sides, so that one column takes the cheaper
+        # single-vector product.
+        return tf.function(run)
 
     def solve(self, operator, rhs):
         if self.hessian_sample_size is not None:

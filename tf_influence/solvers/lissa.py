@@ -158,8 +158,9 @@ class LiSSA(Solver):
                     h = rhs
             return total / (scale_t * repeats), steps, diverged
 
-        spec = tf.TensorSpec([operator.num_params, None], operator.dtype)
-        return tf.function(run, input_signature=[spec])
+        # Traced per number of right-hand sides, so that one column takes the cheaper
+        # single-vector product.
+        return tf.function(run)
 
     def solve(self, operator, rhs):
         scale = self.scale if self.scale is not None else self.estimate_scale(operator)
