@@ -50,9 +50,7 @@ class Workload:
         self.l2 = float(data["l2"])
         self.damping = float(data["damping"])
         self.batch_size = int(data["batch_size"])
-        self.weights = {
-            name: (data[f"{name}/kernel"], data[f"{name}/bias"]) for name in LAYERS
-        }
+        self.weights = {name: (data[f"{name}/kernel"], data[f"{name}/bias"]) for name in LAYERS}
 
     @property
     def n_train(self) -> int:
@@ -146,7 +144,9 @@ class Results:
                 "solver": solver,
                 "params": int(params),
                 "seconds": float(seconds),
-                "seconds_measured": float(seconds if seconds_measured is None else seconds_measured),
+                "seconds_measured": float(
+                    seconds if seconds_measured is None else seconds_measured
+                ),
                 "timing": timing,
                 "scores": path,
                 "shape": list(scores.shape),

@@ -22,26 +22,29 @@ per-example gradients are unchanged, and its Hessian is exactly the L2 Hessian
 plus ``damping * I``; averaged over the training set it is added once. So the
 Hessian influenciae inverts is exactly our ``H``.
 
+Batch size: 8, not the workload's 128 (see INFLUENCIAE_BATCH_SIZE): influenciae's
+exact Hessian needs memory quadratic in the batch size.
+
 CG cost: influenciae solves one CG system per *training* point (and runs each
 Hessian-vector product example by example with ``tf.map_fn``), so 1437 solves
-would take hours. Its CG runs are capped to two slices of the training set
-(``--cg-columns``, default 8 and 24 columns); the time for all 1437 columns is
-extrapolated linearly, ``t(m) = a + b*m`` through the two measured points, and
-the Pearson correlation uses the columns computed (the first 24).
+would take hours. Its CG runs are capped to two slices of the first training
+points (``--cg-columns-a``, default 8 and 24 columns; ``--cg-columns-b``, default 1
+and 3); the time for all 1437 columns is extrapolated linearly, ``t(m) = a + b*m``
+through the two measured points, and the Pearson correlation uses the columns of
+the larger slice.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from types import SimpleNamespace
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
-
 from common import Results, Timer, Workload, parse_args, selected  # noqa: E402
-
 
 INFLUENCIAE_BATCH_SIZE = 8
 
@@ -141,19 +144,39 @@ def main(argv=None):
         ("A", "cg", layer_index["logits"], None),
         ("B", "cg", 0, -1),
     ]
+    ctx = SimpleNamespace(
+        tf=tf,
+        InfluenceModel=InfluenceModel,
+        Calculator=FirstOrderInfluenceCalculator,
+        results=results,
+        work=work,
+        model=model,
+        train_ds=train_ds,
+        test_ds=test_ds,
+        settings=common_settings,
+        conversion=conversion,
+        args=args,
+    )
     for workload, solver, start, last in plans:
         if not selected(args, workload, solver):
             continue
         try:
-            run(tf, InfluenceModel, FirstOrderInfluenceCalculator, results, work, model,
-                train_ds, test_ds, workload, solver, start, last, common_settings,
-                conversion, args)
+            run(ctx, workload, solver, start, last)
         except Exception as error:  # noqa: BLE001 - recorded in the JSON
             results.fail_run(workload, solver, error)
 
 
-def run(tf, InfluenceModel, FirstOrderInfluenceCalculator, results, work, model, train_ds,
-        test_ds, workload, solver, start, last, common_settings, conversion, args):
+def run(ctx, workload, solver, start, last):
+    """One (workload, solver) run; CG runs are capped to two column counts."""
+    tf, work, model, results, args = ctx.tf, ctx.work, ctx.model, ctx.results, ctx.args
+    InfluenceModel, FirstOrderInfluenceCalculator = ctx.InfluenceModel, ctx.Calculator
+    train_ds, test_ds, common_settings, conversion = (
+        ctx.train_ds,
+        ctx.test_ds,
+        ctx.settings,
+        ctx.conversion,
+    )
+
     def make_calculator():
         influence_model = InfluenceModel(
             model,
@@ -174,7 +197,12 @@ def run(tf, InfluenceModel, FirstOrderInfluenceCalculator, results, work, model,
             influence_model, calculator = make_calculator()
             scores = scores_matrix(calculator, test_ds, train_ds)
         results.add(
-            workload, solver, int(influence_model.nb_params), scores, timer.seconds, -1.0,
+            workload,
+            solver,
+            int(influence_model.nb_params),
+            scores,
+            timer.seconds,
+            -1.0,
             conversion,
             settings={**common_settings, "solver": "ExactIHVP: tf.linalg.pinv of the mean Hessian"},
         )
@@ -184,20 +212,27 @@ def run(tf, InfluenceModel, FirstOrderInfluenceCalculator, results, work, model,
     small, large = (int(m) for m in spec.split(","))
     times, matrices = [], []
     for m in (small, large):
-        subset = tf.data.Dataset.from_tensor_slices(
-            (work.x_train[:m], work.y_train[:m])
-        ).batch(common_settings["batch_size"])
+        subset = tf.data.Dataset.from_tensor_slices((work.x_train[:m], work.y_train[:m])).batch(
+            common_settings["batch_size"]
+        )
         with Timer() as timer:
             influence_model, calculator = make_calculator()
             matrices.append(scores_matrix(calculator, test_ds, subset))
         times.append(timer.seconds)
-        print(f"  influenciae {workload}-cg: {m} training columns in {timer.seconds:.1f} s",
-              flush=True)
+        print(
+            f"  influenciae {workload}-cg: {m} training columns in {timer.seconds:.1f} s",
+            flush=True,
+        )
     slope = (times[1] - times[0]) / (large - small)
     fixed = times[1] - slope * large
     estimate = fixed + slope * work.n_train
     results.add(
-        workload, solver, int(influence_model.nb_params), matrices[1], estimate, -1.0,
+        workload,
+        solver,
+        int(influence_model.nb_params),
+        matrices[1],
+        estimate,
+        -1.0,
         conversion,
         columns=range(large),
         seconds_measured=times[1],

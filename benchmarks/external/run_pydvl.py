@@ -32,7 +32,6 @@ from collections import OrderedDict
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
-
 from common import Results, Timer, Workload, parse_args, selected  # noqa: E402
 
 
@@ -72,7 +71,8 @@ def main(argv=None):
         argv,
         extra=[
             (("--tests-a",), {"type": int, "default": 20, "help": "test points for A-cg"}),
-            (("--tests-b",), {"type": int, "default": 2, "help": "test points for B-cg"}),
+            (("--tests-b",), {"type": int, "default": 4, "help": "test points for B-cg"}),
+            (("--cg-maxiter-b",), {"type": int, "default": 200, "help": "CG iterations, B"}),
             (("--b-exact",), {"action": "store_true", "help": "also DirectInfluence on B"}),
         ],
     )
@@ -137,11 +137,27 @@ def main(argv=None):
                             "DirectInfluence: dense Hessian (torch.func.hessian per batch), "
                             "torch.linalg.solve"
                         )
-                    else:
+                    elif workload == "A":
                         infl = CgInfluence(model, loss, regularization=regularization)
                         detail = (
                             "CgInfluence, library defaults: rtol=1e-4, atol=1e-6, maxiter=10*p, "
                             "x0=b, one CG per test point (solve_simultaneously=False)"
+                        )
+                    else:
+                        # With the defaults pyDVL's CG stops when |r| < max(rtol**2 * y_k,
+                        # atol**2) (y: norms over the *test* axis, so about 1e-12 here), which
+                        # float32 never reaches on B: it would run maxiter = 10*p = 261,220
+                        # iterations per test point (hours each). We cap the iterations.
+                        infl = CgInfluence(
+                            model,
+                            loss,
+                            regularization=regularization,
+                            maxiter=args.cg_maxiter_b,
+                            warn_on_max_iteration=False,
+                        )
+                        detail = (
+                            f"CgInfluence, rtol=1e-4, atol=1e-6 (defaults, unreachable here), "
+                            f"maxiter={args.cg_maxiter_b}, x0=b, one CG per test point"
                         )
                     infl = infl.fit(loader)
                 # influences() = influence_factors (solves, one per test point) followed by
@@ -164,7 +180,13 @@ def main(argv=None):
                     f"{score.seconds:.1f} s"
                 )
             results.add(
-                workload, solver, params, scores, seconds, -1.0, conversion,
+                workload,
+                solver,
+                params,
+                scores,
+                seconds,
+                -1.0,
+                conversion,
                 settings={**settings, "solver": detail},
                 seconds_measured=total.seconds,
                 timing=timing,
