@@ -76,6 +76,11 @@ def parse_args(description, argv=None, extra=()):
         help="examples per batch for this library's passes (default: the workload's)",
     )
     parser.add_argument(
+        "--tag",
+        default="",
+        help="suffix of the JSON / .npy names, to keep a variant run apart (e.g. @b479)",
+    )
+    parser.add_argument(
         "--only",
         default=None,
         help="comma-separated runs to do, e.g. 'A-exact,B-cg' (default: all)",
@@ -104,14 +109,16 @@ class Timer:
 class Results:
     """Collects the runs of one library and writes ``<library>.json``."""
 
-    def __init__(self, library, version, out_dir, framework=""):
+    def __init__(self, library, version, out_dir, framework="", tag=""):
         self.library = library
+        self.tag = tag
         self.out_dir = os.path.abspath(out_dir)
         os.makedirs(self.out_dir, exist_ok=True)
         self.doc = {
             "library": library,
             "version": version,
             "framework": framework,
+            "tag": tag,
             "python": platform.python_version(),
             "status": "ok",
             "reason": "",
@@ -135,7 +142,7 @@ class Results:
         stages=None,
     ):
         scores = np.asarray(scores, dtype=np.float64)
-        name = f"{self.library}_{workload}_{solver}.npy"
+        name = f"{self.library}{self.tag}_{workload}_{solver}.npy"
         path = os.path.join(self.out_dir, name)
         np.save(path, scores)
         self.doc["runs"].append(
@@ -184,7 +191,7 @@ class Results:
         print(f"{self.library}: not installable here: {reason}", flush=True)
 
     def write(self):
-        path = os.path.join(self.out_dir, f"{self.library}.json")
+        path = os.path.join(self.out_dir, f"{self.library}{self.tag}.json")
         with open(path, "w") as handle:
             json.dump(self.doc, handle, indent=2)
         return path

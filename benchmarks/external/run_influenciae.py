@@ -27,17 +27,20 @@ exact Hessian needs memory quadratic in the batch size.
 
 CG cost: influenciae solves one CG system per *training* point (and runs each
 Hessian-vector product example by example with ``tf.map_fn``), so 1437 solves
-would take hours. Its CG runs are capped to two slices of the first training
-points (``--cg-columns-a``, default 8 and 24 columns; ``--cg-columns-b``, default 1
-and 3); the time for all 1437 columns is extrapolated linearly, ``t(m) = a + b*m``
-through the two measured points, and the Pearson correlation uses the columns of
-the larger slice.
+would take hours. Its CG runs are capped to a few training columns spread evenly
+over the training set (``--cg-columns-a 24:4``: 24 columns, solved 4 per batch;
+``--cg-columns-b 4:1``). The training batches are solved lazily, one at a time, so
+each is timed: the first also traces the graphs, the later ones give the steady
+cost per batch, and the time for all 1437 columns is estimated as
+``(total - steady * batches) + steady * 1437 / per_batch``. The Pearson
+correlation uses the columns computed.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 from types import SimpleNamespace
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -85,12 +88,23 @@ def make_loss(tf, variables, l2, damping):
     return loss
 
 
-def scores_matrix(calculator, test_ds, train_ds):
-    """Assembles the (n_test, n_train_columns) matrix from influenciae's nested datasets."""
-    rows = []
+def scores_matrix(calculator, test_ds, train_ds, timed=False):
+    """Assembles the (n_test, n_train_columns) matrix from influenciae's nested datasets.
+
+    The inner datasets are lazy: each training batch is solved when it is read, so
+    with ``timed=True`` the seconds of each training batch are returned too.
+    """
+    rows, seconds = [], []
     for _, per_train in calculator.estimate_influence_values_in_batches(test_ds, train_ds):
-        rows.append(np.concatenate([values.numpy() for _, values in per_train], axis=1))
-    return np.concatenate(rows, axis=0)
+        blocks = []
+        start = time.perf_counter()
+        for _, values in per_train:
+            blocks.append(values.numpy())
+            seconds.append(time.perf_counter() - start)
+            start = time.perf_counter()
+        rows.append(np.concatenate(blocks, axis=1))
+    scores = np.concatenate(rows, axis=0)
+    return (scores, seconds) if timed else scores
 
 
 def main(argv=None):
@@ -98,8 +112,8 @@ def main(argv=None):
         __doc__.splitlines()[0],
         argv,
         extra=[
-            (("--cg-columns-a",), {"default": "8,24", "help": "two column counts for A-cg"}),
-            (("--cg-columns-b",), {"default": "1,3", "help": "two column counts for B-cg"}),
+            (("--cg-columns-a",), {"default": "24:4", "help": "A-cg: columns:per_batch"}),
+            (("--cg-columns-b",), {"default": "4:1", "help": "B-cg: columns:per_batch"}),
         ],
     )
     work = Workload(args.workload)
@@ -209,43 +223,43 @@ def run(ctx, workload, solver, start, last):
         return
 
     spec = args.cg_columns_a if workload == "A" else args.cg_columns_b
-    small, large = (int(m) for m in spec.split(","))
-    times, matrices = [], []
-    for m in (small, large):
-        subset = tf.data.Dataset.from_tensor_slices((work.x_train[:m], work.y_train[:m])).batch(
-            common_settings["batch_size"]
-        )
-        with Timer() as timer:
-            influence_model, calculator = make_calculator()
-            matrices.append(scores_matrix(calculator, test_ds, subset))
-        times.append(timer.seconds)
-        print(
-            f"  influenciae {workload}-cg: {m} training columns in {timer.seconds:.1f} s",
-            flush=True,
-        )
-    slope = (times[1] - times[0]) / (large - small)
-    fixed = times[1] - slope * large
-    estimate = fixed + slope * work.n_train
+    count, per_batch = (int(m) for m in spec.split(":"))
+    # Columns spread evenly over the training set (the cost of a CG solve depends on
+    # the training point), solved `per_batch` at a time.
+    columns = np.linspace(0, work.n_train - 1, count).round().astype(int)
+    subset = tf.data.Dataset.from_tensor_slices(
+        (work.x_train[columns], work.y_train[columns])
+    ).batch(per_batch)
+    with Timer() as timer:
+        influence_model, calculator = make_calculator()
+        scores, batch_seconds = scores_matrix(calculator, test_ds, subset, timed=True)
+    # The first batch also traces the graphs; the later ones are the steady cost.
+    steady = float(np.mean(batch_seconds[1:]))
+    fixed = timer.seconds - steady * len(batch_seconds)
+    estimate = fixed + steady * work.n_train / per_batch
     results.add(
         workload,
         solver,
         int(influence_model.nb_params),
-        matrices[1],
+        scores,
         estimate,
         -1.0,
         conversion,
-        columns=range(large),
-        seconds_measured=times[1],
+        columns=columns,
+        seconds_measured=timer.seconds,
         timing=(
-            f"extrapolated to {work.n_train} columns: measured {times[0]:.1f} s for {small} and "
-            f"{times[1]:.1f} s for {large} training columns, t(m) = {fixed:.1f} + {slope:.2f}*m"
+            f"extrapolated to {work.n_train} columns: measured {timer.seconds:.1f} s for "
+            f"{count} training columns spread over the set, {per_batch} per batch; "
+            f"batches after the first took {steady:.1f} s each "
+            f"({', '.join(f'{t:.1f}' for t in batch_seconds)}); estimate = "
+            f"{fixed:.1f} s fixed + {steady:.1f} s x {work.n_train}/{per_batch}"
         ),
         settings={
             **common_settings,
             "solver": "ConjugateGradientDescentIHVP, library defaults: n_opt_iters=100, "
             "tol=1e-3 (|r| <= max(1e-3 |b|, 1e-5)); one CG solve per training point",
         },
-        notes="CG capped: columns are the first training points only",
+        notes=f"CG capped: {count} of {work.n_train} training columns",
     )
 
 

@@ -92,6 +92,7 @@ def main(argv=None):
         version("pydvl"),
         args.out,
         framework=f"torch {torch.__version__}, {torch.get_num_threads()} threads",
+        tag=args.tag,
     )
     model = build_torch_model(torch, work)
     x_train = torch.from_numpy(work.x_train)
