@@ -22,8 +22,9 @@ class Exact(Solver):
 
     The Hessian is assembled from Hessian-vector products (about ``p / 128``
     passes over the training data) and factorised in float64; every later solve
-    is two triangular solves. Meant for models up to tens of thousands of
-    parameters (the matrix takes ``8 * p**2`` bytes).
+    is two triangular solves. Meant for models up to a few thousand parameters:
+    the matrix takes ``8 * p**2`` bytes and assembling it several times that
+    (26,122 parameters did not fit in 24 GB); use CG beyond.
 
     Raises:
         CurvatureError: at ``fit``/solve time if ``H + damping*I`` is not positive
