@@ -245,15 +245,11 @@ class InfluenceModel:
             x_test, y_test, batch_size, x_name="x_test", y_name="y_test", require_y=False
         )
 
-    def _targets(self, batch, y_name):
+    def _targets(self, batch):
         x = batch[0]
         if len(batch) > 1:
             return x, batch[1]
         return x, self.objective.predicted_labels(x)
-
-    def _solve(self, rhs) -> tf.Tensor:
-        solution, diagnostics = self.solver.solve(self._operator, rhs)
-        return solution, diagnostics
 
     def inverse_hvp_tests(self, x_test, y_test=None, batch_size=None, verbose="auto"):
         """``inv(H) @ grad L(z_test_i)`` for every test point, shape ``(num_params, n_test)``.
@@ -270,7 +266,7 @@ class InfluenceModel:
         progress = Progress(tests.num_batches(), verbose, "Solving for test points")
         offset = 0
         for step, batch in enumerate(tests.batches(), start=1):
-            x, y = self._targets(batch, "y_test")
+            x, y = self._targets(batch)
             if first:
                 self._check_batch((x, y), "x_test", "y_test")
                 first = False
@@ -285,7 +281,7 @@ class InfluenceModel:
                         f"The loss gradient is NaN or inf at test example {index} of `x_test`. "
                         "Check that example and its target."
                     )
-                cached = self._solve(tf.transpose(grads))
+                cached = self.solver.solve(self._operator, tf.transpose(grads))
                 self._solution_cache.put(key, *cached)
             solution, diag = cached
             solutions.append(solution)
@@ -399,7 +395,7 @@ class InfluenceModel:
             if exact:
                 values.append(self.solver.self_products(self._operator, grads).numpy())
             else:
-                solution, diag = self._solve(grads)
+                solution, diag = self.solver.solve(self._operator, grads)
                 diagnostics.append(diag)
                 values.append(tf.reduce_sum(grads * solution, axis=0).numpy())
             progress.update(step)
