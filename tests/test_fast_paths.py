@@ -1,6 +1,7 @@
 """The fast paths (forward-mode scoring, streaming top-k, memmap output, cache, subsampled
 CG) give the same numbers as the reference paths."""
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -21,6 +22,48 @@ def test_jvp_and_jacobian_scoring_agree(mlp, blobs, num_tests):
     jvp = fitted(mlp, x, y, scoring="jvp").explain(x[:num_tests], y[:num_tests], verbose=0)
     jac = fitted(mlp, x, y, scoring="jacobian").explain(x[:num_tests], y[:num_tests], verbose=0)
     np.testing.assert_allclose(jvp, jac, rtol=1e-9, atol=1e-12)
+
+
+class TwoInputs(keras.Model):
+    """Dict inputs, a Conv1D branch, and a layer the loss never reaches (no gradient)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = keras.layers.Conv1D(2, 2, dtype="float64")
+        self.dense = keras.layers.Dense(3, dtype="float64")
+        self.unused = keras.layers.Dense(2, dtype="float64")
+        self.unused.build((None, 1))
+
+    def call(self, inputs):
+        seq = keras.ops.reshape(self.conv(inputs["seq"]), (-1, 4))
+        return self.dense(keras.ops.concatenate([seq, inputs["flat"]], axis=1))
+
+
+def test_per_example_gradients_equal_one_tape_per_example():
+    keras.utils.set_random_seed(0)
+    model = TwoInputs()
+    rng = np.random.default_rng(1)
+    x = {"seq": rng.normal(size=(6, 3, 1)), "flat": rng.normal(size=(6, 2))}
+    model(x)
+    y = rng.integers(0, 3, size=6)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    objective = tfi.Objective(model, loss=loss)
+    batched = tfi.PerExampleGradients(objective)(x, tf.constant(y)).numpy()
+    for j in range(6):
+        xj = {k: tf.constant(v[j : j + 1]) for k, v in x.items()}
+        with tf.GradientTape() as tape:
+            value = tf.reduce_sum(objective.per_example_loss(xj, tf.constant(y[j : j + 1])))
+        expected = objective.layout.flatten(tape.gradient(value, objective.variables)).numpy()
+        np.testing.assert_allclose(batched[j], expected, rtol=1e-12, atol=1e-14)
+    unused = sum(int(np.prod(v.shape)) for v in model.unused.trainable_variables)
+    assert unused and np.all(batched[:, -unused:] == 0)
+    solutions = tf.constant(rng.normal(size=(objective.num_params, 4)))
+    for mode in ("jacobian", "jvp"):
+        scores, finite = tfi.PerExampleGradients(objective, mode).scores(
+            x, tf.constant(y), solutions
+        )
+        np.testing.assert_allclose(scores.numpy(), -(batched @ solutions.numpy()).T, rtol=1e-10)
+        assert finite.numpy().all()
 
 
 def test_auto_scoring_picks_by_number_of_tests(mlp):

@@ -26,13 +26,27 @@ def test_public_api_is_pinned():
             "Objective",
             "PerExampleGradients",
             "TopK",
+            "TracIn",
             "__version__",
+            "callbacks",
+            "evaluation",
             "solvers",
         ]
     )
     assert sorted(tfi.solvers.__all__) == sorted(
-        ["CG", "CurvatureError", "Diagnostics", "Exact", "LiSSA", "Solver", "get"]
+        [
+            "CG",
+            "CurvatureError",
+            "Diagnostics",
+            "Exact",
+            "LiSSA",
+            "Solver",
+            "deserialize",
+            "get",
+            "serialize",
+        ]
     )
+    assert sorted(tfi.callbacks.__all__) == ["InfluenceCallback", "TracInCheckpoints"]
 
 
 def test_scores_match_direct_formula(mlp, blobs):
@@ -65,7 +79,9 @@ def test_self_influence_is_minus_diagonal_of_explain(mlp, blobs, solver):
         np.testing.assert_allclose(self_influence, -np.diag(pairwise), rtol=0.1)
 
 
-@pytest.mark.parametrize("solver", ["exact", "cg"])
+# Block CG mixes the columns of a test batch, so batches differ at the solver's tolerance:
+# a tight one makes the comparison about batching alone.
+@pytest.mark.parametrize("solver", ["exact", tfi.solvers.CG(tol=1e-11)])
 def test_scores_do_not_depend_on_batch_sizes_or_test_order(mlp, blobs, solver):
     x, y = blobs
     reference = fitted(mlp, x, y, solver=solver, batch_size=50).explain(x[:9], y[:9], verbose=0)

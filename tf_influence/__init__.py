@@ -10,12 +10,13 @@
 example j is harmful to test point i, negative means helpful.
 """
 
-from tf_influence import solvers
+from tf_influence import callbacks, evaluation, solvers
 from tf_influence.curvature import HessianOperator
 from tf_influence.gradients import PerExampleGradients
 from tf_influence.influence_model import InfluenceModel
 from tf_influence.objective import Objective
 from tf_influence.outputs import TopK
+from tf_influence.tracin import TracIn
 
 __version__ = "0.1.0"
 
@@ -25,6 +26,9 @@ __all__ = [
     "Objective",
     "PerExampleGradients",
     "TopK",
+    "TracIn",
     "__version__",
+    "callbacks",
+    "evaluation",
     "solvers",
 ]

@@ -48,6 +48,10 @@ class SolutionCache:
             _, (old, _) = self._entries.popitem(last=False)
             self._size -= int(np.prod(old.shape)) * old.dtype.size
 
+    def items(self):
+        """The ``(key, (solution, diagnostics))`` entries, oldest first."""
+        return list(self._entries.items())
+
     def clear(self) -> None:
         self._entries.clear()
         self._size = 0

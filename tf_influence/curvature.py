@@ -97,8 +97,19 @@ class HessianOperator:
     def shape(self) -> tuple[int, int]:
         return (self.num_params, self.num_params)
 
+    def clear_cache(self) -> None:
+        """Drops what was computed from the weights (after they changed).
+
+        Compiled functions (solver graphs) are kept: they read the variables live.
+        """
+        for key, value in list(self._cache.items()):
+            if isinstance(value, HessianOperator):
+                value.clear_cache()
+            elif not callable(value):
+                del self._cache[key]
+
     def cached(self, key: Hashable, make: Callable):
-        """Memoises ``make()`` on this operator (it never changes after construction)."""
+        """Memoises ``make()`` on this operator (until ``clear_cache``)."""
         if key not in self._cache:
             self._cache[key] = make()
         return self._cache[key]

@@ -33,7 +33,8 @@ def _to_numpy_tree(x, argument):
     if isinstance(x, dict):
         return {k: convert(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)) and x and not np.isscalar(x[0]) and hasattr(x[0], "shape"):
-        return type(x)(convert(v) for v in x)
+        # A tuple: tf.data reads a list as one tensor to stack, a tuple as a structure.
+        return tuple(convert(v) for v in x)
     return convert(x)
 
 

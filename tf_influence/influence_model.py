@@ -8,16 +8,33 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
+from tf_influence import saving
 from tf_influence import solvers as solvers_lib
 from tf_influence._cache import SolutionCache, batch_key
 from tf_influence._errors import describe
+from tf_influence._fingerprint import data_fingerprint, weights_fingerprint
 from tf_influence._progress import Progress, resolve_verbose
-from tf_influence.curvature import HessianOperator
+from tf_influence.curvature import HessianOperator, check_hvp_mode
 from tf_influence.data import ExampleData
 from tf_influence.gradients import PerExampleGradients
 from tf_influence.objective import Objective, variable_name
 from tf_influence.outputs import DenseSink, TopK, TopKSink
 from tf_influence.solvers.base import Diagnostics
+
+
+def check_damping(damping) -> float:
+    """``damping`` as a float, or a ValueError that says what is allowed."""
+    try:
+        value = float(damping)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if isinstance(damping, bool) or not math.isfinite(value) or value < 0:
+        raise ValueError(
+            "Argument `damping` must be a finite number >= 0. Received: "
+            f"damping={damping!r}. Use 0.0 for a convex model, or a small positive value "
+            "such as 1e-3 otherwise."
+        )
+    return value
 
 
 class InfluenceModel:
@@ -64,6 +81,7 @@ class InfluenceModel:
         self._data: ExampleData | None = None
         self._operator: HessianOperator | None = None
         self._solution_cache = SolutionCache()
+        self._weights_fingerprint: str | None = None
         self.diagnostics: Diagnostics | None = None
 
     # -- configuration ----------------------------------------------------------------
@@ -93,18 +111,7 @@ class InfluenceModel:
             jit_compile: compile the per-batch products and gradients with XLA, as
                 ``keras.Model.compile(jit_compile=True)`` does.
         """
-        try:
-            value = float(damping)
-        except (TypeError, ValueError):
-            value = float("nan")
-        if isinstance(damping, bool) or not math.isfinite(value) or value < 0:
-            raise ValueError(
-                "Argument `damping` must be a finite number >= 0. Received: "
-                f"damping={damping!r}. Use 0.0 for a convex model, or a small positive value "
-                "such as 1e-3 otherwise."
-            )
-        from tf_influence.curvature import check_hvp_mode
-
+        value = check_damping(damping)
         check_hvp_mode(hvp)
         if not isinstance(jit_compile, bool):
             raise ValueError(
@@ -160,12 +167,24 @@ class InfluenceModel:
         self._build_operator(verbose)
         return self
 
-    def _build_operator(self, verbose=0):
-        self._operator = HessianOperator(
-            self.objective, self._data, self.damping, self.hvp, self.jit_compile
-        )
+    def _build_operator(self, verbose=0, cholesky=None, reuse=False):
+        """(Re)builds the curvature for the current weights.
+
+        ``reuse=True`` keeps the operator (and its traced functions) and only drops
+        what it computed from the old weights: for repeated analyses of one
+        training run (``InfluenceCallback``).
+        """
+        if reuse and self._operator is not None:
+            self._operator.clear_cache()
+        else:
+            self._operator = HessianOperator(
+                self.objective, self._data, self.damping, self.hvp, self.jit_compile
+            )
         self._solution_cache.clear()
-        if isinstance(self.solver, solvers_lib.Exact):
+        self._weights_fingerprint = weights_fingerprint(self.model.weights)
+        if cholesky is not None:  # restored by `load`: no Hessian to build
+            self._operator.cached("exact.cholesky", lambda: cholesky)
+        elif isinstance(self.solver, solvers_lib.Exact):
             total = self._operator.num_dense_chunks
             progress = Progress(
                 total, verbose, f"Building the {self.num_params}x{self.num_params} Hessian"
@@ -179,6 +198,16 @@ class InfluenceModel:
             raise RuntimeError(
                 f"`{what}` needs the training data. Call `fit(x_train, y_train)` on the "
                 "InfluenceModel first."
+            )
+
+    def _require_current(self, what):
+        """Refuses to mix the curvature of ``fit`` with weights that changed since."""
+        self._require_fit(what)
+        if weights_fingerprint(self.model.weights) != self._weights_fingerprint:
+            raise RuntimeError(
+                f"`{what}` refused: the model's weights changed since `fit` (training went on, "
+                "or weights were loaded), so the stored curvature and cached solutions "
+                "describe another model. Call `fit(x_train, y_train)` again."
             )
 
     def _check_weights(self):
@@ -195,7 +224,7 @@ class InfluenceModel:
     def _check_batch(self, batch, x_name, y_name, check_gradients=False):
         """Evaluates the loss on one batch to turn shape problems into clear errors."""
         x, y = batch[0], batch[1]
-        y_pred = self.model(x, training=False)
+        y_pred = self.objective.predict(x)
         try:
             with tf.GradientTape() as tape:
                 losses = self.objective.per_example_loss(x, y)
@@ -258,7 +287,7 @@ class InfluenceModel:
         cached per test batch (up to 512 MiB), so explaining the same test points
         again does not solve again; ``compile`` and ``fit`` clear the cache.
         """
-        self._require_fit("explain")
+        self._require_current("explain")
         verbose = resolve_verbose(verbose)
         tests = self._test_data(x_test, y_test, batch_size)
         first = True
@@ -385,7 +414,7 @@ class InfluenceModel:
         Returns:
             ``np.ndarray`` of shape ``(n_train,)``.
         """
-        self._require_fit("self_influence")
+        self._require_current("self_influence")
         verbose = resolve_verbose(verbose)
         values, diagnostics = [], []
         progress = Progress(self._data.num_batches(), verbose, "Self-influence")
@@ -425,6 +454,141 @@ class InfluenceModel:
         """
         _check_k(k, "k")
         return self.explain(x_test, y_test, batch_size=batch_size, verbose=verbose, top_k=k)
+
+    # -- saved state -------------------------------------------------------------------
+    def _param_indices(self) -> list[int]:
+        position = {id(v): i for i, v in enumerate(self.model.trainable_variables)}
+        return [position[id(v)] for v in self.objective.variables]
+
+    def save(self, path, include_data: bool = True) -> None:
+        """Writes the fitted state to one ``.npz`` file (no pickle), atomically.
+
+        Saved: the solver and its config, damping, hvp, scoring, jit_compile, the
+        batch size, which parameters, the cached inverse-HVP vectors (so explaining
+        the same test points after ``load`` does not solve again), the Exact
+        solver's Cholesky factor, fingerprints of the weights and the training data,
+        and (``include_data=True``, arrays only) the training data itself. The
+        Keras model is not saved: save it with ``model.save`` as usual.
+
+        Args:
+            path: file to write (replaced if it exists).
+            include_data: store the training arrays, so that ``load(path, model)``
+                needs no data. A ``tf.data.Dataset`` is never stored: pass it to
+                ``load`` again.
+        """
+        self._require_current("save")
+        config = {
+            "format": saving.FORMAT,
+            "version": saving.VERSION,
+            "solver": solvers_lib.serialize(self.solver),
+            "damping": self.damping,
+            "hvp": self.hvp,
+            "scoring": self._gradients.scoring,
+            "jit_compile": self.jit_compile,
+            "batch_size": self._data.batch_size,
+            "num_train": self.num_train,
+            "num_params": self.num_params,
+            "params": self._param_indices(),
+            "param_names": [variable_name(v) for v in self.objective.variables],
+            "param_shapes": [list(v.shape) for v in self.objective.variables],
+            "loss": self.objective.loss_name,
+            "weights_fingerprint": self._weights_fingerprint,
+            "data_fingerprint": data_fingerprint(self._data),
+            "data": None,
+        }
+        arrays = {}
+        if include_data and self._data.in_memory:
+            leaves = []
+            config["data"] = saving.encode_structure(self._data._tensors, leaves)
+            arrays.update({f"data/{i}": leaf for i, leaf in enumerate(leaves)})
+        config["cache"], cache_arrays = saving.cache_arrays(self._solution_cache.items())
+        arrays.update(cache_arrays)
+        if isinstance(self.solver, solvers_lib.Exact):
+            arrays["exact/cholesky"] = self._operator.cached("exact.cholesky", None).numpy()
+        saving.write(path, config, arrays)
+
+    @classmethod
+    def load(cls, path, model, x=None, y=None, loss=None, verbose="auto") -> InfluenceModel:
+        """Rebuilds an ``InfluenceModel`` saved by ``save``, for ``model``.
+
+        Args:
+            path: the file ``save`` wrote.
+            model: the Keras model the state was computed for (same weights).
+            x, y: the training data, needed when it was not stored (a dataset, or
+                ``include_data=False``); if given, it must be the data of ``fit``.
+            loss: the loss, if the model was not compiled with the same one.
+            verbose: "auto", 0, 1 or 2.
+
+        Raises:
+            ValueError: the file is not a saved state; the model's weights, the
+                parameters, the loss or the training data differ from the ones the
+                state was computed for.
+        """
+        config, arrays = saving.read(path)
+        variables = list(model.trainable_variables)
+        shapes = [list(v.shape) for v in variables]
+        if (
+            max(config["params"]) >= len(variables)
+            or [shapes[i] for i in config["params"]] != config["param_shapes"]
+        ):
+            raise ValueError(
+                f"Argument `model` does not match the saved state in {path!r}: the state "
+                f"is for parameters {config['param_names']} of shapes "
+                f"{config['param_shapes']}. Received: a model with trainable variables "
+                f"{[variable_name(v) for v in variables]} of shapes {shapes}. Load the "
+                "model the state was saved for."
+            )
+        im = cls(model, loss=loss, params=[variables[i] for i in config["params"]])
+        if im.objective.loss_name != config["loss"]:
+            raise ValueError(
+                f"The saved state in {path!r} was computed with loss {config['loss']!r}. "
+                f"Received: loss {im.objective.loss_name!r}. Pass `loss=` to `load`."
+            )
+        if weights_fingerprint(model.weights) != config["weights_fingerprint"]:
+            raise ValueError(
+                f"Argument `model` does not match the saved state in {path!r}: its weights "
+                "differ from the ones the state was computed for. Load the same weights "
+                "(model.load_weights / keras.saving.load_model), or fit a new InfluenceModel."
+            )
+        im.compile(
+            solver=solvers_lib.deserialize(config["solver"]),
+            damping=config["damping"],
+            hvp=config["hvp"],
+            scoring=config["scoring"],
+            jit_compile=config["jit_compile"],
+        )
+        if x is not None:
+            data = ExampleData(x, y, None if _is_dataset(x) else config["batch_size"])
+        elif config["data"] is not None:
+            count = sum(name.startswith("data/") for name in arrays)
+            leaves = [arrays[f"data/{i}"] for i in range(count)]
+            elements = saving.decode_structure(config["data"], leaves)
+            data = ExampleData(*elements, batch_size=config["batch_size"])
+        else:
+            raise ValueError(
+                f"The saved state in {path!r} holds no training data (it was a dataset, or "
+                "saved with include_data=False). Received: x=None. Pass the training data "
+                "as `x` (and `y`)."
+            )
+        if data_fingerprint(data) != config["data_fingerprint"]:
+            raise ValueError(
+                f"Argument `x` does not match the saved state in {path!r}: the training "
+                f"examples differ from the {config['num_train']} the state was computed for "
+                "(values or order). Pass the same data, in the same order."
+            )
+        im._data = data
+        cholesky = arrays.get("exact/cholesky")
+        if cholesky is not None:
+            cholesky = tf.constant(cholesky)
+        im._build_operator(resolve_verbose(verbose), cholesky=cholesky)
+        dtype = im.objective.dtype
+        for key, solution, diagnostics in saving.cache_entries(config["cache"], arrays, dtype):
+            im._solution_cache.put(key, solution, diagnostics)
+        return im
+
+
+def _is_dataset(x) -> bool:
+    return isinstance(x, tf.data.Dataset)
 
 
 def _check_k(k, name):

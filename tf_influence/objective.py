@@ -10,6 +10,7 @@ Dropout and BatchNormalization behave as at prediction time.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 
 import keras
@@ -174,6 +175,12 @@ def resolve_params(model, params) -> list:
     return variables
 
 
+def _is_mixed(policy) -> bool:
+    compute = getattr(policy, "compute_dtype", None)
+    variable = getattr(policy, "variable_dtype", None)
+    return compute is not None and variable is not None and compute != variable
+
+
 def variable_name(variable) -> str:
     return getattr(variable, "path", None) or variable.name
 
@@ -200,6 +207,38 @@ class Objective:
                 f"variable {variable_name(self.variables[0])!r}."
             )
         self.loss_fn, self.loss_name, self.from_logits = resolve_loss(loss, model, self.dtype)
+        # Layers that compute in a lower precision than their variables (a
+        # "mixed_float16" / "mixed_bfloat16" policy). Curvature in float16 is too
+        # coarse, so the model is run in its variables' dtype (float32) here.
+        self._low_precision_layers = [
+            layer
+            for layer in model._flatten_layers(include_self=True)
+            if _is_mixed(getattr(layer, "dtype_policy", None))
+        ]
+
+    @property
+    def mixed_precision(self) -> bool:
+        """True if the model has a mixed-precision policy (computed in float32 here)."""
+        return bool(self._low_precision_layers)
+
+    def predict(self, x):
+        """The model's output on ``x`` in inference mode, in full precision."""
+        with self._full_precision():
+            return self.model(x, training=False)
+
+    @contextlib.contextmanager
+    def _full_precision(self):
+        if not self._low_precision_layers:
+            yield
+            return
+        saved = [layer.dtype_policy for layer in self._low_precision_layers]
+        try:
+            for layer, policy in zip(self._low_precision_layers, saved, strict=True):
+                layer.dtype_policy = policy.variable_dtype
+            yield
+        finally:
+            for layer, policy in zip(self._low_precision_layers, saved, strict=True):
+                layer.dtype_policy = policy
 
     @property
     def num_params(self) -> int:
@@ -207,7 +246,7 @@ class Objective:
 
     def per_example_loss(self, x, y) -> tf.Tensor:
         """``L(z_j, theta)`` for each example of a batch, shape ``(batch,)``, in ``self.dtype``."""
-        y_pred = self.model(x, training=False)
+        y_pred = self.predict(x)
         if (
             isinstance(y, tf.Tensor)
             and isinstance(y_pred, tf.Tensor)
@@ -250,7 +289,7 @@ class Objective:
                 label" has no meaning; ``y_test`` must be given.
         """
         name = self.loss_name
-        y_pred = self.model(x, training=False)
+        y_pred = self.predict(x)
         if name in _SPARSE_CLASS_LOSSES:
             return tf.argmax(y_pred, axis=-1, output_type=tf.int32)
         if name in _ONE_HOT_LOSSES:

@@ -5,7 +5,17 @@ from tf_influence.solvers.cg import CG
 from tf_influence.solvers.exact import Exact
 from tf_influence.solvers.lissa import LiSSA
 
-__all__ = ["CG", "CurvatureError", "Diagnostics", "Exact", "LiSSA", "Solver", "get"]
+__all__ = [
+    "CG",
+    "CurvatureError",
+    "Diagnostics",
+    "Exact",
+    "LiSSA",
+    "Solver",
+    "deserialize",
+    "get",
+    "serialize",
+]
 
 _BY_NAME = {"exact": Exact, "cg": CG, "lissa": LiSSA}
 
@@ -20,3 +30,19 @@ def get(identifier) -> Solver:
         f"Argument `solver` must be one of {sorted(_BY_NAME)} or a tf_influence.solvers.Solver "
         f"instance. Received: solver={identifier!r}"
     )
+
+
+def serialize(solver: Solver) -> dict:
+    """``{"class_name": ..., "config": ...}``, plain JSON types (see ``deserialize``)."""
+    return {"class_name": type(solver).__name__, "config": solver.get_config()}
+
+
+def deserialize(config) -> Solver:
+    """Rebuilds a solver from ``serialize``'s output."""
+    classes = {cls.__name__: cls for cls in _BY_NAME.values()}
+    if not isinstance(config, dict) or config.get("class_name") not in classes:
+        raise ValueError(
+            f"Cannot rebuild a solver from {config!r}: expected a dict with a `class_name` in "
+            f"{sorted(classes)} and a `config`."
+        )
+    return classes[config["class_name"]].from_config(config.get("config", {}))

@@ -1,0 +1,36 @@
+"""Digests that tell whether the weights or the training data are the ones a state was made for."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import tensorflow as tf
+
+
+def _update(digest, array) -> None:
+    array = np.ascontiguousarray(array)
+    digest.update(f"{array.dtype.str}{array.shape}".encode())
+    digest.update(array.tobytes())
+
+
+def weights_fingerprint(variables) -> str:
+    """sha256 of the variables' shapes, dtypes and values, in order.
+
+    Names are left out: a model rebuilt by code gets new automatic names
+    ("sequential_1/...") for the same weights.
+    """
+    digest = hashlib.sha256()
+    for variable in variables:
+        _update(digest, np.asarray(variable.numpy()))
+    return digest.hexdigest()
+
+
+def data_fingerprint(data) -> str:
+    """sha256 of every example of an ``ExampleData``, in order (one pass over it)."""
+    digest = hashlib.sha256()
+    digest.update(str(data.num_examples).encode())
+    for batch in data.batches():
+        for leaf in tf.nest.flatten(batch):
+            _update(digest, leaf.numpy() if hasattr(leaf, "numpy") else leaf)
+    return digest.hexdigest()
