@@ -6,6 +6,7 @@ import pytest
 from conftest import make_mlp
 
 import tf_influence as tfi
+from tf_influence.objective import MIXED_PRECISION_KERAS, _keras_version
 
 SPARSE_LOGITS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -71,7 +72,9 @@ def test_mixed_float16_model_is_analysed_in_float32(blobs):
 
     def build():
         keras.utils.set_random_seed(0)
-        inputs = keras.Input((4,))
+        # float32 inputs: under a mixed policy, Keras 3.4's Input is float16 (it
+        # rounds the inputs), newer Keras's is float32.
+        inputs = keras.Input((4,), dtype="float32")
         h = keras.layers.Dense(8, activation="tanh")(inputs)
         h = keras.layers.BatchNormalization()(h)
         out = keras.layers.Dense(3, dtype="float32")(h)
@@ -85,6 +88,10 @@ def test_mixed_float16_model_is_analysed_in_float32(blobs):
         keras.mixed_precision.set_dtype_policy("float32")
     assert mixed.layers[1].compute_dtype == "float16"
     mixed.set_weights(plain.get_weights())
+    if _keras_version() < MIXED_PRECISION_KERAS:
+        with pytest.raises(ValueError, match=r"mixed-precision policy .* Upgrade Keras"):
+            tfi.InfluenceModel(mixed, loss=SPARSE_LOGITS)
+        return
     expected = scores(plain, x, y, loss=SPARSE_LOGITS, damping=1.0)
     im = tfi.InfluenceModel(mixed, loss=SPARSE_LOGITS)
     assert im.objective.mixed_precision and im.objective.dtype.name == "float32"

@@ -175,6 +175,16 @@ def resolve_params(model, params) -> list:
     return variables
 
 
+# The oldest Keras on which mixed-precision models were checked to compute in
+# float32 here (tests/test_model_kinds.py); Keras 3.4 still rounds to float16.
+MIXED_PRECISION_KERAS = (3, 15)
+
+
+def _keras_version() -> tuple[int, int]:
+    major, minor = keras.__version__.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
 def _is_mixed(policy) -> bool:
     compute = getattr(policy, "compute_dtype", None)
     variable = getattr(policy, "variable_dtype", None)
@@ -215,6 +225,15 @@ class Objective:
             for layer in model._flatten_layers(include_self=True)
             if _is_mixed(getattr(layer, "dtype_policy", None))
         ]
+        if self._low_precision_layers and _keras_version() < MIXED_PRECISION_KERAS:
+            raise ValueError(
+                "Argument `model` has a mixed-precision policy "
+                f"({self._low_precision_layers[0].dtype_policy.name!r}), which tf_influence "
+                "analyses in float32 only with Keras >= "
+                f"{'.'.join(map(str, MIXED_PRECISION_KERAS))} (older Keras keeps computing parts "
+                f"in float16). Received: keras {keras.__version__}. Upgrade Keras, or analyse "
+                "a float32 copy: build the model under the 'float32' policy and `set_weights`."
+            )
 
     @property
     def mixed_precision(self) -> bool:
