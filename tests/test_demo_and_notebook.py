@@ -20,6 +20,7 @@ from tf_influence.__main__ import main
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOK = NOTEBOOKS / "01_quickstart.ipynb"
 MISLABELLED = NOTEBOOKS / "02_mislabelled_data.ipynb"
+GROUPS = NOTEBOOKS / "03_groups_and_retraining.ipynb"
 
 
 def _check_png(path):
@@ -110,7 +111,7 @@ def test_cli_demo_help(capsys):
     assert "--output-dir" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("path", [NOTEBOOK, MISLABELLED], ids=["01", "02"])
+@pytest.mark.parametrize("path", [NOTEBOOK, MISLABELLED, GROUPS], ids=["01", "02", "03"])
 def test_notebook_is_stored_clean(path):
     nbformat = pytest.importorskip("nbformat")
     notebook = nbformat.read(path, as_version=4)
@@ -165,3 +166,26 @@ def test_mislabelled_data_notebook_runs(tmp_path):
     assert match, text[-2000:]
     assert float(match[2]) > float(match[1])
     assert "InfluenceCallback epoch 30" in text
+
+
+@pytest.mark.slow
+def test_groups_and_retraining_notebook_runs(tmp_path):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    notebook = nbformat.read(GROUPS, as_version=4)
+    client = nbclient.NotebookClient(
+        notebook,
+        kernel_name="python3",
+        timeout=600,
+        resources={"metadata": {"path": str(tmp_path)}},
+    )
+    client.execute()  # the notebook asserts its own checks against refitting
+
+    outputs = [output for cell in notebook.cells for output in cell.get("outputs", [])]
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(images) >= 3, "expected the single-point, group and perturbation figures"
+    text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
+    match = re.search(r"single points: Pearson ([\d.]+)", text)
+    assert match and float(match[1]) > 0.95, text[-2000:]
+    match = re.search(r"order 1 ([\d.]+), order 2 ([\d.]+)", text)
+    assert match and float(match[2]) < float(match[1]), text[-2000:]

@@ -21,6 +21,7 @@ def fitted(model, x, y, solver="exact", damping=0.5, batch_size=16, loss=None):
 def test_public_api_is_pinned():
     assert sorted(tfi.__all__) == sorted(
         [
+            "Candidates",
             "HessianOperator",
             "InfluenceModel",
             "Objective",

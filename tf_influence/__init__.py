@@ -14,6 +14,7 @@ from tf_influence import callbacks, evaluation, solvers
 from tf_influence.curvature import HessianOperator
 from tf_influence.gradients import PerExampleGradients
 from tf_influence.influence_model import InfluenceModel
+from tf_influence.neighbors import Candidates
 from tf_influence.objective import Objective
 from tf_influence.outputs import TopK
 from tf_influence.tracin import TracIn
@@ -21,6 +22,7 @@ from tf_influence.tracin import TracIn
 __version__ = "0.1.0"
 
 __all__ = [
+    "Candidates",
     "HessianOperator",
     "InfluenceModel",
     "Objective",

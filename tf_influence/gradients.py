@@ -54,6 +54,8 @@ class PerExampleGradients:
         self.objective = objective
         self.scoring = check_scoring_mode(scoring)
         self._gradients = BatchFunction(self._gradients_impl, jit_compile=jit_compile)
+        self._jit_compile = jit_compile
+        self._target_functions: dict = {}
         solutions = tf.TensorSpec([objective.num_params, None], objective.dtype)
         self._scores = {
             "jacobian": BatchFunction(self._jacobian_scores, [solutions], jit_compile),
@@ -122,6 +124,37 @@ class PerExampleGradients:
         scores = -tf.vectorized_map(one, tf.transpose(solutions))  # (k, b)
         finite = tf.reduce_all(tf.math.is_finite(scores), axis=0)  # (b,)
         return scores, finite
+
+    def target_gradients(self, target, x) -> tf.Tensor:
+        """``grad_theta target(model, x_i)`` for every example, shape ``(batch, num_params)``.
+
+        ``target(model, x)`` returns one scalar per example (shape ``(batch,)`` or
+        ``(batch, 1)``), e.g. a class logit; it replaces the test loss.
+        """
+        entry = self._target_functions.get(id(target))
+        if entry is None:
+            function = BatchFunction(
+                lambda x, unused: self._target_gradients_impl(target, x),
+                jit_compile=self._jit_compile,
+            )
+            # Keep a reference: ids of collected functions can be reused.
+            entry = self._target_functions[id(target)] = (target, function)
+        size = tf.shape(tf.nest.flatten(x)[0])[0]
+        return entry[1](x, tf.zeros([size], tf.int32))
+
+    def _target_gradients_impl(self, target, x):
+        variables = self.objective.variables
+        layout = self.objective.layout
+        dtype = self.objective.dtype
+
+        def one(example):
+            xi = tf.nest.map_structure(lambda t: t[None], example)
+            with tf.GradientTape() as tape:
+                with self.objective._full_precision():
+                    value = tf.reduce_sum(tf.cast(target(self.objective.model, xi), dtype))
+            return layout.flatten(tape.gradient(value, variables), dtype)
+
+        return tf.vectorized_map(one, x)
 
     def __call__(self, x, y) -> tf.Tensor:
         """Gradients of shape ``(batch, num_params)``."""

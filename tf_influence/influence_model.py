@@ -17,8 +17,11 @@ from tf_influence._progress import Progress, resolve_verbose
 from tf_influence.curvature import HessianOperator, check_hvp_mode
 from tf_influence.data import ExampleData
 from tf_influence.gradients import PerExampleGradients
+from tf_influence.groups import GroupCurvature, check_groups, membership
+from tf_influence.neighbors import Candidates, FeatureIndex, feature_function
 from tf_influence.objective import Objective, variable_name
 from tf_influence.outputs import DenseSink, TopK, TopKSink
+from tf_influence.perturbation import PerturbationGradients, check_indices, gather_examples
 from tf_influence.solvers.base import Diagnostics
 
 
@@ -82,6 +85,8 @@ class InfluenceModel:
         self._operator: HessianOperator | None = None
         self._solution_cache = SolutionCache()
         self._weights_fingerprint: str | None = None
+        self._relative_cache: dict | None = None
+        self._feature_indexes: dict = {}
         self.diagnostics: Diagnostics | None = None
 
     # -- configuration ----------------------------------------------------------------
@@ -181,6 +186,8 @@ class InfluenceModel:
                 self.objective, self._data, self.damping, self.hvp, self.jit_compile
             )
         self._solution_cache.clear()
+        self._relative_cache = None
+        self._feature_indexes = {}
         self._weights_fingerprint = weights_fingerprint(self.model.weights)
         if cholesky is not None:  # restored by `load`: no Hessian to build
             self._operator.cached("exact.cholesky", lambda: cholesky)
@@ -280,35 +287,33 @@ class InfluenceModel:
             return x, batch[1]
         return x, self.objective.predicted_labels(x)
 
-    def inverse_hvp_tests(self, x_test, y_test=None, batch_size=None, verbose="auto"):
+    def inverse_hvp_tests(self, x_test, y_test=None, batch_size=None, verbose="auto", target=None):
         """``inv(H) @ grad L(z_test_i)`` for every test point, shape ``(num_params, n_test)``.
 
-        ``y_test=None`` uses the model's predicted class as the target. Solutions are
-        cached per test batch (up to 512 MiB), so explaining the same test points
-        again does not solve again; ``compile`` and ``fit`` clear the cache.
+        ``y_test=None`` uses the model's predicted class as the target. With
+        ``target=fn``, ``grad fn(model, x_test_i)`` replaces the loss gradient (see
+        ``explain``). Solutions are cached per test batch (up to 512 MiB), so
+        explaining the same test points again does not solve again; ``compile`` and
+        ``fit`` clear the cache.
         """
         self._require_current("explain")
         verbose = resolve_verbose(verbose)
         tests = self._test_data(x_test, y_test, batch_size)
-        first = True
         solutions, diagnostics = [], []
         progress = Progress(tests.num_batches(), verbose, "Solving for test points")
         offset = 0
         for step, batch in enumerate(tests.batches(), start=1):
-            x, y = self._targets(batch)
-            if first:
-                self._check_batch((x, y), "x_test", "y_test")
-                first = False
-            key = batch_key(x, y)
+            key, gradients = self._test_gradients(batch, target, check=step == 1)
             cached = self._solution_cache.get(key)
             if cached is None:
-                grads = self._gradients(x, y)
+                grads = gradients()
                 finite = np.all(np.isfinite(grads.numpy()), axis=1)
                 if not finite.all():
                     index = offset + int(np.flatnonzero(~finite)[0])
+                    what = "loss" if target is None else "target"
                     raise ValueError(
-                        f"The loss gradient is NaN or inf at test example {index} of `x_test`. "
-                        "Check that example and its target."
+                        f"The {what} gradient is NaN or inf at test example {index} of "
+                        "`x_test`. Check that example and its target."
                     )
                 cached = self.solver.solve(self._operator, tf.transpose(grads))
                 self._solution_cache.put(key, *cached)
@@ -321,6 +326,19 @@ class InfluenceModel:
         self.diagnostics = _merge(diagnostics)
         self._warn_if_unconverged(self.diagnostics, "test points")
         return tf.concat(solutions, axis=1)
+
+    def _test_gradients(self, batch, target, check=False):
+        """``(cache key, () -> (b, p) gradients)`` of the test loss, or of ``target``."""
+        if target is None:
+            x, y = self._targets(batch)
+            if check:
+                self._check_batch((x, y), "x_test", "y_test")
+            return batch_key(x, y), lambda: self._gradients(x, y)
+        x = batch[0]
+        if check:
+            _check_target(target, self.objective, x)
+        key = f"{batch_key(x, ())}|target:{id(target)}"
+        return key, lambda: self._gradients.target_gradients(target, x)
 
     def _warn_if_unconverged(self, diagnostics, what):
         if diagnostics is None or diagnostics.all_converged:
@@ -337,7 +355,7 @@ class InfluenceModel:
         )
 
     # -- scores ------------------------------------------------------------------------
-    def _score_training(self, solutions, verbose, sink):
+    def _score_training(self, solutions, verbose, sink, divisors=None):
         progress = Progress(self._data.num_batches(), verbose, "Scoring training examples")
         offset = 0
         for step, batch in enumerate(self._data.batches(), start=1):
@@ -350,6 +368,8 @@ class InfluenceModel:
                     "example and its label, then call `fit` again."
                 )
             block = block.numpy()
+            if divisors is not None:
+                block = block / divisors[offset : offset + block.shape[1]]
             sink.write(offset, block)
             offset += block.shape[1]
             progress.update(step)
@@ -364,6 +384,10 @@ class InfluenceModel:
         verbose="auto",
         top_k: int | None = None,
         output=None,
+        target=None,
+        relative=None,
+        candidates: int | None = None,
+        feature_layer=None,
     ):
         """Influence of every training example on the loss of every test point.
 
@@ -384,6 +408,27 @@ class InfluenceModel:
             output: path of a ``.npy`` file; the matrix is written there block by
                 block (memory-mapped) and returned opened read-only with
                 ``mmap_mode="r"``.
+            target: optional ``fn(model, x) -> (batch,)`` tensor, one scalar per test
+                example (a class logit, a margin, a predicted value), built from
+                TensorFlow/Keras ops. It replaces the test loss: ``scores[i, j] =
+                -grad fn(z_test_i)^T @ inv(H) @ grad L(z_j)``, so positive means
+                up-weighting example j raises ``fn`` at test point i, and removing it
+                changes ``fn`` by about ``-scores[i, j] / n_train``. ``y_test`` is not
+                used then.
+            relative: None, ``"theta"`` or ``"loss"`` (RelatIF, Barshan et al. 2020):
+                divide column j by ``|inv(H) @ grad L(z_j)|`` (``"theta"``: how far
+                the example moves the parameters) or by ``sqrt(self_influence()[j])``
+                (``"loss"``), so that a few high-loss outliers with large global
+                influence do not top every ranking. Needs one solve per training
+                example, once per ``fit`` (then cached).
+            candidates: if given, score only the ``candidates`` training examples
+                nearest to each test point in the feature space of ``feature_layer``
+                (FastIF, Guo et al. 2021; exact Euclidean search by matrix products)
+                and return ``Candidates(indices, scores, distances)`` of shape
+                ``(n_test, candidates)``, nearest first (or ``TopK`` among them with
+                ``top_k``).
+            feature_layer: a layer of the model, its name, or ``fn(model, x) ->
+                features``; needed with ``candidates``.
 
         Returns:
             ``np.ndarray`` of shape ``(n_test, n_train)`` (a memmap with ``output``),
@@ -396,14 +441,104 @@ class InfluenceModel:
                     "Arguments `top_k` and `output` cannot be combined. Received: "
                     f"top_k={top_k}, output={output!r}. Pass one of them."
                 )
-        solutions = self.inverse_hvp_tests(x_test, y_test, batch_size, verbose)
+        if relative not in (None, "theta", "loss"):
+            raise ValueError(
+                'Argument `relative` must be None, "theta" or "loss". Received: '
+                f"relative={relative!r}"
+            )
+        if candidates is not None:
+            _check_k(candidates, "candidates")
+            if feature_layer is None or output is not None:
+                raise ValueError(
+                    "Argument `candidates` needs `feature_layer` (the layer whose outputs "
+                    "define the neighbours) and cannot be combined with `output`. Received: "
+                    f"feature_layer={feature_layer!r}, output={output!r}."
+                )
+        solutions = self.inverse_hvp_tests(x_test, y_test, batch_size, verbose, target)
+        divisors = None if relative is None else self._relative_divisors(relative, verbose)
+        if candidates is not None:
+            found = self._score_candidates(
+                solutions, x_test, batch_size, candidates, feature_layer, divisors
+            )
+            return found if top_k is None else _top_k_of(found, top_k)
         num_tests = int(solutions.shape[1])
         dtype = self.objective.dtype.as_numpy_dtype
         if top_k is not None:
             sink = TopKSink(num_tests, self.num_train, top_k, dtype)
         else:
             sink = DenseSink(num_tests, self.num_train, dtype, output)
-        return self._score_training(solutions, resolve_verbose(verbose), sink)
+        return self._score_training(solutions, resolve_verbose(verbose), sink, divisors)
+
+    def _score_candidates(self, solutions, x_test, batch_size, k, feature_layer, divisors):
+        key = feature_layer if isinstance(feature_layer, str) else id(feature_layer)
+        index = self._feature_indexes.get(key)
+        if index is None:
+            extractor = feature_function(self.model, feature_layer)
+            index = self._feature_indexes[key] = (
+                feature_layer,
+                FeatureIndex(extractor, self._data),
+            )
+        index = index[1]
+        k = min(int(k), self.num_train)
+        tests = self._test_data(x_test, None, batch_size)
+        indices, scores, distances = [], [], []
+        start = 0
+        for batch in tests.batches():
+            nearest, distance = index.nearest(batch[0], k)
+            nearest = nearest.numpy()
+            b = nearest.shape[0]
+            block = solutions[:, start : start + b]
+            union = np.unique(nearest)
+            x, y = gather_examples(self._data, union)
+            step = self._data.batch_size
+            parts = [
+                self._gradients.scores(
+                    *tf.nest.map_structure(lambda t, s=s, e=step: t[s : s + e], (x, y)), block
+                )[0]
+                for s in range(0, union.size, step)
+            ]
+            union_scores = tf.concat(parts, axis=1).numpy()  # (b, |union|)
+            if divisors is not None:
+                union_scores = union_scores / divisors[union][None, :]
+            columns = np.searchsorted(union, nearest)
+            scores.append(np.take_along_axis(union_scores, columns, axis=1))
+            indices.append(nearest)
+            distances.append(distance.numpy())
+            start += b
+        dtype = self.objective.dtype.as_numpy_dtype
+        return Candidates(
+            np.concatenate(indices),
+            np.concatenate(scores).astype(dtype),
+            np.concatenate(distances),
+        )
+
+    def _relative_divisors(self, kind, verbose) -> np.ndarray:
+        """``|inv(H) g_j|`` ("theta") or ``sqrt(g_j^T inv(H) g_j)`` ("loss"), cached per fit."""
+        if self._relative_cache is None:
+            theta, loss, diagnostics = [], [], []
+            progress = Progress(
+                self._data.num_batches(), resolve_verbose(verbose), "RelatIF normalisers"
+            )
+            for step, batch in enumerate(self._data.batches(), start=1):
+                grads = tf.transpose(self._gradients(batch[0], batch[1]))  # (p, b)
+                solution, diag = self.solver.solve(self._operator, grads)
+                diagnostics.append(diag)
+                theta.append(tf.norm(solution, axis=0).numpy())
+                loss.append(tf.reduce_sum(grads * solution, axis=0).numpy())
+                progress.update(step)
+            progress.done()
+            self._warn_if_unconverged(_merge(diagnostics), "training points")
+            loss = np.concatenate(loss)
+            if np.any(loss < 0):
+                raise ValueError(
+                    "relative='loss' needs g_j^T inv(H) g_j >= 0, but it is negative at "
+                    f"training example {int(np.flatnonzero(loss < 0)[0])}: H + damping*I is "
+                    "not positive definite. Add damping in `compile`."
+                )
+            self._relative_cache = {"theta": np.concatenate(theta), "loss": np.sqrt(loss)}
+        divisors = self._relative_cache[kind]
+        # An example with zero gradient has zero influence: leave its scores at 0.
+        return np.where(divisors > 0, divisors, 1.0)
 
     def self_influence(self, verbose="auto") -> np.ndarray:
         """``grad L(z_j)^T @ inv(H) @ grad L(z_j)`` for every training example.
@@ -441,7 +576,18 @@ class InfluenceModel:
             )
         return result
 
-    def top_k(self, x_test, y_test=None, k: int = 10, batch_size=None, verbose="auto") -> TopK:
+    def top_k(
+        self,
+        x_test,
+        y_test=None,
+        k: int = 10,
+        batch_size=None,
+        verbose="auto",
+        target=None,
+        relative=None,
+        candidates: int | None = None,
+        feature_layer=None,
+    ) -> TopK:
         """The ``k`` most helpful and most harmful training examples per test point.
 
         Ranks ``I_up,loss`` scores (see ``explain``): helpful = most negative,
@@ -453,7 +599,153 @@ class InfluenceModel:
             each of shape ``(n_test, k)``.
         """
         _check_k(k, "k")
-        return self.explain(x_test, y_test, batch_size=batch_size, verbose=verbose, top_k=k)
+        return self.explain(
+            x_test,
+            y_test,
+            batch_size=batch_size,
+            verbose=verbose,
+            top_k=k,
+            target=target,
+            relative=relative,
+            candidates=candidates,
+            feature_layer=feature_layer,
+        )
+
+    # -- perturbation ------------------------------------------------------------------
+    def explain_perturbation(
+        self, x_train_indices, x_test, y_test=None, batch_size=None, verbose="auto", target=None
+    ):
+        """How each test loss responds to moving chosen training inputs (I_pert,loss).
+
+        ``result[i, r] = -grad L(z_test_i)^T @ inv(H) @ grad_x grad_theta L(z_j)`` for
+        ``j = x_train_indices[r]``, shaped like ``x_j``: perturbing training input
+        ``x_j`` by a small ``delta`` (keeping its label) and refitting changes test
+        loss ``i`` by about ``sum(result[i, r] * delta) / n_train``. Its sign shows
+        which pixels/features of a training example to change to raise (or lower)
+        a test loss: the training-set attack of Koh & Liang (2017, section 5.2).
+
+        Args:
+            x_train_indices: training indices (as in ``fit``'s order) to perturb.
+            x_test, y_test: test points (``y_test=None``: the predicted class).
+            batch_size, verbose: as in ``explain``.
+            target: optional ``fn(model, x)`` replacing the test loss (see ``explain``).
+
+        Returns:
+            ``np.ndarray`` of shape ``(n_test, len(x_train_indices), *input_shape)``
+            (a matching dict/tuple of them for several inputs).
+        """
+        indices = check_indices(x_train_indices, self.num_train)
+        solutions = self.inverse_hvp_tests(x_test, y_test, batch_size, verbose, target)
+        x, y = gather_examples(self._data, indices)
+        perturbation = PerturbationGradients(self.objective)
+        size = self._data.batch_size
+        parts = []
+        for start in range(0, indices.size, size):
+            chunk = tf.nest.map_structure(lambda t, s=start: t[s : s + size], (x, y))
+            parts.append(perturbation(chunk[0], chunk[1], solutions))
+        return tf.nest.map_structure(lambda *blocks: tf.concat(blocks, axis=1).numpy(), *parts)
+
+    # -- groups ------------------------------------------------------------------------
+    def predict_removal(
+        self,
+        groups,
+        x_test,
+        y_test=None,
+        order: int = 1,
+        renormalize: bool = False,
+        batch_size=None,
+        verbose="auto",
+        target=None,
+    ) -> np.ndarray:
+        """Predicted change of each test loss when each group is removed and the model refit.
+
+        For a group ``U`` of ``m`` of the ``n`` training examples (see
+        ``tf_influence.groups`` for the derivation), the parameters move by
+
+            order 1:  d1 = inv(H) [(1/n) sum_{j in U} grad L(z_j)]
+            order 2:  d2 = d1 + inv(H) [(1/n) sum_{j in U} hessian(L(z_j))] d1
+
+        and test loss ``i`` changes by ``grad L(z_test_i)^T d``. Order 1 is the sum
+        of single-point influences (Koh et al. 2019): for a group of one it is
+        ``-explain(...)[:, j] / n``. Order 2 adds the correction of Basu, You & Feizi
+        (2020) for interactions inside the group, which matters for large groups.
+        ``renormalize=True`` also accounts for ``model.fit`` averaging the loss over the
+        ``n - m`` remaining examples (which weighs ``Omega`` by ``n / (n - m)`` more):
+        it adds ``(m/n) grad Omega`` to the bracket of order 1 and
+        ``(m/n) hessian(Omega)`` to that of order 2.
+
+        Args:
+            groups: a list of groups, each a list/array of training indices (as in
+                ``fit``'s order); groups may overlap.
+            x_test, y_test: test points (``y_test=None``: the predicted class).
+            order: 1 or 2.
+            renormalize: see above; False predicts refitting with the removed
+                examples' weights set to zero and everything else unchanged.
+            batch_size: test points per batch.
+            verbose: "auto", 0, 1 or 2.
+            target: optional ``fn(model, x)``, predicted instead of the test loss
+                (see ``explain``).
+
+        Returns:
+            ``np.ndarray`` of shape ``(n_test, n_groups)``: positive means removing
+            the group raises that test loss (or ``target``).
+
+        References:
+            Koh, Ang, Teo & Liang, "On the Accuracy of Influence Functions for
+            Measuring Group Effects", NeurIPS 2019. Basu, You & Feizi, "On
+            Second-Order Group Influence Functions for Black-Box Predictions",
+            ICML 2020.
+        """
+        self._require_current("predict_removal")
+        groups = check_groups(groups, self.num_train)
+        if order not in (1, 2) or isinstance(order, bool):
+            raise ValueError(f"Argument `order` must be 1 or 2. Received: order={order!r}")
+        if not isinstance(renormalize, bool):
+            raise ValueError(
+                "Argument `renormalize` must be True or False. Received: "
+                f"renormalize={renormalize!r}"
+            )
+        resolve_verbose(verbose)  # checked; the work below is a few passes, no bar
+        n = self.num_train
+        dtype = self.objective.dtype
+        tests = self._test_data(x_test, y_test, batch_size)
+        test_grads = tf.concat(
+            [
+                self._test_gradients(batch, target, check=step == 0)[1]()
+                for step, batch in enumerate(tests.batches())
+            ],
+            axis=0,
+        )  # (k, p)
+        # (1/n) sum_{j in U} grad L_j for every group, (p, n_groups), one pass over the data.
+        sums = tf.zeros([self.num_params, len(groups)], dtype)
+        start = 0
+        for batch in self._data.batches():
+            grads = self._gradients(batch[0], batch[1])
+            size = int(grads.shape[0])
+            member = membership(groups, start, size, dtype.as_numpy_dtype)
+            if member.any():
+                sums += tf.matmul(grads, member, transpose_a=True) / n
+            start += size
+        sizes = tf.constant([g.size / n for g in groups], dtype)
+        if renormalize and self.objective.has_regularization():
+            with tf.GradientTape() as tape:
+                omega = self.objective.regularization()
+            grad_omega = self.objective.layout.flatten(
+                tape.gradient(omega, self.objective.variables), dtype
+            )
+            sums += grad_omega[:, None] * sizes[None, :]
+        first, diagnostics = self.solver.solve(self._operator, sums)
+        self._warn_if_unconverged(diagnostics, "groups")
+        if order == 2:
+            curvature = GroupCurvature(self.objective)
+            bracket = curvature.products(self._data, groups, first, 1.0 / n)
+            if renormalize and self.objective.has_regularization():
+                bracket += self._operator._hvp(None, None, first, 0.0, 1.0) * sizes[None, :]
+            correction, diagnostics = self.solver.solve(self._operator, bracket)
+            self._warn_if_unconverged(diagnostics, "groups")
+            first = first + correction
+        self.diagnostics = diagnostics
+        return tf.matmul(test_grads, first).numpy()
 
     # -- saved state -------------------------------------------------------------------
     def _param_indices(self) -> list[int]:
@@ -589,6 +881,49 @@ class InfluenceModel:
 
 def _is_dataset(x) -> bool:
     return isinstance(x, tf.data.Dataset)
+
+
+def _check_target(target, objective, x):
+    """Evaluates ``target`` on a test batch once, to turn misuse into a clear error."""
+    if not callable(target):
+        raise TypeError(
+            "Argument `target` must be a callable fn(model, x) returning one scalar per "
+            f"example. Received: target={describe(target)}"
+        )
+    try:
+        with objective._full_precision():
+            value = tf.convert_to_tensor(target(objective.model, x))
+    except Exception as error:
+        raise ValueError(
+            "Argument `target` failed on a batch of `x_test`: it must be fn(model, x) -> one "
+            f"scalar per example. Received error: {type(error).__name__}: {error}"
+        ) from error
+    size = int(tf.shape(tf.nest.flatten(x)[0])[0])
+    if value.shape.as_list() not in ([size], [size, 1]):
+        raise ValueError(
+            f"Argument `target` must return one scalar per example, shape ({size},) for a "
+            f"batch of {size}. Received: shape {tuple(value.shape)}. Select one output, "
+            "e.g. `lambda model, x: model(x)[:, 3]` for the logit of class 3."
+        )
+    if not value.dtype.is_floating:
+        raise ValueError(
+            f"Argument `target` must return floating-point values. Received: dtype "
+            f"{value.dtype.name}."
+        )
+
+
+def _top_k_of(found: Candidates, k: int) -> TopK:
+    """``TopK`` among the candidates of each test point."""
+    k = min(int(k), found.scores.shape[1])
+    harmful = np.argsort(-found.scores, axis=1, kind="stable")[:, :k]
+    helpful = np.argsort(found.scores, axis=1, kind="stable")[:, :k]
+    take = np.take_along_axis
+    return TopK(
+        take(found.indices, helpful, axis=1),
+        take(found.scores, helpful, axis=1),
+        take(found.indices, harmful, axis=1),
+        take(found.scores, harmful, axis=1),
+    )
 
 
 def _check_k(k, name):
