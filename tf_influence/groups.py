@@ -27,6 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_influence._errors import describe
+from tf_influence._progress import resolve_verbose
 
 
 def check_groups(groups, num_train: int) -> list[np.ndarray]:
@@ -109,3 +110,56 @@ class GroupCurvature:
                 out[g] += self._product(batch[0], batch[1], member[:, g], vectors[:, g])
             start += size
         return tf.stack(out, axis=1)
+
+
+def predict_removal(im, groups, x_test, y_test, order, renormalize, batch_size, verbose, target):
+    """``InfluenceModel.predict_removal`` (see its docstring)."""
+    im._require_current("predict_removal")
+    groups = check_groups(groups, im.num_train)
+    if order not in (1, 2) or isinstance(order, bool):
+        raise ValueError(f"Argument `order` must be 1 or 2. Received: order={order!r}")
+    if not isinstance(renormalize, bool):
+        raise ValueError(
+            f"Argument `renormalize` must be True or False. Received: renormalize={renormalize!r}"
+        )
+    resolve_verbose(verbose)  # checked; the work below is a few passes, no bar
+    n = im.num_train
+    dtype = im.objective.dtype
+    tests = im._test_data(x_test, y_test, batch_size)
+    test_grads = tf.concat(
+        [
+            im._test_gradients(batch, target, check=step == 0)[1]()
+            for step, batch in enumerate(tests.batches())
+        ],
+        axis=0,
+    )  # (k, p)
+    # (1/n) sum_{j in U} grad L_j for every group, (p, n_groups), one pass over the data.
+    sums = tf.zeros([im.num_params, len(groups)], dtype)
+    start = 0
+    for batch in im._data.batches():
+        grads = im._gradients(batch[0], batch[1])
+        size = int(grads.shape[0])
+        member = membership(groups, start, size, dtype.as_numpy_dtype)
+        if member.any():
+            sums += tf.matmul(grads, member, transpose_a=True) / n
+        start += size
+    sizes = tf.constant([g.size / n for g in groups], dtype)
+    if renormalize and im.objective.has_regularization():
+        with tf.GradientTape() as tape:
+            omega = im.objective.regularization()
+        grad_omega = im.objective.layout.flatten(
+            tape.gradient(omega, im.objective.variables), dtype
+        )
+        sums += grad_omega[:, None] * sizes[None, :]
+    first, diagnostics = im.solver.solve(im._operator, sums)
+    im._warn_if_unconverged(diagnostics, "groups")
+    if order == 2:
+        curvature = GroupCurvature(im.objective)
+        bracket = curvature.products(im._data, groups, first, 1.0 / n)
+        if renormalize and im.objective.has_regularization():
+            bracket += im._operator._hvp(None, None, first, 0.0, 1.0) * sizes[None, :]
+        correction, diagnostics = im.solver.solve(im._operator, bracket)
+        im._warn_if_unconverged(diagnostics, "groups")
+        first = first + correction
+    im.diagnostics = diagnostics
+    return tf.matmul(test_grads, first).numpy()

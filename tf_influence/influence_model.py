@@ -8,20 +8,20 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
-from tf_influence import saving
 from tf_influence import solvers as solvers_lib
 from tf_influence._cache import SolutionCache, batch_key
 from tf_influence._errors import describe
-from tf_influence._fingerprint import data_fingerprint, weights_fingerprint
+from tf_influence._fingerprint import weights_fingerprint
 from tf_influence._progress import Progress, resolve_verbose
 from tf_influence.curvature import HessianOperator, check_hvp_mode
 from tf_influence.data import ExampleData
 from tf_influence.gradients import PerExampleGradients
-from tf_influence.groups import GroupCurvature, check_groups, membership
-from tf_influence.neighbors import Candidates, FeatureIndex, feature_function
+from tf_influence.groups import predict_removal
+from tf_influence.neighbors import score_candidates, top_k_of
 from tf_influence.objective import Objective, variable_name
 from tf_influence.outputs import DenseSink, TopK, TopKSink
-from tf_influence.perturbation import PerturbationGradients, check_indices, gather_examples
+from tf_influence.perturbation import explain_perturbation
+from tf_influence.saving import load_state, save_state
 from tf_influence.solvers.base import Diagnostics
 
 
@@ -457,10 +457,10 @@ class InfluenceModel:
         solutions = self.inverse_hvp_tests(x_test, y_test, batch_size, verbose, target)
         divisors = None if relative is None else self._relative_divisors(relative, verbose)
         if candidates is not None:
-            found = self._score_candidates(
-                solutions, x_test, batch_size, candidates, feature_layer, divisors
+            found = score_candidates(
+                self, solutions, x_test, batch_size, candidates, feature_layer, divisors
             )
-            return found if top_k is None else _top_k_of(found, top_k)
+            return found if top_k is None else top_k_of(found, top_k)
         num_tests = int(solutions.shape[1])
         dtype = self.objective.dtype.as_numpy_dtype
         if top_k is not None:
@@ -468,49 +468,6 @@ class InfluenceModel:
         else:
             sink = DenseSink(num_tests, self.num_train, dtype, output)
         return self._score_training(solutions, resolve_verbose(verbose), sink, divisors)
-
-    def _score_candidates(self, solutions, x_test, batch_size, k, feature_layer, divisors):
-        key = feature_layer if isinstance(feature_layer, str) else id(feature_layer)
-        index = self._feature_indexes.get(key)
-        if index is None:
-            extractor = feature_function(self.model, feature_layer)
-            index = self._feature_indexes[key] = (
-                feature_layer,
-                FeatureIndex(extractor, self._data),
-            )
-        index = index[1]
-        k = min(int(k), self.num_train)
-        tests = self._test_data(x_test, None, batch_size)
-        indices, scores, distances = [], [], []
-        start = 0
-        for batch in tests.batches():
-            nearest, distance = index.nearest(batch[0], k)
-            nearest = nearest.numpy()
-            b = nearest.shape[0]
-            block = solutions[:, start : start + b]
-            union = np.unique(nearest)
-            x, y = gather_examples(self._data, union)
-            step = self._data.batch_size
-            parts = [
-                self._gradients.scores(
-                    *tf.nest.map_structure(lambda t, s=s, e=step: t[s : s + e], (x, y)), block
-                )[0]
-                for s in range(0, union.size, step)
-            ]
-            union_scores = tf.concat(parts, axis=1).numpy()  # (b, |union|)
-            if divisors is not None:
-                union_scores = union_scores / divisors[union][None, :]
-            columns = np.searchsorted(union, nearest)
-            scores.append(np.take_along_axis(union_scores, columns, axis=1))
-            indices.append(nearest)
-            distances.append(distance.numpy())
-            start += b
-        dtype = self.objective.dtype.as_numpy_dtype
-        return Candidates(
-            np.concatenate(indices),
-            np.concatenate(scores).astype(dtype),
-            np.concatenate(distances),
-        )
 
     def _relative_divisors(self, kind, verbose) -> np.ndarray:
         """``|inv(H) g_j|`` ("theta") or ``sqrt(g_j^T inv(H) g_j)`` ("loss"), cached per fit."""
@@ -634,16 +591,9 @@ class InfluenceModel:
             ``np.ndarray`` of shape ``(n_test, len(x_train_indices), *input_shape)``
             (a matching dict/tuple of them for several inputs).
         """
-        indices = check_indices(x_train_indices, self.num_train)
-        solutions = self.inverse_hvp_tests(x_test, y_test, batch_size, verbose, target)
-        x, y = gather_examples(self._data, indices)
-        perturbation = PerturbationGradients(self.objective)
-        size = self._data.batch_size
-        parts = []
-        for start in range(0, indices.size, size):
-            chunk = tf.nest.map_structure(lambda t, s=start: t[s : s + size], (x, y))
-            parts.append(perturbation(chunk[0], chunk[1], solutions))
-        return tf.nest.map_structure(lambda *blocks: tf.concat(blocks, axis=1).numpy(), *parts)
+        return explain_perturbation(
+            self, x_train_indices, x_test, y_test, batch_size, verbose, target
+        )
 
     # -- groups ------------------------------------------------------------------------
     def predict_removal(
@@ -696,56 +646,9 @@ class InfluenceModel:
             Second-Order Group Influence Functions for Black-Box Predictions",
             ICML 2020.
         """
-        self._require_current("predict_removal")
-        groups = check_groups(groups, self.num_train)
-        if order not in (1, 2) or isinstance(order, bool):
-            raise ValueError(f"Argument `order` must be 1 or 2. Received: order={order!r}")
-        if not isinstance(renormalize, bool):
-            raise ValueError(
-                "Argument `renormalize` must be True or False. Received: "
-                f"renormalize={renormalize!r}"
-            )
-        resolve_verbose(verbose)  # checked; the work below is a few passes, no bar
-        n = self.num_train
-        dtype = self.objective.dtype
-        tests = self._test_data(x_test, y_test, batch_size)
-        test_grads = tf.concat(
-            [
-                self._test_gradients(batch, target, check=step == 0)[1]()
-                for step, batch in enumerate(tests.batches())
-            ],
-            axis=0,
-        )  # (k, p)
-        # (1/n) sum_{j in U} grad L_j for every group, (p, n_groups), one pass over the data.
-        sums = tf.zeros([self.num_params, len(groups)], dtype)
-        start = 0
-        for batch in self._data.batches():
-            grads = self._gradients(batch[0], batch[1])
-            size = int(grads.shape[0])
-            member = membership(groups, start, size, dtype.as_numpy_dtype)
-            if member.any():
-                sums += tf.matmul(grads, member, transpose_a=True) / n
-            start += size
-        sizes = tf.constant([g.size / n for g in groups], dtype)
-        if renormalize and self.objective.has_regularization():
-            with tf.GradientTape() as tape:
-                omega = self.objective.regularization()
-            grad_omega = self.objective.layout.flatten(
-                tape.gradient(omega, self.objective.variables), dtype
-            )
-            sums += grad_omega[:, None] * sizes[None, :]
-        first, diagnostics = self.solver.solve(self._operator, sums)
-        self._warn_if_unconverged(diagnostics, "groups")
-        if order == 2:
-            curvature = GroupCurvature(self.objective)
-            bracket = curvature.products(self._data, groups, first, 1.0 / n)
-            if renormalize and self.objective.has_regularization():
-                bracket += self._operator._hvp(None, None, first, 0.0, 1.0) * sizes[None, :]
-            correction, diagnostics = self.solver.solve(self._operator, bracket)
-            self._warn_if_unconverged(diagnostics, "groups")
-            first = first + correction
-        self.diagnostics = diagnostics
-        return tf.matmul(test_grads, first).numpy()
+        return predict_removal(
+            self, groups, x_test, y_test, order, renormalize, batch_size, verbose, target
+        )
 
     # -- saved state -------------------------------------------------------------------
     def _param_indices(self) -> list[int]:
@@ -768,36 +671,7 @@ class InfluenceModel:
                 needs no data. A ``tf.data.Dataset`` is never stored: pass it to
                 ``load`` again.
         """
-        self._require_current("save")
-        config = {
-            "format": saving.FORMAT,
-            "version": saving.VERSION,
-            "solver": solvers_lib.serialize(self.solver),
-            "damping": self.damping,
-            "hvp": self.hvp,
-            "scoring": self._gradients.scoring,
-            "jit_compile": self.jit_compile,
-            "batch_size": self._data.batch_size,
-            "num_train": self.num_train,
-            "num_params": self.num_params,
-            "params": self._param_indices(),
-            "param_names": [variable_name(v) for v in self.objective.variables],
-            "param_shapes": [list(v.shape) for v in self.objective.variables],
-            "loss": self.objective.loss_name,
-            "weights_fingerprint": self._weights_fingerprint,
-            "data_fingerprint": data_fingerprint(self._data),
-            "data": None,
-        }
-        arrays = {}
-        if include_data and self._data.in_memory:
-            leaves = []
-            config["data"] = saving.encode_structure(self._data._tensors, leaves)
-            arrays.update({f"data/{i}": leaf for i, leaf in enumerate(leaves)})
-        config["cache"], cache_arrays = saving.cache_arrays(self._solution_cache.items())
-        arrays.update(cache_arrays)
-        if isinstance(self.solver, solvers_lib.Exact):
-            arrays["exact/cholesky"] = self._operator.cached("exact.cholesky", None).numpy()
-        saving.write(path, config, arrays)
+        save_state(self, path, include_data)
 
     @classmethod
     def load(cls, path, model, x=None, y=None, loss=None, verbose="auto") -> InfluenceModel:
@@ -816,67 +690,7 @@ class InfluenceModel:
                 parameters, the loss or the training data differ from the ones the
                 state was computed for.
         """
-        config, arrays = saving.read(path)
-        variables = list(model.trainable_variables)
-        shapes = [list(v.shape) for v in variables]
-        if (
-            max(config["params"]) >= len(variables)
-            or [shapes[i] for i in config["params"]] != config["param_shapes"]
-        ):
-            raise ValueError(
-                f"Argument `model` does not match the saved state in {path!r}: the state "
-                f"is for parameters {config['param_names']} of shapes "
-                f"{config['param_shapes']}. Received: a model with trainable variables "
-                f"{[variable_name(v) for v in variables]} of shapes {shapes}. Load the "
-                "model the state was saved for."
-            )
-        im = cls(model, loss=loss, params=[variables[i] for i in config["params"]])
-        if im.objective.loss_name != config["loss"]:
-            raise ValueError(
-                f"The saved state in {path!r} was computed with loss {config['loss']!r}. "
-                f"Received: loss {im.objective.loss_name!r}. Pass `loss=` to `load`."
-            )
-        if weights_fingerprint(model.weights) != config["weights_fingerprint"]:
-            raise ValueError(
-                f"Argument `model` does not match the saved state in {path!r}: its weights "
-                "differ from the ones the state was computed for. Load the same weights "
-                "(model.load_weights / keras.saving.load_model), or fit a new InfluenceModel."
-            )
-        im.compile(
-            solver=solvers_lib.deserialize(config["solver"]),
-            damping=config["damping"],
-            hvp=config["hvp"],
-            scoring=config["scoring"],
-            jit_compile=config["jit_compile"],
-        )
-        if x is not None:
-            data = ExampleData(x, y, None if _is_dataset(x) else config["batch_size"])
-        elif config["data"] is not None:
-            count = sum(name.startswith("data/") for name in arrays)
-            leaves = [arrays[f"data/{i}"] for i in range(count)]
-            elements = saving.decode_structure(config["data"], leaves)
-            data = ExampleData(*elements, batch_size=config["batch_size"])
-        else:
-            raise ValueError(
-                f"The saved state in {path!r} holds no training data (it was a dataset, or "
-                "saved with include_data=False). Received: x=None. Pass the training data "
-                "as `x` (and `y`)."
-            )
-        if data_fingerprint(data) != config["data_fingerprint"]:
-            raise ValueError(
-                f"Argument `x` does not match the saved state in {path!r}: the training "
-                f"examples differ from the {config['num_train']} the state was computed for "
-                "(values or order). Pass the same data, in the same order."
-            )
-        im._data = data
-        cholesky = arrays.get("exact/cholesky")
-        if cholesky is not None:
-            cholesky = tf.constant(cholesky)
-        im._build_operator(resolve_verbose(verbose), cholesky=cholesky)
-        dtype = im.objective.dtype
-        for key, solution, diagnostics in saving.cache_entries(config["cache"], arrays, dtype):
-            im._solution_cache.put(key, solution, diagnostics)
-        return im
+        return load_state(cls, path, model, x, y, loss, verbose)
 
 
 def _is_dataset(x) -> bool:
@@ -910,20 +724,6 @@ def _check_target(target, objective, x):
             f"Argument `target` must return floating-point values. Received: dtype "
             f"{value.dtype.name}."
         )
-
-
-def _top_k_of(found: Candidates, k: int) -> TopK:
-    """``TopK`` among the candidates of each test point."""
-    k = min(int(k), found.scores.shape[1])
-    harmful = np.argsort(-found.scores, axis=1, kind="stable")[:, :k]
-    helpful = np.argsort(found.scores, axis=1, kind="stable")[:, :k]
-    take = np.take_along_axis
-    return TopK(
-        take(found.indices, helpful, axis=1),
-        take(found.scores, helpful, axis=1),
-        take(found.indices, harmful, axis=1),
-        take(found.scores, harmful, axis=1),
-    )
 
 
 def _check_k(k, name):

@@ -17,6 +17,8 @@ import numpy as np
 import tensorflow as tf
 
 from tf_influence._errors import describe
+from tf_influence.outputs import TopK
+from tf_influence.perturbation import gather_examples
 
 
 class Candidates(NamedTuple):
@@ -101,3 +103,62 @@ class FeatureIndex:
 def _flat(features):
     features = tf.convert_to_tensor(features)
     return tf.reshape(features, [tf.shape(features)[0], -1])
+
+
+def score_candidates(im, solutions, x_test, batch_size, k, feature_layer, divisors):
+    """Scores of each test point's ``k`` nearest training examples (``explain(candidates=)``)."""
+    key = feature_layer if isinstance(feature_layer, str) else id(feature_layer)
+    index = im._feature_indexes.get(key)
+    if index is None:
+        extractor = feature_function(im.model, feature_layer)
+        index = im._feature_indexes[key] = (
+            feature_layer,
+            FeatureIndex(extractor, im._data),
+        )
+    index = index[1]
+    k = min(int(k), im.num_train)
+    tests = im._test_data(x_test, None, batch_size)
+    indices, scores, distances = [], [], []
+    start = 0
+    for batch in tests.batches():
+        nearest, distance = index.nearest(batch[0], k)
+        nearest = nearest.numpy()
+        b = nearest.shape[0]
+        block = solutions[:, start : start + b]
+        union = np.unique(nearest)
+        x, y = gather_examples(im._data, union)
+        step = im._data.batch_size
+        parts = [
+            im._gradients.scores(
+                *tf.nest.map_structure(lambda t, s=s, e=step: t[s : s + e], (x, y)), block
+            )[0]
+            for s in range(0, union.size, step)
+        ]
+        union_scores = tf.concat(parts, axis=1).numpy()  # (b, |union|)
+        if divisors is not None:
+            union_scores = union_scores / divisors[union][None, :]
+        columns = np.searchsorted(union, nearest)
+        scores.append(np.take_along_axis(union_scores, columns, axis=1))
+        indices.append(nearest)
+        distances.append(distance.numpy())
+        start += b
+    dtype = im.objective.dtype.as_numpy_dtype
+    return Candidates(
+        np.concatenate(indices),
+        np.concatenate(scores).astype(dtype),
+        np.concatenate(distances),
+    )
+
+
+def top_k_of(found: Candidates, k: int) -> TopK:
+    """``TopK`` among the candidates of each test point."""
+    k = min(int(k), found.scores.shape[1])
+    harmful = np.argsort(-found.scores, axis=1, kind="stable")[:, :k]
+    helpful = np.argsort(found.scores, axis=1, kind="stable")[:, :k]
+    take = np.take_along_axis
+    return TopK(
+        take(found.indices, helpful, axis=1),
+        take(found.scores, helpful, axis=1),
+        take(found.indices, harmful, axis=1),
+        take(found.scores, harmful, axis=1),
+    )

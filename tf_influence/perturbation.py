@@ -81,3 +81,17 @@ class PerturbationGradients:
                     f"{leaf.dtype.name}, e.g. token ids. Use `explain` for discrete inputs."
                 )
         return self._function(x, y, solutions)
+
+
+def explain_perturbation(im, x_train_indices, x_test, y_test, batch_size, verbose, target):
+    """``InfluenceModel.explain_perturbation`` (see its docstring)."""
+    indices = check_indices(x_train_indices, im.num_train)
+    solutions = im.inverse_hvp_tests(x_test, y_test, batch_size, verbose, target)
+    x, y = gather_examples(im._data, indices)
+    perturbation = PerturbationGradients(im.objective)
+    size = im._data.batch_size
+    parts = []
+    for start in range(0, indices.size, size):
+        chunk = tf.nest.map_structure(lambda t, s=start: t[s : s + size], (x, y))
+        parts.append(perturbation(chunk[0], chunk[1], solutions))
+    return tf.nest.map_structure(lambda *blocks: tf.concat(blocks, axis=1).numpy(), *parts)

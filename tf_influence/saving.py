@@ -22,6 +22,12 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from tf_influence import solvers as solvers_lib
+from tf_influence._fingerprint import data_fingerprint, weights_fingerprint
+from tf_influence._progress import resolve_verbose
+from tf_influence.data import ExampleData
+from tf_influence.objective import variable_name
+
 FORMAT = "tf_influence.InfluenceModel"
 VERSION = 1
 
@@ -135,3 +141,102 @@ def cache_entries(described, arrays, dtype):
             info=entry["info"],
         )
         yield entry["key"], tf.constant(arrays[f"cache/{i}/solution"], dtype), diagnostics
+
+
+def save_state(im, path, include_data: bool) -> None:
+    """``InfluenceModel.save`` (see its docstring)."""
+    im._require_current("save")
+    config = {
+        "format": FORMAT,
+        "version": VERSION,
+        "solver": solvers_lib.serialize(im.solver),
+        "damping": im.damping,
+        "hvp": im.hvp,
+        "scoring": im._gradients.scoring,
+        "jit_compile": im.jit_compile,
+        "batch_size": im._data.batch_size,
+        "num_train": im.num_train,
+        "num_params": im.num_params,
+        "params": im._param_indices(),
+        "param_names": [variable_name(v) for v in im.objective.variables],
+        "param_shapes": [list(v.shape) for v in im.objective.variables],
+        "loss": im.objective.loss_name,
+        "weights_fingerprint": im._weights_fingerprint,
+        "data_fingerprint": data_fingerprint(im._data),
+        "data": None,
+    }
+    arrays = {}
+    if include_data and im._data.in_memory:
+        leaves = []
+        config["data"] = encode_structure(im._data._tensors, leaves)
+        arrays.update({f"data/{i}": leaf for i, leaf in enumerate(leaves)})
+    config["cache"], cached = cache_arrays(im._solution_cache.items())
+    arrays.update(cached)
+    if isinstance(im.solver, solvers_lib.Exact):
+        arrays["exact/cholesky"] = im._operator.cached("exact.cholesky", None).numpy()
+    write(path, config, arrays)
+
+
+def load_state(cls, path, model, x, y, loss, verbose):
+    """``InfluenceModel.load`` (see its docstring)."""
+    config, arrays = read(path)
+    variables = list(model.trainable_variables)
+    shapes = [list(v.shape) for v in variables]
+    if (
+        max(config["params"]) >= len(variables)
+        or [shapes[i] for i in config["params"]] != config["param_shapes"]
+    ):
+        raise ValueError(
+            f"Argument `model` does not match the saved state in {path!r}: the state "
+            f"is for parameters {config['param_names']} of shapes "
+            f"{config['param_shapes']}. Received: a model with trainable variables "
+            f"{[variable_name(v) for v in variables]} of shapes {shapes}. Load the "
+            "model the state was saved for."
+        )
+    im = cls(model, loss=loss, params=[variables[i] for i in config["params"]])
+    if im.objective.loss_name != config["loss"]:
+        raise ValueError(
+            f"The saved state in {path!r} was computed with loss {config['loss']!r}. "
+            f"Received: loss {im.objective.loss_name!r}. Pass `loss=` to `load`."
+        )
+    if weights_fingerprint(model.weights) != config["weights_fingerprint"]:
+        raise ValueError(
+            f"Argument `model` does not match the saved state in {path!r}: its weights "
+            "differ from the ones the state was computed for. Load the same weights "
+            "(model.load_weights / keras.load_model), or fit a new InfluenceModel."
+        )
+    im.compile(
+        solver=solvers_lib.deserialize(config["solver"]),
+        damping=config["damping"],
+        hvp=config["hvp"],
+        scoring=config["scoring"],
+        jit_compile=config["jit_compile"],
+    )
+    if x is not None:
+        data = ExampleData(x, y, None if isinstance(x, tf.data.Dataset) else config["batch_size"])
+    elif config["data"] is not None:
+        count = sum(name.startswith("data/") for name in arrays)
+        leaves = [arrays[f"data/{i}"] for i in range(count)]
+        elements = decode_structure(config["data"], leaves)
+        data = ExampleData(*elements, batch_size=config["batch_size"])
+    else:
+        raise ValueError(
+            f"The saved state in {path!r} holds no training data (it was a dataset, or "
+            "saved with include_data=False). Received: x=None. Pass the training data "
+            "as `x` (and `y`)."
+        )
+    if data_fingerprint(data) != config["data_fingerprint"]:
+        raise ValueError(
+            f"Argument `x` does not match the saved state in {path!r}: the training "
+            f"examples differ from the {config['num_train']} the state was computed for "
+            "(values or order). Pass the same data, in the same order."
+        )
+    im._data = data
+    cholesky = arrays.get("exact/cholesky")
+    if cholesky is not None:
+        cholesky = tf.constant(cholesky)
+    im._build_operator(resolve_verbose(verbose), cholesky=cholesky)
+    dtype = im.objective.dtype
+    for key, solution, diagnostics in cache_entries(config["cache"], arrays, dtype):
+        im._solution_cache.put(key, solution, diagnostics)
+    return im
