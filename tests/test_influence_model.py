@@ -36,6 +36,7 @@ def test_public_api_is_pinned():
     )
     assert sorted(tfi.solvers.__all__) == sorted(
         [
+            "Arnoldi",
             "CG",
             "CurvatureError",
             "Diagnostics",

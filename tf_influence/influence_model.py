@@ -87,6 +87,7 @@ class InfluenceModel:
         self._weights_fingerprint: str | None = None
         self._relative_cache: dict | None = None
         self._feature_indexes: dict = {}
+        self._index: tf.Tensor | None = None
         self.diagnostics: Diagnostics | None = None
 
     # -- configuration ----------------------------------------------------------------
@@ -103,7 +104,8 @@ class InfluenceModel:
         Optional: without it, ``fit`` uses ``solver="cg", damping=0.0``.
 
         Args:
-            solver: ``"exact"``, ``"cg"``, ``"lissa"`` or a ``tfi.solvers`` instance.
+            solver: ``"exact"``, ``"cg"``, ``"lissa"``, ``"arnoldi"`` or a
+                ``tfi.solvers`` instance.
             damping: non-negative number added to the Hessian's diagonal
                 (``H + damping*I``); needed when H is not positive definite
                 (non-convex models, or parameters the loss does not constrain).
@@ -199,6 +201,26 @@ class InfluenceModel:
             self._operator.dense(progress=progress.update)
             progress.done()
         self.solver.prepare(self._operator)
+        self._index = None
+        if isinstance(self.solver, solvers_lib.Arnoldi):
+            self._index = self._build_index(verbose)
+
+    def _build_index(self, verbose):
+        """The influence index of a low-rank solver: ``V^T grad L(z_j)`` for every example.
+
+        ``(n_train, rank)``, one pass of per-example gradients at ``fit``; then
+        ``score_ij = -(V^T s_i) . (V^T g_j)`` for any solution ``s_i`` in the span of
+        ``V`` (which every low-rank solution is): one small product per query.
+        """
+        _, vectors = self.solver.eigenpairs(self._operator)
+        progress = Progress(self._data.num_batches(), verbose, "Influence index")
+        rows = []
+        for step, batch in enumerate(self._data.batches(), start=1):
+            block, _ = self._gradients.scores(batch[0], batch[1], vectors)  # -(V^T g), (r, b)
+            rows.append(-tf.transpose(block))
+            progress.update(step)
+        progress.done()
+        return tf.concat(rows, axis=0)
 
     def _require_fit(self, what):
         if self._data is None:
@@ -356,6 +378,8 @@ class InfluenceModel:
 
     # -- scores ------------------------------------------------------------------------
     def _score_training(self, solutions, verbose, sink, divisors=None):
+        if self._index is not None:
+            return self._score_from_index(solutions, sink, divisors)
         progress = Progress(self._data.num_batches(), verbose, "Scoring training examples")
         offset = 0
         for step, batch in enumerate(self._data.batches(), start=1):
@@ -374,6 +398,25 @@ class InfluenceModel:
             offset += block.shape[1]
             progress.update(step)
         progress.done()
+        return sink.result()
+
+    def _score_from_index(self, solutions, sink, divisors):
+        _, vectors = self.solver.eigenpairs(self._operator)
+        coefficients = tf.matmul(vectors, solutions, transpose_a=True)  # (r, k)
+        step = self._data.batch_size
+        for start in range(0, self.num_train, step):
+            rows = self._index[start : start + step]  # (b, r)
+            block = -tf.matmul(coefficients, rows, transpose_a=True, transpose_b=True).numpy()
+            finite = np.all(np.isfinite(block), axis=0)
+            if not finite.all():
+                index = start + int(np.flatnonzero(~finite)[0])
+                raise ValueError(
+                    f"The loss gradient is NaN or inf at training example {index}. Check that "
+                    "example and its label, then call `fit` again."
+                )
+            if divisors is not None:
+                block = block / divisors[start : start + block.shape[1]]
+            sink.write(start, block)
         return sink.result()
 
     def explain(
@@ -508,6 +551,10 @@ class InfluenceModel:
         """
         self._require_current("self_influence")
         verbose = resolve_verbose(verbose)
+        if self._index is not None:  # low-rank: sum_r (V^T g_j)_r^2 / lambda_r
+            values, _ = self.solver.eigenpairs(self._operator)
+            result = tf.reduce_sum(self._index**2 / values[None, :], axis=1).numpy()
+            return result.astype(self.objective.dtype.as_numpy_dtype)
         values, diagnostics = [], []
         progress = Progress(self._data.num_batches(), verbose, "Self-influence")
         exact = isinstance(self.solver, solvers_lib.Exact)

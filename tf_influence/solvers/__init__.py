@@ -1,11 +1,13 @@
 """Inverse Hessian-vector-product solvers: ``(operator, rhs) -> (solution, diagnostics)``."""
 
+from tf_influence.solvers.arnoldi import Arnoldi
 from tf_influence.solvers.base import CurvatureError, Diagnostics, Solver
 from tf_influence.solvers.cg import CG
 from tf_influence.solvers.exact import Exact
 from tf_influence.solvers.lissa import LiSSA
 
 __all__ = [
+    "Arnoldi",
     "CG",
     "CurvatureError",
     "Diagnostics",
@@ -17,11 +19,11 @@ __all__ = [
     "serialize",
 ]
 
-_BY_NAME = {"exact": Exact, "cg": CG, "lissa": LiSSA}
+_BY_NAME = {"exact": Exact, "cg": CG, "lissa": LiSSA, "arnoldi": Arnoldi}
 
 
 def get(identifier) -> Solver:
-    """A solver from its name (``"exact"``, ``"cg"``, ``"lissa"``) or an instance."""
+    """A solver from its name (``"exact"``, ``"cg"``, ``"lissa"``, ``"arnoldi"``) or an instance."""
     if isinstance(identifier, Solver):
         return identifier
     if isinstance(identifier, str) and identifier.lower() in _BY_NAME:

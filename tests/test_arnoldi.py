@@ -1,0 +1,97 @@
+"""The low-rank Arnoldi solver against the dense eigendecomposition, and its index."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import make_mlp
+
+import tf_influence as tfi
+from tf_influence.curvature import HessianOperator
+from tf_influence.data import ExampleData
+from tf_influence.solvers import Arnoldi, CurvatureError
+
+
+@pytest.fixture
+def operator(mlp, blobs):
+    x, y = blobs
+    return HessianOperator(tfi.Objective(mlp), ExampleData(x, y, 16), damping=0.5)
+
+
+def dense_eigen(operator):
+    values, vectors = np.linalg.eigh(operator.dense().numpy())
+    return values[::-1], vectors[:, ::-1]
+
+
+def test_top_eigenvalues_match_the_dense_hessian(operator):
+    values, _ = dense_eigen(operator)
+    found, vectors = Arnoldi(rank=5, iterations=20).eigenpairs(operator)
+    np.testing.assert_allclose(found.numpy()[:3], values[:3], rtol=1e-6)
+    np.testing.assert_allclose(found.numpy(), values[:5], rtol=1e-3)
+    np.testing.assert_allclose(vectors.numpy().T @ vectors.numpy(), np.eye(5), atol=1e-10)
+    exact, _ = Arnoldi(rank=5, iterations=operator.num_params).eigenpairs(operator)
+    np.testing.assert_allclose(exact.numpy(), values[:5], rtol=1e-12)
+
+
+def test_solve_is_the_rank_r_inverse(operator):
+    values, vectors = dense_eigen(operator)
+    rhs = np.random.default_rng(2).normal(size=(operator.num_params, 3))
+    solution, diagnostics = Arnoldi(rank=5, iterations=operator.num_params).solve(
+        operator, tf.constant(rhs)
+    )
+    expected = vectors[:, :5] @ ((vectors[:, :5].T @ rhs) / values[:5, None])
+    np.testing.assert_allclose(solution.numpy(), expected, rtol=1e-9, atol=1e-12)
+    assert diagnostics.info["rank"] == 5 and diagnostics.residual_norm.shape == (3,)
+
+
+def test_influence_model_with_arnoldi_uses_the_index(mlp, blobs):
+    x, y = blobs
+    im = tfi.InfluenceModel(mlp)
+    im.compile(solver=Arnoldi(rank=8, iterations=43), damping=0.5)
+    im.fit(x, y, batch_size=16, verbose=0)
+    assert im._index.shape == (50, 8)
+    scores = im.explain(x[:4], y[:4], verbose=0)
+    values, vectors = dense_eigen(im.operator)
+    g_test, g_train = im._gradients(x[:4], y[:4]).numpy(), im._gradients(x, y).numpy()
+    low_rank = vectors[:, :8] @ np.diag(1 / values[:8]) @ vectors[:, :8].T
+    np.testing.assert_allclose(scores, -g_test @ low_rank @ g_train.T, rtol=1e-8, atol=1e-12)
+    self_influence = im.self_influence(verbose=0)
+    np.testing.assert_allclose(
+        self_influence, np.einsum("ip,pq,iq->i", g_train, low_rank, g_train), rtol=1e-8
+    )
+    top = im.top_k(x[:4], y[:4], k=3, verbose=0)
+    np.testing.assert_array_equal(top.harmful_indices, np.argsort(-scores, axis=1)[:, :3])
+
+
+def test_full_rank_on_a_convex_model_equals_exact(blobs):
+    x, y = blobs
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((4,), dtype="float64"),
+            keras.layers.Dense(3, dtype="float64", kernel_regularizer=keras.regularizers.L2(0.1)),
+        ]
+    )
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    results = {}
+    for name, solver in (("exact", "exact"), ("arnoldi", Arnoldi(rank=15, iterations=15))):
+        im = tfi.InfluenceModel(model, loss=loss)
+        im.compile(solver=solver, damping=1e-3)
+        results[name] = im.fit(x, y, verbose=0).explain(x[:5], y[:5], verbose=0)
+    np.testing.assert_allclose(results["arnoldi"], results["exact"], rtol=1e-7, atol=1e-10)
+
+
+def test_arnoldi_errors_and_config(blobs):
+    with pytest.raises(ValueError, match=r"`rank` must be a positive integer. Received: rank=0"):
+        Arnoldi(rank=0)
+    with pytest.raises(ValueError, match=r"`iterations` must be at least `rank`"):
+        Arnoldi(rank=10, iterations=5)
+    solver = Arnoldi(rank=7, iterations=30, seed=3)
+    assert Arnoldi.from_config(solver.get_config()).get_config() == solver.get_config()
+    assert isinstance(tfi.solvers.get("arnoldi"), Arnoldi)
+    x, y = blobs
+    model = make_mlp(l2=0.0, seed=1)  # untrained: indefinite
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    operator = HessianOperator(tfi.Objective(model, loss=loss), ExampleData(x, y, 16))
+    with pytest.raises(CurvatureError, match=r"Arnoldi kept an eigenvalue .* <= 0.*damping="):
+        Arnoldi(rank=43, iterations=43).eigenpairs(operator)
