@@ -18,6 +18,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 import tensorflow as tf
+from conftest import keras_logistic
 
 import tf_influence as tfi
 from tf_influence.evaluation import mislabel_curve
@@ -49,15 +50,7 @@ def run_seed(seed: int, x=None, y=None):
 
     clf = LogisticRegression(C=C, tol=1e-10, max_iter=20000).fit(x, noisy)
     keras.utils.set_random_seed(seed)
-    model = keras.Sequential(
-        [
-            keras.Input((x.shape[1],), dtype="float64"),
-            keras.layers.Dense(
-                1, dtype="float64", kernel_regularizer=keras.regularizers.L2(1 / (2 * C * n))
-            ),
-        ]
-    )
-    model.set_weights([clf.coef_.T, clf.intercept_])
+    model = keras_logistic(clf, n)
     im = tfi.InfluenceModel(model, loss=keras.losses.BinaryCrossentropy(from_logits=True))
     im.compile(solver="exact")
     im.fit(x, noisy, batch_size=256, verbose=0)

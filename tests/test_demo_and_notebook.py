@@ -122,23 +122,31 @@ def test_notebook_is_stored_clean(path):
         assert cell.outputs == [] and cell.execution_count is None, "strip the outputs"
 
 
-@pytest.mark.slow
-def test_quickstart_notebook_runs(tmp_path):
+def execute(path, tmp_path):
+    """Runs a notebook in a fresh kernel; returns (number of images, printed text).
+
+    Raises CellExecutionError if any cell (or one of its own asserts) fails.
+    """
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
-    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    notebook = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(
         notebook,
         kernel_name="python3",
         timeout=600,
         resources={"metadata": {"path": str(tmp_path)}},
     )
-    client.execute()  # raises CellExecutionError if any cell (or its asserts) fails
-
+    client.execute()
     outputs = [output for cell in notebook.cells for output in cell.get("outputs", [])]
-    images = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(images) >= 3, "expected the top-k grid, self-influence and LOO scatter plots"
+    images = sum("image/png" in o.get("data", {}) for o in outputs)
     text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
+    return images, text
+
+
+@pytest.mark.slow
+def test_quickstart_notebook_runs(tmp_path):
+    images, text = execute(NOTEBOOK, tmp_path)
+    assert images >= 3, "expected the top-k grid, self-influence and LOO scatter plots"
     match = re.search(r"Pearson correlation \(predicted vs actual\): ([\d.]+)", text)
     assert match, text[-2000:]
     assert float(match[1]) > 0.9
@@ -147,21 +155,9 @@ def test_quickstart_notebook_runs(tmp_path):
 
 @pytest.mark.slow
 def test_mislabelled_data_notebook_runs(tmp_path):
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    notebook = nbformat.read(MISLABELLED, as_version=4)
-    client = nbclient.NotebookClient(
-        notebook,
-        kernel_name="python3",
-        timeout=600,
-        resources={"metadata": {"path": str(tmp_path)}},
-    )
-    client.execute()  # the notebook asserts its own findings (flips found, accuracy gain)
-
-    outputs = [output for cell in notebook.cells for output in cell.get("outputs", [])]
-    images = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(images) >= 2, "expected the suspicious-images grid and the mislabel curves"
-    text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
+    # The notebook asserts its own findings (flips found, accuracy gain).
+    images, text = execute(MISLABELLED, tmp_path)
+    assert images >= 2, "expected the suspicious-images grid and the mislabel curves"
     match = re.search(r"noisy labels ([\d.]+) -> fixed ([\d.]+)", text)
     assert match, text[-2000:]
     assert float(match[2]) > float(match[1])
@@ -170,21 +166,9 @@ def test_mislabelled_data_notebook_runs(tmp_path):
 
 @pytest.mark.slow
 def test_groups_and_retraining_notebook_runs(tmp_path):
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    notebook = nbformat.read(GROUPS, as_version=4)
-    client = nbclient.NotebookClient(
-        notebook,
-        kernel_name="python3",
-        timeout=600,
-        resources={"metadata": {"path": str(tmp_path)}},
-    )
-    client.execute()  # the notebook asserts its own checks against refitting
-
-    outputs = [output for cell in notebook.cells for output in cell.get("outputs", [])]
-    images = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(images) >= 3, "expected the single-point, group and perturbation figures"
-    text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
+    # The notebook asserts its own checks against refitting.
+    images, text = execute(GROUPS, tmp_path)
+    assert images >= 3, "expected the single-point, group and perturbation figures"
     match = re.search(r"single points: Pearson ([\d.]+)", text)
     assert match and float(match[1]) > 0.95, text[-2000:]
     match = re.search(r"order 1 ([\d.]+), order 2 ([\d.]+)", text)

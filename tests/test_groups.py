@@ -3,6 +3,7 @@
 import keras
 import numpy as np
 import pytest
+from conftest import keras_logistic
 from scipy.stats import spearmanr
 
 import tf_influence as tfi
@@ -36,15 +37,7 @@ def problem():
         return np.logaddexp(0, z) - y_test * z
 
     base = refit(np.ones(n))
-    model = keras.Sequential(
-        [
-            keras.Input((30,), dtype="float64"),
-            keras.layers.Dense(
-                1, dtype="float64", kernel_regularizer=keras.regularizers.L2(1 / (2 * C * n))
-            ),
-        ]
-    )
-    model.set_weights([base.coef_.T, base.intercept_])
+    model = keras_logistic(base, n)
     im = tfi.InfluenceModel(model, loss=keras.losses.BinaryCrossentropy(from_logits=True))
     im.compile(solver="exact")
     im.fit(x, y, verbose=0)

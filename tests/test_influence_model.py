@@ -256,25 +256,6 @@ def test_explain_does_not_retrace(mlp, blobs):
     assert im._gradients.tracing_count() == count
 
 
-def test_dropout_and_batchnorm_run_in_inference_mode(blobs):
-    x, y = blobs
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential(
-        [
-            keras.Input((4,), dtype="float64"),
-            keras.layers.Dense(6, activation="relu", dtype="float64"),
-            keras.layers.BatchNormalization(dtype="float64"),
-            keras.layers.Dropout(0.5, dtype="float64"),
-            keras.layers.Dense(3, dtype="float64"),
-        ]
-    )
-    model.compile(loss=SPARSE_LOGITS, optimizer="adam")
-    model.fit(x, y, epochs=2, verbose=0)
-    im = fitted(model, x, y, solver="cg", damping=1.0)
-    first = im.explain(x[:3], y[:3], verbose=0)
-    np.testing.assert_array_equal(first, im.explain(x[:3], y[:3], verbose=0))
-
-
 def test_verbose_shows_progress_bar_only_on_slow_work(mlp, blobs, capsys, monkeypatch):
     x, y = blobs
     im = fitted(mlp, x, y)

@@ -3,19 +3,14 @@
 import keras
 import numpy as np
 import pytest
+from conftest import fit_exact
 
 import tf_influence as tfi
 
 
-def fitted(model, x, y):
-    im = tfi.InfluenceModel(model)
-    im.compile(solver="exact", damping=0.5)
-    return im.fit(x, y, batch_size=16, verbose=0)
-
-
 def test_candidates_are_the_nearest_and_keep_their_full_scores(mlp, blobs):
     x, y = blobs
-    im = fitted(mlp, x, y)
+    im = fit_exact(mlp, x, y)
     full = im.explain(x[:5], y[:5], verbose=0)
     found = im.explain(x[:5], y[:5], candidates=7, feature_layer="hidden", verbose=0)
     assert isinstance(found, tfi.Candidates)
@@ -49,7 +44,7 @@ def test_candidates_are_the_nearest_and_keep_their_full_scores(mlp, blobs):
 
 def test_candidates_bad_input(mlp, blobs):
     x, y = blobs
-    im = fitted(mlp, x, y)
+    im = fit_exact(mlp, x, y)
     with pytest.raises(ValueError, match=r"`candidates` needs `feature_layer`"):
         im.explain(x[:2], y[:2], candidates=5)
     with pytest.raises(ValueError, match=r"`candidates` must be a positive integer"):

@@ -4,6 +4,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import keras_logistic
 
 import tf_influence as tfi
 
@@ -48,15 +49,7 @@ def test_perturbing_a_training_image_moves_the_test_loss_as_predicted():
         return np.logaddexp(0, z) - y_test * z
 
     base = LogisticRegression(C=c, tol=1e-12, max_iter=100000).fit(x, y)
-    model = keras.Sequential(
-        [
-            keras.Input((64,), dtype="float64"),
-            keras.layers.Dense(
-                1, dtype="float64", kernel_regularizer=keras.regularizers.L2(1 / (2 * c * n))
-            ),
-        ]
-    )
-    model.set_weights([base.coef_.T, base.intercept_])
+    model = keras_logistic(base, n)
     im = tfi.InfluenceModel(model, loss=keras.losses.BinaryCrossentropy(from_logits=True))
     im.compile(solver="exact")
     im.fit(x, y, verbose=0)

@@ -3,23 +3,16 @@
 import numpy as np
 import pytest
 import tensorflow as tf
-
-import tf_influence as tfi
+from conftest import fit_exact
 
 
 def logit_of_class_1(model, x):
     return model(x)[:, 1]
 
 
-def fitted(mlp, x, y):
-    im = tfi.InfluenceModel(mlp)
-    im.compile(solver="exact", damping=0.5)
-    return im.fit(x, y, batch_size=16, verbose=0)
-
-
 def test_target_scores_equal_the_dense_formula(mlp, blobs):
     x, y = blobs
-    im = fitted(mlp, x, y)
+    im = fit_exact(mlp, x, y)
     scores = im.explain(x[:4], target=logit_of_class_1, verbose=0)
     objective = im.objective
     grads_target = []
@@ -39,7 +32,7 @@ def test_target_scores_equal_the_dense_formula(mlp, blobs):
 
 def test_target_and_loss_solutions_are_cached_apart(mlp, blobs):
     x, y = blobs
-    im = fitted(mlp, x, y)
+    im = fit_exact(mlp, x, y)
     a = im.explain(x[:3], y[:3], verbose=0)
     b = im.explain(x[:3], y[:3], target=logit_of_class_1, verbose=0)
     assert not np.allclose(a, b)
@@ -62,13 +55,13 @@ def test_target_and_loss_solutions_are_cached_apart(mlp, blobs):
 def test_bad_target(mlp, blobs, target, error, message):
     x, y = blobs
     with pytest.raises(error, match=message):
-        fitted(mlp, x, y).explain(x[:3], target=target, verbose=0)
+        fit_exact(mlp, x, y).explain(x[:3], target=target, verbose=0)
 
 
 @pytest.mark.parametrize("relative", ["theta", "loss"])
 def test_relative_influence_equals_the_dense_formula(mlp, blobs, relative):
     x, y = blobs
-    im = fitted(mlp, x, y)
+    im = fit_exact(mlp, x, y)
     scores = im.explain(x[:4], y[:4], verbose=0)
     relatif = im.explain(x[:4], y[:4], verbose=0, relative=relative)
     g_train = im._gradients(x, y).numpy()
@@ -87,4 +80,4 @@ def test_relative_influence_equals_the_dense_formula(mlp, blobs, relative):
 def test_relative_bad_value(mlp, blobs):
     x, y = blobs
     with pytest.raises(ValueError, match=r'`relative` must be None, "theta" or "loss"'):
-        fitted(mlp, x, y).explain(x[:2], y[:2], relative="yes")
+        fit_exact(mlp, x, y).explain(x[:2], y[:2], relative="yes")

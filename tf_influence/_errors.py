@@ -29,3 +29,33 @@ def first_nonfinite_index(array) -> int | None:
     bad = ~np.isfinite(array.reshape(array.shape[0], -1)).all(axis=1)
     hits = np.flatnonzero(bad)
     return int(hits[0]) if hits.size else None
+
+
+def raise_at_first_nonfinite(finite, offset: int, message: str) -> None:
+    """Raises ``ValueError(message.format(index=...))`` at the first False of ``finite``.
+
+    ``finite`` is a boolean per training example of a block starting at ``offset``.
+    """
+    finite = np.asarray(finite)
+    if not finite.all():
+        raise ValueError(message.format(index=offset + int(np.flatnonzero(~finite)[0])))
+
+
+def check_training_indices(indices, num_train: int, name: str) -> np.ndarray:
+    """``indices`` as a 1-D integer array of distinct training indices, or a ValueError.
+
+    ``name`` says which argument (or which part of it) the indices came from.
+    """
+    array = np.asarray(indices)
+    if array.ndim != 1 or array.size == 0 or not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(
+            f"{name} must be a non-empty 1-D list of integer training indices. "
+            f"Received: {describe(indices)}"
+        )
+    outside = array[(array < 0) | (array >= num_train)]
+    if outside.size:
+        raise ValueError(
+            f"{name} holds index {int(outside[0])}, outside the {num_train} training "
+            f"examples given to `fit` (0..{num_train - 1})."
+        )
+    return array

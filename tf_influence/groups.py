@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from tf_influence._errors import describe
+from tf_influence._errors import check_training_indices, describe
 from tf_influence._progress import resolve_verbose
 
 
@@ -45,18 +45,7 @@ def check_groups(groups, num_train: int) -> list[np.ndarray]:
         )
     result = []
     for g, group in enumerate(items):
-        array = np.asarray(group)
-        if array.ndim != 1 or array.size == 0 or not np.issubdtype(array.dtype, np.integer):
-            raise ValueError(
-                f"Group {g} of argument `groups` must be a non-empty 1-D list of integer "
-                f"training indices. Received: {describe(group)}"
-            )
-        outside = array[(array < 0) | (array >= num_train)]
-        if outside.size:
-            raise ValueError(
-                f"Group {g} of argument `groups` holds index {int(outside[0])}, outside the "
-                f"{num_train} training examples given to `fit` (0..{num_train - 1})."
-            )
+        array = check_training_indices(group, num_train, f"Group {g} of argument `groups`")
         unique = np.unique(array)
         if unique.size != array.size:
             raise ValueError(

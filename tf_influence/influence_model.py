@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from tf_influence import solvers as solvers_lib
 from tf_influence._cache import SolutionCache, batch_key
-from tf_influence._errors import describe
+from tf_influence._errors import describe, raise_at_first_nonfinite
 from tf_influence._fingerprint import weights_fingerprint
 from tf_influence._progress import Progress, resolve_verbose
 from tf_influence.curvature import HessianOperator, check_hvp_mode
@@ -23,6 +23,11 @@ from tf_influence.outputs import DenseSink, TopK, TopKSink
 from tf_influence.perturbation import explain_perturbation
 from tf_influence.saving import load_state, save_state
 from tf_influence.solvers.base import Diagnostics
+
+_NONFINITE_TRAINING = (
+    "The loss gradient is NaN or inf at training example {index}. Check that example and "
+    "its label, then call `fit` again."
+)
 
 
 def check_damping(damping) -> float:
@@ -384,13 +389,7 @@ class InfluenceModel:
         offset = 0
         for step, batch in enumerate(self._data.batches(), start=1):
             block, finite = self._gradients.scores(batch[0], batch[1], solutions)
-            finite = finite.numpy()
-            if not finite.all():
-                index = offset + int(np.flatnonzero(~finite)[0])
-                raise ValueError(
-                    f"The loss gradient is NaN or inf at training example {index}. Check that "
-                    "example and its label, then call `fit` again."
-                )
+            raise_at_first_nonfinite(finite.numpy(), offset, _NONFINITE_TRAINING)
             block = block.numpy()
             if divisors is not None:
                 block = block / divisors[offset : offset + block.shape[1]]
@@ -407,13 +406,7 @@ class InfluenceModel:
         for start in range(0, self.num_train, step):
             rows = self._index[start : start + step]  # (b, r)
             block = -tf.matmul(coefficients, rows, transpose_a=True, transpose_b=True).numpy()
-            finite = np.all(np.isfinite(block), axis=0)
-            if not finite.all():
-                index = start + int(np.flatnonzero(~finite)[0])
-                raise ValueError(
-                    f"The loss gradient is NaN or inf at training example {index}. Check that "
-                    "example and its label, then call `fit` again."
-                )
+            raise_at_first_nonfinite(np.isfinite(block).all(axis=0), start, _NONFINITE_TRAINING)
             if divisors is not None:
                 block = block / divisors[start : start + block.shape[1]]
             sink.write(start, block)

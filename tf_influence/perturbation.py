@@ -11,25 +11,14 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from tf_influence._errors import describe
+from tf_influence._errors import check_training_indices
 
 
 def check_indices(indices, num_train: int) -> np.ndarray:
     array = np.asarray(indices)
-    if array.ndim == 0:
-        array = array[None]
-    if array.ndim != 1 or array.size == 0 or not np.issubdtype(array.dtype, np.integer):
-        raise ValueError(
-            "Argument `x_train_indices` must be a non-empty 1-D list of integer training "
-            f"indices. Received: {describe(indices)}"
-        )
-    outside = array[(array < 0) | (array >= num_train)]
-    if outside.size:
-        raise ValueError(
-            f"Argument `x_train_indices` holds index {int(outside[0])}, outside the "
-            f"{num_train} training examples given to `fit` (0..{num_train - 1})."
-        )
-    return array
+    return check_training_indices(
+        array[None] if array.ndim == 0 else array, num_train, "Argument `x_train_indices`"
+    )
 
 
 def gather_examples(data, indices: np.ndarray):

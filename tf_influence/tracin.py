@@ -21,7 +21,7 @@ import contextlib
 import numpy as np
 import tensorflow as tf
 
-from tf_influence._errors import describe
+from tf_influence._errors import describe, raise_at_first_nonfinite
 from tf_influence._progress import Progress, resolve_verbose
 from tf_influence.data import ExampleData
 from tf_influence.gradients import PerExampleGradients
@@ -174,14 +174,13 @@ class TracIn:
 
 
 def _check_finite(block, offset):
-    finite = np.all(np.isfinite(block), axis=0)
-    if not finite.all():
-        index = offset + int(np.flatnonzero(~finite)[0])
-        raise ValueError(
-            f"The TracIn score is NaN or inf at training example {index}: its gradient at a "
-            "checkpoint is not finite. Check that example, and that the checkpoint weights "
-            "are finite."
-        )
+    raise_at_first_nonfinite(
+        np.isfinite(block).all(axis=0),
+        offset,
+        "The TracIn score is NaN or inf at training example {index}: its gradient at a "
+        "checkpoint is not finite. Check that example, and that the checkpoint weights are "
+        "finite.",
+    )
 
 
 def _resolve_checkpoints(checkpoints, model) -> list:
