@@ -15,6 +15,7 @@ from tf_influence._fingerprint import weights_fingerprint
 from tf_influence._progress import Progress, resolve_verbose
 from tf_influence.curvature import HessianOperator, check_hvp_mode
 from tf_influence.data import ExampleData
+from tf_influence.export import export_model
 from tf_influence.gradients import PerExampleGradients
 from tf_influence.groups import predict_removal
 from tf_influence.neighbors import score_candidates, top_k_of
@@ -689,6 +690,27 @@ class InfluenceModel:
         return predict_removal(
             self, groups, x_test, y_test, order, renormalize, batch_size, verbose, target
         )
+
+    # -- serving -----------------------------------------------------------------------
+    def export(self, path, top_k: int = 10, include_scores: bool = False) -> None:
+        """Writes a SavedModel for TF Serving: the model plus an ``explain`` signature.
+
+        Needs ``solver=tfi.solvers.Arnoldi(...)``: the SavedModel stores the model's
+        variables and the low-rank influence index (eigenvectors, eigenvalues and
+        projected training gradients), never a raw training example. Signatures:
+        ``serving_default`` (the model's output), ``explain`` (inputs as the model's
+        plus ``labels``; outputs ``top_helpful_indices``, ``top_helpful_scores``,
+        ``top_harmful_indices``, ``top_harmful_scores`` of shape ``(batch, top_k)``,
+        and ``scores`` of shape ``(batch, n_train)`` with ``include_scores=True``)
+        and, for classification losses, ``explain_prediction`` (no labels: the
+        predicted class). Scores are those of ``explain`` with this solver.
+
+        Args:
+            path: a new or empty directory, e.g. ``models/name/1`` for TF Serving.
+            top_k: examples per list.
+            include_scores: also output every training example's score.
+        """
+        export_model(self, path, top_k, include_scores)
 
     # -- saved state -------------------------------------------------------------------
     def _param_indices(self) -> list[int]:

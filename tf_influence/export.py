@@ -1,0 +1,155 @@
+"""Exporting an ``InfluenceModel`` as a SavedModel that TF Serving can load.
+
+The SavedModel holds the Keras model's variables and, for scoring, only the
+influence index of a low-rank solver: the eigenvectors ``V`` (p x r), the inverse
+eigenvalues (r) and the projected training gradients ``V^T grad L(z_j)``
+(n_train x r). No raw training example is stored. Signatures:
+
+* ``serving_default``: the model's own prediction, ``model(x, training=False)``.
+* ``explain``: inputs as the model's plus ``labels``; outputs
+  ``top_helpful_indices``, ``top_helpful_scores``, ``top_harmful_indices``,
+  ``top_harmful_scores`` (each ``(batch, top_k)``), and ``scores``
+  (``(batch, n_train)``) with ``include_scores=True``.
+* ``explain_prediction``: the same without labels, explaining the model's own
+  predicted class (classification losses).
+
+Scores follow ``InfluenceModel.explain``: ``-grad L(z_test)^T inv(H) grad L(z_j)``
+with the low-rank ``inv(H) ~= V diag(1/lambda) V^T``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+
+import keras
+import tensorflow as tf
+
+from tf_influence import solvers as solvers_lib
+
+
+def _input_specs(model):
+    inputs = model.inputs
+    if not inputs:
+        raise ValueError(
+            "Cannot export: the model has no symbolic inputs (a subclassed model never "
+            "called on keras.Input). Build it as a Functional or Sequential model with "
+            "keras.Input, or call it once on a keras.Input."
+        )
+    specs = [
+        tf.TensorSpec([None] + list(t.shape[1:]), t.dtype, name=_name(t, i))
+        for i, t in enumerate(inputs)
+    ]
+    return specs
+
+
+def _name(tensor, i):
+    name = getattr(tensor, "name", None) or f"input_{i}"
+    return name.replace(":", "_").replace("/", "_")
+
+
+def export_model(im, path, top_k: int = 10, include_scores: bool = False) -> None:
+    """``InfluenceModel.export`` (see its docstring)."""
+    im._require_current("export")
+    if not isinstance(im.solver, solvers_lib.Arnoldi) or im._index is None:
+        raise ValueError(
+            "`export` needs the influence index of a low-rank solver, so that serving "
+            "stores no training data. Received: solver="
+            f"{im.solver!r}. Call `compile(solver=tfi.solvers.Arnoldi(rank=...))` and "
+            "`fit` again, then export."
+        )
+    path = os.fspath(path)
+    if os.path.exists(path) and os.listdir(path):
+        raise ValueError(
+            f"Argument `path` must be a new or empty directory. Received: path={path!r}, "
+            "which holds files. Export each version to its own directory (e.g. models/name/2)."
+        )
+    top_k = min(int(top_k), im.num_train)
+    objective = im.objective
+    model = im.model
+    values, vectors = im.solver.eigenpairs(im._operator)
+    index = InfluenceIndex(vectors, 1.0 / values, im._index)
+    specs = _input_specs(model)
+    single = len(specs) == 1
+    label_spec = _label_spec(model, objective)
+
+    def as_model_input(args):
+        return args[0] if single else list(args)
+
+    def scores_of(x, y):
+        grads = im._gradients._gradients_impl(x, y)  # (b, p)
+        coefficients = tf.matmul(grads, index.eigenvectors) * index.inverse_eigenvalues
+        return -tf.matmul(coefficients, index.projections, transpose_b=True)  # (b, n)
+
+    def outputs(scores):
+        harmful = tf.math.top_k(scores, k=top_k)
+        helpful = tf.math.top_k(-scores, k=top_k)
+        result = {
+            "top_harmful_indices": harmful.indices,
+            "top_harmful_scores": harmful.values,
+            "top_helpful_indices": helpful.indices,
+            "top_helpful_scores": -helpful.values,
+        }
+        if include_scores:
+            result["scores"] = scores
+        return result
+
+    # Keras's own export archive: it tracks the variables the way TF Serving's
+    # loader (and `saved_model_cli run`) restores them.
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.track(index)
+    archive.add_endpoint(
+        "serving_default",
+        lambda *args: {"outputs": model(as_model_input(args), training=False)},
+        input_signature=specs,
+    )
+    archive.add_endpoint(
+        "explain",
+        lambda *args: outputs(scores_of(as_model_input(args[:-1]), args[-1])),
+        input_signature=[*specs, label_spec],
+    )
+    try:
+        probe = [tf.zeros([1] + s.shape[1:], s.dtype) for s in specs]
+        objective.predicted_labels(as_model_input(probe))
+    except ValueError:
+        pass  # a regression loss: no predicted-class signature
+    else:
+
+        def explain_prediction(*args):
+            x = as_model_input(args)
+            return outputs(scores_of(x, objective.predicted_labels(x)))
+
+        archive.add_endpoint("explain_prediction", explain_prediction, input_signature=specs)
+    # Keras < 3.5 has no `verbose` (and prints nothing extra).
+    quiet = "verbose" in inspect.signature(archive.write_out).parameters
+    archive.write_out(path, **({"verbose": False} if quiet else {}))
+
+
+class InfluenceIndex(keras.layers.Layer):
+    """The exported scoring state: eigenvectors, inverse eigenvalues, projections."""
+
+    def __init__(self, eigenvectors, inverse_eigenvalues, projections):
+        super().__init__(name="influence_index", dtype=eigenvectors.dtype.name)
+        self.eigenvectors = self._constant("eigenvectors", eigenvectors)
+        self.inverse_eigenvalues = self._constant("inverse_eigenvalues", inverse_eigenvalues)
+        self.projections = self._constant("projections", projections)
+        self.built = True
+
+    def _constant(self, name, value):
+        weight = self.add_weight(
+            name=name, shape=tuple(value.shape), initializer="zeros", trainable=False
+        )
+        weight.assign(value)
+        return weight
+
+
+def _label_spec(model, objective):
+    """The labels' spec: class indices for sparse losses, else shaped like the output."""
+    output = model.outputs[0] if getattr(model, "outputs", None) else None
+    name = objective.loss_name
+    if name.startswith("sparse_"):
+        return tf.TensorSpec([None], tf.int32, name="labels")
+    if output is None:
+        raise ValueError("Cannot export: the model has no symbolic output to shape the labels.")
+    return tf.TensorSpec([None] + list(output.shape[1:]), objective.dtype, name="labels")
