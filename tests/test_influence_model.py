@@ -31,6 +31,7 @@ def test_public_api_is_pinned():
             "__version__",
             "callbacks",
             "evaluation",
+            "load_served_model",
             "solvers",
         ]
     )

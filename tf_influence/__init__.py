@@ -17,6 +17,7 @@ from tf_influence.influence_model import InfluenceModel
 from tf_influence.neighbors import Candidates
 from tf_influence.objective import Objective
 from tf_influence.outputs import TopK
+from tf_influence.serving import load_served_model
 from tf_influence.tracin import TracIn
 
 __version__ = "0.1.0"
@@ -32,5 +33,6 @@ __all__ = [
     "__version__",
     "callbacks",
     "evaluation",
+    "load_served_model",
     "solvers",
 ]

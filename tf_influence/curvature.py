@@ -45,7 +45,13 @@ def check_hvp_mode(mode: str) -> str:
 
 
 def tf_variable(variable):
-    """The ``tf.Variable`` behind a Keras variable (ForwardAccumulator needs it)."""
+    """The ``tf.Variable`` behind a Keras variable (ForwardAccumulator needs it).
+
+    A plain ``tf.Variable`` (Keras 3.4's ``TFSMLayer`` tracks those) is returned as
+    it is: its ``value`` is a method, not the variable.
+    """
+    if isinstance(variable, tf.Variable):
+        return variable
     return getattr(variable, "value", variable)
 
 

@@ -32,6 +32,10 @@ SCORING_MODES = ("jacobian", "jvp")
 JVP_MAX_TESTS = 32
 
 
+class ForwardModeUnavailable(Exception):
+    """Raised while tracing when forward mode gives no derivative of the loss."""
+
+
 def check_scoring_mode(mode: str) -> str:
     if mode != "auto" and mode not in SCORING_MODES:
         raise ValueError(
@@ -56,6 +60,7 @@ class PerExampleGradients:
         self._gradients = BatchFunction(self._gradients_impl, jit_compile=jit_compile)
         self._jit_compile = jit_compile
         self._target_functions: dict = {}
+        self._jvp_unavailable = False
         solutions = tf.TensorSpec([objective.num_params, None], objective.dtype)
         self._scores = {
             "jacobian": BatchFunction(self._jacobian_scores, [solutions], jit_compile),
@@ -119,7 +124,12 @@ class PerExampleGradients:
             with tf.autodiff.ForwardAccumulator(primals, layout.unflatten(solution)) as acc:
                 losses = self.objective.per_example_loss(x, y)
             jvp = acc.jvp(losses)
-            return tf.zeros_like(losses) if jvp is None else jvp
+            if jvp is None:
+                # The loss always depends on the parameters, so None means forward
+                # mode could not see through an op (e.g. a function restored from a
+                # SavedModel). Zeros would be a silent wrong answer.
+                raise ForwardModeUnavailable()
+            return jvp
 
         scores = -tf.vectorized_map(one, tf.transpose(solutions))  # (k, b)
         finite = tf.reduce_all(tf.math.is_finite(scores), axis=0)  # (b,)
@@ -178,8 +188,19 @@ class PerExampleGradients:
             False where an example's gradient (or score) holds NaN or inf.
         """
         solutions = tf.convert_to_tensor(solutions, self.objective.dtype)
-        mode = self.mode_for(int(solutions.shape[1]))
-        return self._scores[mode](x, y, solutions)
+        mode = "jacobian" if self._jvp_unavailable else self.mode_for(int(solutions.shape[1]))
+        try:
+            return self._scores[mode](x, y, solutions)
+        except ForwardModeUnavailable:
+            if self.scoring == "jvp":
+                raise ValueError(
+                    "Forward-mode scoring cannot differentiate this model: some op in it has "
+                    "no forward-mode gradient (for example a function restored from a "
+                    "SavedModel). Received: scoring='jvp'. Use scoring='jacobian' or 'auto' "
+                    "in `compile`."
+                ) from None
+            self._jvp_unavailable = True  # "auto": per-example gradients from now on
+            return self._scores["jacobian"](x, y, solutions)
 
     def tracing_count(self) -> int:
         """Traces so far of the gradient and scoring functions (for retracing checks)."""
