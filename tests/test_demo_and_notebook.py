@@ -21,6 +21,7 @@ NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOK = NOTEBOOKS / "01_quickstart.ipynb"
 MISLABELLED = NOTEBOOKS / "02_mislabelled_data.ipynb"
 GROUPS = NOTEBOOKS / "03_groups_and_retraining.ipynb"
+SERVING = NOTEBOOKS / "04_serving.ipynb"
 
 
 def _check_png(path):
@@ -111,7 +112,9 @@ def test_cli_demo_help(capsys):
     assert "--output-dir" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("path", [NOTEBOOK, MISLABELLED, GROUPS], ids=["01", "02", "03"])
+@pytest.mark.parametrize(
+    "path", [NOTEBOOK, MISLABELLED, GROUPS, SERVING], ids=["01", "02", "03", "04"]
+)
 def test_notebook_is_stored_clean(path):
     nbformat = pytest.importorskip("nbformat")
     notebook = nbformat.read(path, as_version=4)
@@ -173,3 +176,13 @@ def test_groups_and_retraining_notebook_runs(tmp_path):
     assert match and float(match[1]) > 0.95, text[-2000:]
     match = re.search(r"order 1 ([\d.]+), order 2 ([\d.]+)", text)
     assert match and float(match[2]) < float(match[1]), text[-2000:]
+
+
+@pytest.mark.slow
+def test_serving_notebook_runs(tmp_path):
+    pytest.importorskip("tensorflow_serving")  # the serving extra (TensorFlow >= 2.21)
+    # The notebook asserts that the fresh process matches `top_k` and the log summary.
+    images, text = execute(SERVING, tmp_path)
+    assert "tf_influence imported by the client: False" in text
+    assert "3 of 4 records explained (6 examples); 1 skipped." in text
+    assert 'SignatureDef key: "explain"' in text
