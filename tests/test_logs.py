@@ -3,6 +3,7 @@
 import csv
 import inspect
 import io
+import re
 
 import keras
 import numpy as np
@@ -67,7 +68,8 @@ def test_explain_logs_writes_top_k_and_skips_bad_records(blobs, tmp_path):
     text = report.getvalue()
     assert "record 1: skipped, signature 'other'" in text
     assert "record 2: skipped, not a PredictionLog proto" in text
-    assert "record 3: skipped, input 'keras_tensor' of shape (1, 3)" in text
+    # The model's input name depends on how many Keras tensors the process made.
+    assert re.search(r"record 3: skipped, input '\w+' of shape \(1, 3\), expected", text)
     assert "record 4: skipped, a classify_log record, not a predict_log" in text
     assert "2 of 6 records explained (5 examples); 4 skipped." in text
     rows = read_rows(tmp_path / "out.csv")
