@@ -103,6 +103,11 @@ def test_tracin_bad_input(data):
         tfi.TracIn(model, 3)
     with pytest.raises(RuntimeError, match=r"Call `fit\(x_train, y_train\)`"):
         tfi.TracIn(model, [(model.get_weights(), 0.1)]).explain(x[:2], y[:2])
+    fitted = tfi.TracIn(model, [(model.get_weights(), 0.1)]).fit(x, y)
+    with pytest.raises(ValueError, match=r"`top_k` must be a positive integer"):
+        fitted.explain(x[:2], y[:2], top_k=0)
+    with pytest.raises(ValueError, match=r"`top_k` and `output` cannot be combined"):
+        fitted.explain(x[:2], y[:2], top_k=3, output="scores.npy")
     with pytest.raises(ValueError, match=r"`every_n_epochs` must be a positive integer"):
         tfi.callbacks.TracInCheckpoints(every_n_epochs=0)
     with pytest.raises(ValueError, match=r"`epochs` must be a non-empty list of 1-based"):

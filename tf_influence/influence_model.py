@@ -20,7 +20,7 @@ from tf_influence.gradients import PerExampleGradients
 from tf_influence.groups import predict_removal
 from tf_influence.neighbors import score_candidates, top_k_of
 from tf_influence.objective import Objective, variable_name
-from tf_influence.outputs import DenseSink, TopK, TopKSink
+from tf_influence.outputs import TopK, check_k, check_sink_args, make_sink
 from tf_influence.perturbation import explain_perturbation
 from tf_influence.saving import load_state, save_state
 from tf_influence.solvers.base import Diagnostics
@@ -335,14 +335,12 @@ class InfluenceModel:
             cached = self._solution_cache.get(key)
             if cached is None:
                 grads = gradients()
-                finite = np.all(np.isfinite(grads.numpy()), axis=1)
-                if not finite.all():
-                    index = offset + int(np.flatnonzero(~finite)[0])
-                    what = "loss" if target is None else "target"
-                    raise ValueError(
-                        f"The {what} gradient is NaN or inf at test example {index} of "
-                        "`x_test`. Check that example and its target."
-                    )
+                raise_at_first_nonfinite(
+                    np.isfinite(grads.numpy()).all(axis=1),
+                    offset,
+                    f"The {'loss' if target is None else 'target'} gradient is NaN or inf at "
+                    "test example {index} of `x_test`. Check that example and its target.",
+                )
                 cached = self.solver.solve(self._operator, tf.transpose(grads))
                 self._solution_cache.put(key, *cached)
             solution, diag = cached
@@ -471,20 +469,14 @@ class InfluenceModel:
             ``np.ndarray`` of shape ``(n_test, n_train)`` (a memmap with ``output``),
             or ``TopK`` with arrays of shape ``(n_test, top_k)`` when ``top_k`` is set.
         """
-        if top_k is not None:
-            _check_k(top_k, "top_k")
-            if output is not None:
-                raise ValueError(
-                    "Arguments `top_k` and `output` cannot be combined. Received: "
-                    f"top_k={top_k}, output={output!r}. Pass one of them."
-                )
+        check_sink_args(top_k, output)
         if relative not in (None, "theta", "loss"):
             raise ValueError(
                 'Argument `relative` must be None, "theta" or "loss". Received: '
                 f"relative={relative!r}"
             )
         if candidates is not None:
-            _check_k(candidates, "candidates")
+            check_k(candidates, "candidates")
             if feature_layer is None or output is not None:
                 raise ValueError(
                     "Argument `candidates` needs `feature_layer` (the layer whose outputs "
@@ -498,12 +490,8 @@ class InfluenceModel:
                 self, solutions, x_test, batch_size, candidates, feature_layer, divisors
             )
             return found if top_k is None else top_k_of(found, top_k)
-        num_tests = int(solutions.shape[1])
         dtype = self.objective.dtype.as_numpy_dtype
-        if top_k is not None:
-            sink = TopKSink(num_tests, self.num_train, top_k, dtype)
-        else:
-            sink = DenseSink(num_tests, self.num_train, dtype, output)
+        sink = make_sink(int(solutions.shape[1]), self.num_train, dtype, top_k, output)
         return self._score_training(solutions, resolve_verbose(verbose), sink, divisors)
 
     def _relative_divisors(self, kind, verbose) -> np.ndarray:
@@ -566,12 +554,12 @@ class InfluenceModel:
             self.diagnostics = _merge(diagnostics)
             self._warn_if_unconverged(self.diagnostics, "training points")
         result = np.concatenate(values).astype(self.objective.dtype.as_numpy_dtype)
-        if not np.all(np.isfinite(result)):
-            index = int(np.flatnonzero(~np.isfinite(result))[0])
-            raise ValueError(
-                f"Self-influence is NaN or inf at training example {index}. Check that example "
-                "and its label, and the damping."
-            )
+        raise_at_first_nonfinite(
+            np.isfinite(result),
+            0,
+            "Self-influence is NaN or inf at training example {index}. Check that example and "
+            "its label, and the damping.",
+        )
         return result
 
     def top_k(
@@ -596,7 +584,7 @@ class InfluenceModel:
             ``TopK(helpful_indices, helpful_scores, harmful_indices, harmful_scores)``,
             each of shape ``(n_test, k)``.
         """
-        _check_k(k, "k")
+        check_k(k, "k")
         return self.explain(
             x_test,
             y_test,
@@ -785,13 +773,6 @@ def _check_target(target, objective, x):
         raise ValueError(
             f"Argument `target` must return floating-point values. Received: dtype "
             f"{value.dtype.name}."
-        )
-
-
-def _check_k(k, name):
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(
-            f"Argument `{name}` must be a positive integer. Received: {name}={describe(k)}"
         )
 
 

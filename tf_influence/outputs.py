@@ -12,6 +12,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from tf_influence._errors import describe
+
 
 class TopK(NamedTuple):
     """The most helpful and most harmful training examples for each test point.
@@ -98,3 +100,29 @@ class TopKSink:
             harmful_indices=np.take_along_axis(self.high_index, high, 1),
             harmful_scores=np.take_along_axis(self.high_scores, high, 1),
         )
+
+
+def check_k(k, name: str) -> None:
+    """Raises unless ``k`` is a positive integer (``name`` is the argument's name)."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(
+            f"Argument `{name}` must be a positive integer. Received: {name}={describe(k)}"
+        )
+
+
+def check_sink_args(top_k, output) -> None:
+    """Checks ``explain``'s ``top_k`` / ``output`` before any work is done."""
+    if top_k is not None:
+        check_k(top_k, "top_k")
+        if output is not None:
+            raise ValueError(
+                "Arguments `top_k` and `output` cannot be combined. Received: "
+                f"top_k={top_k}, output={output!r}. Pass one of them."
+            )
+
+
+def make_sink(num_tests: int, num_train: int, dtype, top_k=None, output=None):
+    """``TopKSink`` with ``top_k``, else ``DenseSink`` (in memory, or ``output`` memmap)."""
+    if top_k is not None:
+        return TopKSink(num_tests, num_train, int(top_k), dtype)
+    return DenseSink(num_tests, num_train, dtype, output)

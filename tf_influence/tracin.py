@@ -26,7 +26,7 @@ from tf_influence._progress import Progress, resolve_verbose
 from tf_influence.data import ExampleData
 from tf_influence.gradients import PerExampleGradients
 from tf_influence.objective import Objective
-from tf_influence.outputs import DenseSink, TopK, TopKSink
+from tf_influence.outputs import TopK, check_sink_args, make_sink
 
 
 class TracIn:
@@ -107,6 +107,7 @@ class TracIn:
             ``np.ndarray`` of shape ``(n_test, n_train)``, or ``TopK``.
         """
         self._require_fit("explain")
+        check_sink_args(top_k, output)
         verbose = resolve_verbose(verbose)
         tests = ExampleData(
             x_test, y_test, batch_size, x_name="x_test", y_name="y_test", require_y=False
@@ -116,12 +117,8 @@ class TracIn:
             x = batch[0]
             y = batch[1] if len(batch) > 1 else self.objective.predicted_labels(x)
             test_batches.append((x, y))
-        num_tests = tests.num_examples
         dtype = self.objective.dtype.as_numpy_dtype
-        if top_k is not None:
-            sink = TopKSink(num_tests, self.num_train, int(top_k), dtype)
-        else:
-            sink = DenseSink(num_tests, self.num_train, dtype, output)
+        sink = make_sink(tests.num_examples, self.num_train, dtype, top_k, output)
         progress = Progress(self._data.num_batches(), verbose, "TracIn scoring")
         with self._restoring_weights():
             # lr_t * test gradients, (p, n_test), one block per checkpoint.
