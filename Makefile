@@ -22,10 +22,11 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/accuracy.py
 	$(PY) benchmarks/run.py
+	$(PY) benchmarks/distributed.py
 
 lint: $(STAMP)
-	$(PY) -m ruff check tf_influence tests benchmarks
-	$(PY) -m ruff format --check tf_influence tests benchmarks
+	$(PY) -m ruff check tf_influence tests benchmarks examples
+	$(PY) -m ruff format --check tf_influence tests benchmarks examples
 
 clean:
 	rm -rf $(VENV) build *.egg-info

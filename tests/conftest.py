@@ -10,6 +10,16 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+# Two logical CPU devices, so that MirroredStrategy has two replicas in
+# tests/test_distribute.py. Only possible before TensorFlow initialises its devices
+# (a worker process that created its strategy first keeps its own).
+try:
+    tf.config.set_logical_device_configuration(
+        tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2
+    )
+except RuntimeError:
+    pass
+
 
 def make_mlp(num_inputs=4, hidden=5, num_classes=3, dtype="float64", l2=0.01, seed=0):
     """A tiny tanh MLP with logits outputs, in ``dtype``."""

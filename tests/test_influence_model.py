@@ -30,6 +30,7 @@ def test_public_api_is_pinned():
             "TracIn",
             "__version__",
             "callbacks",
+            "distribute",
             "evaluation",
             "load_served_model",
             "solvers",

@@ -10,7 +10,7 @@
 example j is harmful to test point i, negative means helpful.
 """
 
-from tf_influence import callbacks, evaluation, solvers
+from tf_influence import callbacks, distribute, evaluation, solvers
 from tf_influence.curvature import HessianOperator
 from tf_influence.gradients import PerExampleGradients
 from tf_influence.influence_model import InfluenceModel
@@ -32,6 +32,7 @@ __all__ = [
     "TracIn",
     "__version__",
     "callbacks",
+    "distribute",
     "evaluation",
     "load_served_model",
     "solvers",

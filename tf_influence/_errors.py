@@ -5,7 +5,20 @@ Every message names the argument, says what was received and how to fix it.
 
 from __future__ import annotations
 
+import os
+import sys
+
 import numpy as np
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the first caller outside this package."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def describe(value) -> str:

@@ -23,6 +23,7 @@ import tensorflow as tf
 
 from tf_influence._compile import BatchFunction
 from tf_influence.data import ExampleData
+from tf_influence.distribute import ReplicaData
 from tf_influence.objective import Objective
 
 # Columns per matvec when the dense Hessian is assembled from Hessian-vector products.
@@ -64,6 +65,9 @@ class HessianOperator:
         damping: non-negative number added to the diagonal.
         hvp: ``"auto"``, ``"reverse_over_reverse"`` or ``"forward_over_reverse"``.
         jit_compile: compile the per-batch product with XLA.
+        strategy: None, or a ``tf.distribute.Strategy``: each replica then computes
+            the products on its shard of every batch and the sums are all-reduced
+            (see ``tf_influence.distribute``).
 
     Attributes:
         num_params: p, the side of the (p, p) operator.
@@ -78,9 +82,12 @@ class HessianOperator:
         damping: float = 0.0,
         hvp: str = "auto",
         jit_compile: bool = False,
+        strategy=None,
     ):
         self.objective = objective
         self.data = data
+        self.strategy = strategy
+        self.replicas = None if strategy is None else ReplicaData(data, strategy)
         self.damping = float(damping)
         self.hvp_mode = check_hvp_mode(hvp)
         self.jit_compile = bool(jit_compile)
@@ -163,17 +170,27 @@ class HessianOperator:
 
     def _matvec_impl(self, vectors):
         n = tf.cast(self.num_examples, self.dtype)
-        total = self.data.fold(
-            lambda acc, batch: acc + self._batch_hvp(batch[0], batch[1], vectors, 1.0 / n, 0.0),
-            tf.zeros_like(vectors),
-        )
+        if self.replicas is not None:
+            total = self.replicas.fold_sum(
+                lambda x, y: self._batch_hvp(x, y, vectors, 1.0 / n, 0.0), tf.zeros_like(vectors)
+            )
+        else:
+            total = self.data.fold(
+                lambda acc, batch: acc + self._batch_hvp(batch[0], batch[1], vectors, 1.0 / n, 0.0),
+                tf.zeros_like(vectors),
+            )
         if self.objective.has_regularization():
             total += self._hvp(None, None, vectors, 0.0, 1.0)
         return total + self.damping * vectors
 
     def _batch_matvec_impl(self, vectors, x, y):
         size = tf.cast(tf.shape(tf.nest.flatten(x)[0])[0], self.dtype)
-        result = self._batch_hvp(x, y, vectors, 1.0 / size, 0.0)
+        if self.replicas is not None:
+            result = self.replicas.split_sum(
+                lambda xs, ys: self._batch_hvp(xs, ys, vectors, 1.0 / size, 0.0), x, y, vectors
+            )
+        else:
+            result = self._batch_hvp(x, y, vectors, 1.0 / size, 0.0)
         if self.objective.has_regularization():
             result += self._hvp(None, None, vectors, 0.0, 1.0)
         return result + self.damping * vectors
@@ -209,7 +226,7 @@ class HessianOperator:
         def make():
             data = self.data.subset(size, seed)
             return HessianOperator(
-                self.objective, data, self.damping, self.hvp_mode, self.jit_compile
+                self.objective, data, self.damping, self.hvp_mode, self.jit_compile, self.strategy
             )
 
         return self.cached(("subsample", int(size), int(seed)), make)

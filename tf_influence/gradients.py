@@ -188,9 +188,17 @@ class PerExampleGradients:
             False where an example's gradient (or score) holds NaN or inf.
         """
         solutions = tf.convert_to_tensor(solutions, self.objective.dtype)
-        mode = "jacobian" if self._jvp_unavailable else self.mode_for(int(solutions.shape[1]))
+        return self.run_scoring(lambda impl: impl(x, y, solutions), int(solutions.shape[1]))
+
+    def run_scoring(self, call, num_tests: int):
+        """``call(impl)`` with the scoring function for ``num_tests`` vectors.
+
+        ``impl(x, y, solutions) -> (scores, finite)``; if forward mode cannot see
+        through the model, "auto" falls back to per-example gradients for good.
+        """
+        mode = "jacobian" if self._jvp_unavailable else self.mode_for(num_tests)
         try:
-            return self._scores[mode](x, y, solutions)
+            return call(self._scores[mode])
         except ForwardModeUnavailable:
             if self.scoring == "jvp":
                 raise ValueError(
@@ -200,7 +208,7 @@ class PerExampleGradients:
                     "in `compile`."
                 ) from None
             self._jvp_unavailable = True  # "auto": per-example gradients from now on
-            return self._scores["jacobian"](x, y, solutions)
+            return call(self._scores["jacobian"])
 
     def tracing_count(self) -> int:
         """Traces so far of the gradient and scoring functions (for retracing checks)."""

@@ -10,11 +10,16 @@ import tensorflow as tf
 
 from tf_influence import solvers as solvers_lib
 from tf_influence._cache import SolutionCache, batch_key
-from tf_influence._errors import describe, raise_at_first_nonfinite
-from tf_influence._fingerprint import weights_fingerprint
+from tf_influence._errors import describe, raise_at_first_nonfinite, user_stacklevel
+from tf_influence._fingerprint import data_fingerprint, weights_fingerprint
 from tf_influence._progress import Progress, resolve_verbose
 from tf_influence.curvature import HessianOperator, check_hvp_mode
 from tf_influence.data import ExampleData
+from tf_influence.distribute import (
+    check_workers_agree,
+    resolve_strategy,
+    translate_worker_errors,
+)
 from tf_influence.export import export_model
 from tf_influence.gradients import PerExampleGradients
 from tf_influence.groups import predict_removal
@@ -67,6 +72,10 @@ class InfluenceModel:
             None uses the loss the model was compiled with.
         params: None for all trainable weights, or layers / layer names / variables
             (the influence is then taken with the other weights held fixed).
+        strategy: a ``tf.distribute.Strategy`` to run on, or None for the one the
+            model was built under (``model.distribute_strategy``), as ``model.fit``
+            does. Training-set products and scores are then sharded over its
+            replicas and all-reduced (see ``tf_influence.distribute``).
 
     Example:
         >>> im = tfi.InfluenceModel(model)
@@ -79,8 +88,9 @@ class InfluenceModel:
         ICML 2017.
     """
 
-    def __init__(self, model, loss=None, params=None):
+    def __init__(self, model, loss=None, params=None, strategy=None):
         self.model = model
+        self.strategy = resolve_strategy(model, strategy)
         self.objective = Objective(model, loss=loss, params=params)
         self.solver: solvers_lib.Solver = solvers_lib.CG()
         self.damping = 0.0
@@ -157,6 +167,7 @@ class InfluenceModel:
         return self._operator
 
     # -- fit ---------------------------------------------------------------------------
+    @translate_worker_errors
     def fit(self, x, y=None, batch_size: int | None = None, verbose="auto") -> InfluenceModel:
         """Takes the training data and prepares the curvature.
 
@@ -176,6 +187,14 @@ class InfluenceModel:
         data = ExampleData(x, y, batch_size, x_name="x", y_name="y")
         self._check_weights()
         self._check_batch(data.first_batch(), "x", "y", check_gradients=True)
+        if self.strategy is not None:
+            check_workers_agree(
+                self.strategy,
+                {
+                    "weights": weights_fingerprint(self.model.weights),
+                    "training data": data_fingerprint(data),
+                },
+            )
         self._data = data
         self._build_operator(verbose)
         return self
@@ -191,7 +210,7 @@ class InfluenceModel:
             self._operator.clear_cache()
         else:
             self._operator = HessianOperator(
-                self.objective, self._data, self.damping, self.hvp, self.jit_compile
+                self.objective, self._data, self.damping, self.hvp, self.jit_compile, self.strategy
             )
         self._solution_cache.clear()
         self._relative_cache = None
@@ -221,12 +240,28 @@ class InfluenceModel:
         _, vectors = self.solver.eigenpairs(self._operator)
         progress = Progress(self._data.num_batches(), verbose, "Influence index")
         rows = []
-        for step, batch in enumerate(self._data.batches(), start=1):
-            block, _ = self._gradients.scores(batch[0], batch[1], vectors)  # -(V^T g), (r, b)
-            rows.append(-tf.transpose(block))
+        for step, (_, block, _) in enumerate(self._training_blocks(vectors), start=1):
+            rows.append(-tf.transpose(block))  # block = -(V^T g), (r, b)
             progress.update(step)
         progress.done()
         return tf.concat(rows, axis=0)
+
+    def _training_blocks(self, solutions):
+        """Yields ``(start, scores (k, m), finite (m,))`` over the training set, in order.
+
+        On a strategy, each replica scores its shard and the columns are put back in
+        the order of ``fit`` by their global indices.
+        """
+        replicas = self._operator.replicas
+        if replicas is not None:
+            yield from replicas.score_blocks(self._gradients, solutions)
+            return
+        offset = 0
+        for batch in self._data.batches():
+            block, finite = self._gradients.scores(batch[0], batch[1], solutions)
+            block = block.numpy()
+            yield offset, block, finite.numpy()
+            offset += block.shape[1]
 
     def _require_fit(self, what):
         if self._data is None:
@@ -315,6 +350,7 @@ class InfluenceModel:
             return x, batch[1]
         return x, self.objective.predicted_labels(x)
 
+    @translate_worker_errors
     def inverse_hvp_tests(self, x_test, y_test=None, batch_size=None, verbose="auto", target=None):
         """``inv(H) @ grad L(z_test_i)`` for every test point, shape ``(num_params, n_test)``.
 
@@ -377,7 +413,7 @@ class InfluenceModel:
             f"{diagnostics.iterations} iterations). Scores may be inaccurate: raise max_iter "
             "(CG) or recursion_depth (LiSSA), or add damping in `compile`.",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
 
     # -- scores ------------------------------------------------------------------------
@@ -385,15 +421,11 @@ class InfluenceModel:
         if self._index is not None:
             return self._score_from_index(solutions, sink, divisors)
         progress = Progress(self._data.num_batches(), verbose, "Scoring training examples")
-        offset = 0
-        for step, batch in enumerate(self._data.batches(), start=1):
-            block, finite = self._gradients.scores(batch[0], batch[1], solutions)
-            raise_at_first_nonfinite(finite.numpy(), offset, _NONFINITE_TRAINING)
-            block = block.numpy()
+        for step, (offset, block, finite) in enumerate(self._training_blocks(solutions), start=1):
+            raise_at_first_nonfinite(finite, offset, _NONFINITE_TRAINING)
             if divisors is not None:
                 block = block / divisors[offset : offset + block.shape[1]]
             sink.write(offset, block)
-            offset += block.shape[1]
             progress.update(step)
         progress.done()
         return sink.result()
@@ -411,6 +443,7 @@ class InfluenceModel:
             sink.write(start, block)
         return sink.result()
 
+    @translate_worker_errors
     def explain(
         self,
         x_test,
@@ -522,6 +555,7 @@ class InfluenceModel:
         # An example with zero gradient has zero influence: leave its scores at 0.
         return np.where(divisors > 0, divisors, 1.0)
 
+    @translate_worker_errors
     def self_influence(self, verbose="auto") -> np.ndarray:
         """``grad L(z_j)^T @ inv(H) @ grad L(z_j)`` for every training example.
 
@@ -598,6 +632,7 @@ class InfluenceModel:
         )
 
     # -- perturbation ------------------------------------------------------------------
+    @translate_worker_errors
     def explain_perturbation(
         self, x_train_indices, x_test, y_test=None, batch_size=None, verbose="auto", target=None
     ):
@@ -625,6 +660,7 @@ class InfluenceModel:
         )
 
     # -- groups ------------------------------------------------------------------------
+    @translate_worker_errors
     def predict_removal(
         self,
         groups,

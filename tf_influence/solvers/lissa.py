@@ -144,10 +144,13 @@ class LiSSA(Solver):
             total = tf.zeros_like(rhs)
             diverged = tf.zeros_like(rhs_norm, dtype=tf.bool)
             steps = tf.constant(0)
-            for step in tf.range(depth * repeats):
-                if tf.reduce_any(diverged):
-                    break
-                h = rhs + h - operator.batch_matvec(h, draw(step)) / scale_t
+            # A loop condition, not `break`: autograph would put the body (and the
+            # all-reduce of a distributed product) inside a tf.cond, which collective
+            # ops across workers do not support.
+            while steps < depth * repeats and not tf.reduce_any(diverged):
+                step = steps
+                product = tf.ensure_shape(operator.batch_matvec(h, draw(step)), rhs.shape)
+                h = rhs + h - product / scale_t
                 bound = _GROWTH_SLACK * tf.cast(step % depth + 2, dtype) * rhs_norm
                 norm = tf.norm(h, axis=0)
                 grew = tf.logical_or(tf.logical_not(tf.math.is_finite(norm)), norm > bound)

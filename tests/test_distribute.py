@@ -1,0 +1,289 @@
+"""Influence under tf.distribute: the same numbers as one device, in the same columns.
+
+MirroredStrategy runs over the two logical CPU devices set up in conftest.py;
+MultiWorkerMirroredStrategy over two worker processes on localhost.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import make_mlp
+
+import tf_influence as tfi
+
+DAMPING = 0.2
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="module")
+def strategy():
+    devices = tf.config.list_logical_devices("CPU")
+    assert len(devices) >= 2, "conftest.py must create two logical CPU devices"
+    return tf.distribute.MirroredStrategy([d.name for d in devices[:2]])
+
+
+def _loss():
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def _data(n=50):
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(n, 4)), rng.integers(0, 3, size=n)
+
+
+def _models(strategy, dtype="float64"):
+    plain = make_mlp(dtype=dtype)
+    plain.compile(loss=_loss())
+    with strategy.scope():
+        mirrored = make_mlp(dtype=dtype)
+        mirrored.compile(loss=_loss())
+    mirrored.set_weights(plain.get_weights())
+    return plain, mirrored
+
+
+def _run(model, solver, x, y, batch_size, damping=DAMPING, **fit):
+    im = tfi.InfluenceModel(model)
+    im.compile(solver=solver, damping=damping)
+    im.fit(x, y, batch_size=batch_size, verbose=0, **fit)
+    return im
+
+
+def _close(actual, expected, rtol=1e-4):
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    scale = np.max(np.abs(expected))
+    assert np.max(np.abs(actual - expected)) <= rtol * scale
+
+
+SOLVERS = {
+    "exact": lambda: "exact",
+    "cg": lambda: "cg",
+    "lissa": lambda: tfi.solvers.LiSSA(recursion_depth=100, seed=5),
+    "arnoldi": lambda: tfi.solvers.Arnoldi(rank=20),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+def test_mirrored_matches_one_device(strategy, name):
+    """Two replicas give the influences of one device, column j = example j.
+
+    50 examples in batches of 7: each global batch splits 4 + 3, and the last one
+    (1 example) leaves the second replica empty.
+    """
+    x, y = _data()
+    plain, mirrored = _models(strategy)
+    im = _run(mirrored, SOLVERS[name](), x, y, 7)
+    assert im.strategy is strategy and im.operator.replicas.num_replicas == 2
+    reference = _run(plain, SOLVERS[name](), x, y, 7)
+    assert reference.strategy is None
+    tests = (x[:6] + 0.1, y[:6])
+    _close(im.explain(*tests, verbose=0), reference.explain(*tests, verbose=0))
+    _close(im.self_influence(verbose=0), reference.self_influence(verbose=0))
+    top, top_reference = im.top_k(*tests, k=5, verbose=0), reference.top_k(*tests, k=5, verbose=0)
+    np.testing.assert_array_equal(top.harmful_indices, top_reference.harmful_indices)
+    np.testing.assert_array_equal(top.helpful_indices, top_reference.helpful_indices)
+
+
+@pytest.mark.parametrize("scoring", ["jvp", "jacobian"])
+def test_mirrored_dataset_input_and_scoring_modes(strategy, scoring):
+    """A batched tf.data pipeline is distributed with its order kept, in both scoring modes."""
+    x, y = _data(61)
+    plain, mirrored = _models(strategy)
+    im = tfi.InfluenceModel(mirrored)
+    im.compile(solver="cg", damping=0.5, scoring=scoring)
+    im.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(9), verbose=0)
+    reference = _run(plain, "cg", x, y, 32, damping=0.5)
+    _close(im.explain(x[:3], y[:3], verbose=0), reference.explain(x[:3], y[:3], verbose=0))
+
+
+def test_stochastic_cg_and_groups_under_strategy(strategy):
+    """Subsampled curvature and group removal run on the strategy too."""
+    x, y = _data()
+    plain, mirrored = _models(strategy)
+    solver = lambda: tfi.solvers.CG(hessian_sample_size=30, seed=2)  # noqa: E731
+    im, reference = _run(mirrored, solver(), x, y, 8), _run(plain, solver(), x, y, 8)
+    _close(im.explain(x[:2], y[:2], verbose=0), reference.explain(x[:2], y[:2], verbose=0))
+    groups = [[0, 1, 2], list(range(10, 30))]
+    _close(
+        im.predict_removal(groups, x[:2], y[:2], order=2, verbose=0),
+        reference.predict_removal(groups, x[:2], y[:2], order=2, verbose=0),
+    )
+
+
+def test_explicit_strategy_argument(strategy):
+    x, y = _data()
+    plain, _ = _models(strategy)
+    im = tfi.InfluenceModel(plain, strategy=strategy)
+    im.compile(solver="cg", damping=DAMPING)
+    im.fit(x, y, batch_size=8, verbose=0)
+    assert im.operator.replicas is not None
+    reference = _run(plain, "cg", x, y, 8)
+    _close(im.explain(x[:2], y[:2], verbose=0), reference.explain(x[:2], y[:2], verbose=0))
+    # The default strategy means no distribution.
+    assert tfi.InfluenceModel(plain, strategy=tf.distribute.get_strategy()).strategy is None
+
+
+def test_strategy_argument_errors(strategy):
+    _, mirrored = _models(strategy)
+    with pytest.raises(TypeError, match=r"`strategy` must be a tf.distribute.Strategy.*'mirrored'"):
+        tfi.InfluenceModel(mirrored, strategy="mirrored")
+    other = tf.distribute.MirroredStrategy(["/cpu:0"])
+    with pytest.raises(ValueError, match=r"differs from the strategy the model was built under"):
+        tfi.InfluenceModel(mirrored, strategy=other)
+
+
+def test_callback_analyses_on_the_training_strategy(strategy):
+    """InfluenceCallback on model.fit under MirroredStrategy analyses on that strategy."""
+    x, y = _data()
+    x = x.astype("float32")
+    plain, mirrored = _models(strategy, "float32")  # Keras trains float64 models badly
+    callback = tfi.callbacks.InfluenceCallback(x, y, solver="cg", damping=DAMPING, verbose=0)
+    with strategy.scope():
+        mirrored.compile(loss=_loss(), optimizer=keras.optimizers.SGD(0.05))
+    mirrored.fit(x, y, epochs=2, batch_size=10, verbose=0, shuffle=False, callbacks=[callback])
+    assert callback.influence_model.strategy is strategy
+    plain.set_weights(mirrored.get_weights())
+    expected = _run(plain, "cg", x, y, 32).self_influence(verbose=0)
+    _close(callback.self_influence_, expected)
+
+
+# -- several worker processes -----------------------------------------------------------
+def _free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _start_workers(problem, out, extra=(), timeout=240):
+    """Runs two worker processes on localhost; returns their (code, elapsed, stderr tail)."""
+    ports = _free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    processes = []
+    start = time.monotonic()
+    for index in range(2):
+        config = {"cluster": cluster, "task": {"type": "worker", "index": index}}
+        env = dict(os.environ, TF_CONFIG=__import__("json").dumps(config))
+        processes.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    os.path.join(HERE, "distributed_worker.py"),
+                    problem,
+                    f"{out}{index}.npz",
+                    *extra,
+                ],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    results = []
+    try:
+        for process in processes:
+            _, err = process.communicate(timeout=max(1.0, timeout - (time.monotonic() - start)))
+            results.append((process.returncode, time.monotonic() - start, err[-3000:]))
+    finally:
+        for process in processes:  # stopped by the test, whatever happened
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    return results
+
+
+def _problem(tmp_path, solvers, **extra):
+    x, y = _data(45)
+    model = make_mlp()
+    arrays = {f"w{i}": w for i, w in enumerate(model.get_weights())}
+    path = str(tmp_path / "problem.npz")
+    np.savez(
+        path,
+        x=x,
+        y=y,
+        x_test=x[:4] + 0.1,
+        y_test=y[:4],
+        damping=DAMPING,
+        batch_size=8,
+        solvers=",".join(solvers),
+        **arrays,
+        **extra,
+    )
+    model.compile(loss=_loss())
+    return path, model, x, y
+
+
+@pytest.mark.slow
+def test_multi_worker_matches_one_process(tmp_path):
+    """Two MultiWorkerMirroredStrategy workers on localhost give one process's influences."""
+    solvers = ["exact", "cg", "lissa"]
+    path, model, x, y = _problem(tmp_path, solvers)
+    out = str(tmp_path / "out")
+    for index, (code, _, err) in enumerate(_start_workers(path, out)):
+        reported = f"{out}{index}.npz.err"
+        assert code == 0, open(reported).read() if os.path.exists(reported) else err
+    for solver in solvers:
+        im = tfi.InfluenceModel(model)
+        im.compile(solver=solver, damping=DAMPING)
+        im.fit(x, y, batch_size=8, verbose=0)
+        expected = im.explain(x[:4] + 0.1, y[:4], verbose=0)
+        expected_self = im.self_influence(verbose=0)
+        for index in range(2):  # every worker holds the whole, identical result
+            result = np.load(f"{out}{index}.npz")
+            _close(result[f"{solver}/scores"], expected)
+            _close(result[f"{solver}/self_influence"], expected_self)
+
+
+@pytest.mark.slow
+def test_dead_worker_gives_a_clear_error_not_a_hang(tmp_path):
+    path, *_ = _problem(tmp_path, ["cg"])
+    out = str(tmp_path / "out")
+    (code0, elapsed, err), (code1, _, _) = _start_workers(path, out, ["--die-after-fit"])
+    assert code1 == 3
+    assert code0 == 7, err
+    assert elapsed < 240
+    message = open(f"{out}0.npz.err").read()
+    assert message.startswith(
+        "WorkerError: `explain` stopped: a worker or device of MultiWorkerMirroredStrategy failed"
+    ), message
+    assert "Restart every worker" in message
+
+
+@pytest.mark.slow
+def test_workers_with_different_data_are_refused(tmp_path):
+    x, _ = _data(45)
+    path, *_ = _problem(tmp_path, ["cg"], x1=x[::-1].copy())
+    out = str(tmp_path / "out")
+    for code, _, err in _start_workers(path, out):
+        assert code == 7, err
+    for index in range(2):
+        message = open(f"{out}{index}.npz.err").read()
+        assert "do not agree on the training data" in message, message
+        assert "weights" not in message.split("agree on the")[1].split(":")[0]
+
+
+@pytest.mark.slow
+def test_example_script_runs(tmp_path):
+    """examples/distributed.py, as the README runs it, on two logical CPU devices."""
+    out = tmp_path / "top.npz"
+    script = os.path.join(os.path.dirname(HERE), "examples", "distributed.py")
+    done = subprocess.run(
+        [sys.executable, script, "--logical-cpus", "2", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "MirroredStrategy with 2 replicas" in done.stdout
+    top = np.load(out)
+    assert top["harmful_indices"].shape == (10, 5)
+    assert np.all(np.diff(top["harmful_scores"], axis=1) <= 0)

@@ -1,0 +1,283 @@
+"""Influence on a ``tf.distribute`` strategy: sharded passes, all-reduced products, gathered scores.
+
+A model built under ``strategy.scope()`` is analysed with ``model.distribute_strategy``
+(or an explicit ``strategy=``), as Keras trains it. What runs where:
+
+* **Hessian-vector products** over the training set: the examples are served by
+  ``strategy.experimental_distribute_dataset`` (global batches of ``batch_size``,
+  split over the replicas; uneven last batches give some replicas fewer or no
+  examples); each replica computes the product on its shard and the sums are
+  all-reduced (``strategy.reduce(SUM)``) once per global batch.
+* **Stochastic products** (LiSSA): the sampled batch is drawn identically on
+  every worker (stateless, seeded) and each replica takes its slice of it.
+* **Solvers** run in cross-replica context on every worker, on the all-reduced
+  products, so every worker holds the same solution.
+* **Scoring** of training examples: each replica scores its shard and returns
+  the examples' global indices with the scores; ``strategy.gather`` brings them
+  together and the scores are put in column ``index``, so column ``j`` is
+  training example ``j`` whatever the number of replicas or workers.
+
+Test-point gradients (a few batches) are computed in cross-replica context.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import tensorflow as tf
+
+from tf_influence._errors import describe
+
+__all__ = ["ReplicaData", "WorkerError", "num_workers", "resolve_strategy", "strategy_name"]
+
+# Collective errors when a worker dies or stops answering (the strategy's health
+# check aborts pending collectives with UnavailableError).
+_WORKER_ERRORS = (
+    tf.errors.UnavailableError,
+    tf.errors.DeadlineExceededError,
+    tf.errors.CancelledError,
+    tf.errors.AbortedError,
+)
+
+
+class WorkerError(RuntimeError):
+    """A worker (or device) of the distribution strategy failed during a computation."""
+
+
+def is_default(strategy) -> bool:
+    """True for TensorFlow's default (no-op) strategy."""
+    with strategy.scope():
+        return not tf.distribute.has_strategy()
+
+
+def resolve_strategy(model, strategy):
+    """The strategy to analyse ``model`` with, or None for the default strategy.
+
+    ``strategy=None`` takes ``model.distribute_strategy`` (the scope the model was built
+    in), as ``model.fit`` does.
+    """
+    if strategy is not None and not isinstance(strategy, tf.distribute.Strategy):
+        raise TypeError(
+            "Argument `strategy` must be a tf.distribute.Strategy (e.g. "
+            "tf.distribute.MirroredStrategy()) or None to use the model's. Received: "
+            f"strategy={describe(strategy)}"
+        )
+    own = getattr(model, "distribute_strategy", None)
+    if own is not None and is_default(own):
+        own = None
+    if strategy is None:
+        return own
+    if own is not None and own is not strategy:
+        raise ValueError(
+            f"Argument `strategy` differs from the strategy the model was built under. "
+            f"Received: strategy={strategy_name(strategy)} for a model built under "
+            f"{strategy_name(own)}. Pass strategy=None (the model's own), or build the "
+            "model inside `strategy.scope()`."
+        )
+    return None if is_default(strategy) else strategy
+
+
+def strategy_name(strategy) -> str:
+    """The public name of ``strategy``'s class (MultiWorkerMirroredStrategy, not its alias)."""
+    name = type(strategy).__name__
+    return "MultiWorkerMirroredStrategy" if name == "CollectiveAllReduceStrategy" else name
+
+
+def num_workers(strategy) -> int:
+    """Worker processes taking part in ``strategy`` (1 on one machine)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None:
+        return 1
+    spec = resolver.cluster_spec().as_dict()
+    return max(1, len(spec.get("worker", [])) + len(spec.get("chief", [])))
+
+
+def translate_worker_errors(method):
+    """Turns a collective failure in a distributed ``InfluenceModel`` call into ``WorkerError``."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        if getattr(self, "strategy", None) is None:
+            return method(self, *args, **kwargs)
+        # Only the outermost public call translates, so the message names what the
+        # user called (``explain``, not the ``inverse_hvp_tests`` inside it).
+        outermost = not getattr(self, "_in_distributed_call", False)
+        self._in_distributed_call = True
+        try:
+            return method(self, *args, **kwargs)
+        except _WORKER_ERRORS as error:
+            if not outermost:
+                raise
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+            at = next((i for i, line in enumerate(lines) if "abort" in line.lower()), 0)
+            said = " ".join(lines[at : at + 2])[:400]
+            raise WorkerError(
+                f"`{method.__name__}` stopped: a worker or device of "
+                f"{strategy_name(self.strategy)} failed or stopped answering "
+                f"({type(error).__name__}: {said}). Nothing was returned. Restart every "
+                "worker (with the same TF_CONFIG and data) and run the call again. To fail "
+                "faster than the strategy's health check, create it with "
+                "communication_options=tf.distribute.experimental.CommunicationOptions("
+                "timeout_seconds=...)."
+            ) from error
+        finally:
+            if outermost:
+                self._in_distributed_call = False
+
+    return wrapper
+
+
+def check_workers_agree(strategy, fingerprints: dict[str, str]) -> None:
+    """Refuses to go on if workers hold different weights or data.
+
+    Every worker must give ``fit`` the same training data in the same order and hold
+    the same weights; otherwise the all-reduced curvature would silently mix models.
+    Gathers 52-bit prefixes of the sha256 fingerprints (exact in float64) from
+    every replica and compares them.
+    """
+    if num_workers(strategy) < 2:
+        return
+    values = tf.constant([float(int(f[:13], 16)) for f in fingerprints.values()], tf.float64)
+
+    @tf.function
+    def gather(values):
+        return strategy.gather(strategy.run(lambda v: v[None], args=(values,)), axis=0)
+
+    every = gather(values).numpy()  # (replicas, len(fingerprints))
+    low, high = every.min(axis=0), every.max(axis=0)
+    differ = [name for name, a, b in zip(fingerprints, low, high, strict=True) if a != b]
+    if differ:
+        raise ValueError(
+            f"The workers of {strategy_name(strategy)} do not agree on the "
+            f"{' and the '.join(differ)}: every worker must call `fit` with the same "
+            "training data, in the same order, on a model with the same weights (load "
+            "the same checkpoint on each worker)."
+        )
+
+
+def _unless_empty(fn, x, y, like):
+    """``fn(x, y)``, or zeros like ``like`` for a replica left without examples.
+
+    An uneven last batch leaves some replicas an empty shard, on which pfor's
+    vectorised Jacobian fails; its contribution is zero anyway.
+    """
+    size = tf.shape(tf.nest.flatten(y)[0])[0]
+    return tf.cond(size > 0, lambda: fn(x, y), lambda: tf.zeros_like(like))
+
+
+class ReplicaData:
+    """The distributed view of an ``ExampleData``: ``(index, x, y)`` global batches.
+
+    Args:
+        data: the training examples, in their fixed order.
+        strategy: the ``tf.distribute.Strategy`` to spread them over.
+    """
+
+    def __init__(self, data, strategy):
+        self.data = data
+        self.strategy = strategy
+        self.num_replicas = int(strategy.num_replicas_in_sync)
+        indexed = data.indexed_dataset()
+        options = tf.data.Options()
+        options.deterministic = True
+        # Shard by element: examples may come from one file or from memory.
+        policy = tf.data.experimental.AutoShardPolicy.DATA
+        options.experimental_distribute.auto_shard_policy = policy
+        self.dataset = strategy.experimental_distribute_dataset(indexed.with_options(options))
+        self._score_steps: dict = {}
+
+    # -- products (called while tracing, in cross-replica context) ----------------------
+    def fold_sum(self, replica_fn, initial):
+        """``initial + sum over global batches of all-reduced replica_fn(x, y)``."""
+        total = initial
+        for batch in self.dataset:
+            partial = self.strategy.run(
+                lambda b: _unless_empty(replica_fn, b[1], b[2], initial), args=(batch,)
+            )
+            reduced = self.strategy.reduce(tf.distribute.ReduceOp.SUM, partial, axis=None)
+            total += tf.ensure_shape(reduced, initial.shape)
+        return total
+
+    def split_sum(self, replica_fn, x, y, like):
+        """All-reduced sum of ``replica_fn`` over the replicas' slices of one batch.
+
+        The batch is the same on every replica (and worker); replica ``r`` of ``R`` takes
+        examples ``[r*b//R, (r+1)*b//R)``. ``like``: a tensor of the result's shape.
+        """
+
+        size = tf.shape(tf.nest.flatten(y)[0])[0]
+
+        def piece(context):
+            # Python ints: a replica-id tensor inside the loop is not fed on every strategy.
+            rank, count = context.replica_id_in_sync_group, context.num_replicas_in_sync
+            start, stop = rank * size // count, (rank + 1) * size // count
+            return tf.nest.map_structure(lambda t: t[start:stop], (x, y))
+
+        pieces = self.strategy.experimental_distribute_values_from_function(piece)
+        partial = self.strategy.run(lambda xy: _unless_empty(replica_fn, *xy, like), args=(pieces,))
+        reduced = self.strategy.reduce(tf.distribute.ReduceOp.SUM, partial, axis=None)
+        return tf.ensure_shape(reduced, like.shape)
+
+    # -- scoring (eager loop over global batches) ----------------------------------------
+    def _score_step(self, impl):
+        key = id(impl)
+        if key not in self._score_steps:
+            strategy = self.strategy
+
+            def replica(batch, solutions):
+                index, x, y = batch
+                k = tf.shape(solutions)[1]
+                empty = (tf.zeros([k, 0], solutions.dtype), tf.zeros([0], tf.bool))
+                scores, finite = tf.cond(
+                    tf.size(index) > 0, lambda: impl(x, y, solutions), lambda: empty
+                )
+                return index, scores, tf.cast(finite, tf.int32)
+
+            # The last, shorter batch would trace a second time: relax the shapes instead.
+            @tf.function(reduce_retracing=True)
+            def step(batch, solutions):
+                index, scores, finite = strategy.run(replica, args=(batch, solutions))
+                return (
+                    strategy.gather(index, axis=0),
+                    strategy.gather(scores, axis=1),
+                    strategy.gather(finite, axis=0),
+                )
+
+            self._score_steps[key] = (impl, step)
+        return self._score_steps[key][1]
+
+    def score_blocks(self, gradients, solutions):
+        """Yields ``(start, scores (k, m), finite (m,))`` for consecutive training examples.
+
+        Each replica scores its shard; the gathered columns are put back in global
+        order by their indices (a worker's shard need not be contiguous).
+        """
+        solutions = tf.convert_to_tensor(solutions, gradients.objective.dtype)
+        pending_index, pending_scores, pending_finite = [], [], []
+        start = 0
+        for batch in self.dataset:
+            index, scores, finite = gradients.run_scoring(
+                lambda impl, batch=batch: self._score_step(impl)(batch, solutions),
+                int(solutions.shape[1]),
+            )
+            pending_index.append(index.numpy())
+            pending_scores.append(scores.numpy())
+            pending_finite.append(finite.numpy().astype(bool))
+            order = np.argsort(np.concatenate(pending_index), kind="stable")
+            index = np.concatenate(pending_index)[order]
+            scores = np.concatenate(pending_scores, axis=1)[:, order]
+            finite = np.concatenate(pending_finite)[order]
+            # The longest run start, start+1, ... is ready; the rest waits.
+            ready = int(np.sum(np.cumprod(index == np.arange(start, start + index.size))))
+            if ready:
+                yield start, scores[:, :ready], finite[:ready]
+                start += ready
+            pending_index = [index[ready:]]
+            pending_scores = [scores[:, ready:]]
+            pending_finite = [finite[ready:]]
+        if start != self.data.num_examples:
+            raise RuntimeError(
+                f"Distributed scoring covered {start} of {self.data.num_examples} training "
+                "examples: the distributed dataset lost or repeated examples."
+            )
