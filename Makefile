@@ -23,6 +23,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/accuracy.py
 	$(PY) benchmarks/run.py
 	$(PY) benchmarks/distributed.py
+	$(PY) benchmarks/trust.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check tf_influence tests benchmarks examples

@@ -287,3 +287,35 @@ def test_example_script_runs(tmp_path):
     top = np.load(out)
     assert top["harmful_indices"].shape == (10, 5)
     assert np.all(np.diff(top["harmful_scores"], axis=1) <= 0)
+
+
+def test_interrupted_explain_resumes_under_the_strategy(strategy, tmp_path, monkeypatch):
+    """A resumed explain(output=...) skips finished global batches on the replicas too."""
+    from tf_influence import resume
+
+    x, y = _data()
+    plain, mirrored = _models(strategy)
+    im = _run(mirrored, "cg", x, y, 8)
+    expected = _run(plain, "cg", x, y, 8).explain(x[:3], y[:3], verbose=0)
+    out = str(tmp_path / "scores.npy")
+    write = resume.ResumableOutput.write
+    written = []
+
+    def interrupted(self, start, block):
+        write(self, start, block)
+        written.append(start)
+        if len(written) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(resume.ResumableOutput, "write", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        im.explain(x[:3], y[:3], verbose=0, output=out)
+    monkeypatch.setattr(resume.ResumableOutput, "write", write)
+    steps = []
+    score_step = im.operator.replicas._score_step
+    monkeypatch.setattr(
+        im.operator.replicas, "_score_step", lambda impl: steps.append(1) or score_step(impl)
+    )
+    result = im.explain(x[:3], y[:3], verbose=0, output=out)
+    assert len(steps) == 7 - 3  # 50 examples in 7 global batches of 8, 3 were done
+    _close(result, expected)

@@ -23,7 +23,7 @@ def test_round_trip_gives_identical_explain(mlp, blobs, tmp_path, solver):
     im = fitted(mlp, x, y, solver)
     before = im.explain(x[:5], y[:5], verbose=0)
     path = tmp_path / "state.npz"
-    im.save(path)
+    im.save(path, include_data=True)
     loaded = tfi.InfluenceModel.load(path, mlp, verbose=0)
     assert loaded.solver.get_config() == im.solver.get_config()
     assert loaded.damping == im.damping and loaded.num_train == im.num_train
@@ -55,8 +55,8 @@ def test_dict_inputs_and_data_passed_at_load(tmp_path):
     y = rng.integers(0, 2, 30)
     im = tfi.InfluenceModel(model).fit(x, y, verbose=0)
     expected = im.explain({k: v[:4] for k, v in x.items()}, y[:4], verbose=0)
-    im.save(tmp_path / "with.npz")
-    im.save(tmp_path / "without.npz", include_data=False)
+    im.save(tmp_path / "with.npz", include_data=True)
+    im.save(tmp_path / "without.npz")  # the default: no raw training example is stored
     test = ({k: v[:4] for k, v in x.items()}, y[:4])
     for loaded in (
         tfi.InfluenceModel.load(tmp_path / "with.npz", model, verbose=0),
@@ -70,7 +70,7 @@ def test_dict_inputs_and_data_passed_at_load(tmp_path):
 def test_load_refuses_other_weights_data_or_files(mlp, blobs, tmp_path):
     x, y = blobs
     path = tmp_path / "state.npz"
-    fitted(mlp, x, y).save(path)
+    fitted(mlp, x, y).save(path, include_data=True)
     other = make_mlp(seed=3)  # same architecture, other weights (and other names)
     other.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     with pytest.raises(ValueError, match=r"its weights differ from the ones the state"):
@@ -97,6 +97,8 @@ def test_saved_file_needs_no_pickle(mlp, blobs, tmp_path):
     im.save(tmp_path / "state.npz")
     with np.load(tmp_path / "state.npz", allow_pickle=False) as archive:
         assert all(archive[name].dtype != object for name in archive.files)
+        # No raw training example unless asked (include_data=True).
+        assert not [name for name in archive.files if name.startswith("data/")]
     assert not (tmp_path / "state.npz.partial").exists()
 
 

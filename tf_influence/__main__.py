@@ -108,7 +108,7 @@ def _explain_logs(args) -> int:
         # The model's inputs follow the `serve` endpoint's order; requests name them.
         input_names = [s.name for s in tf.saved_model.load(directory).serve.input_signature]
     else:
-        model = keras.saving.load_model(args.model)
+        model = keras.saving.load_model(args.model, safe_mode=True)  # no arbitrary code
     x, y = load_training_arrays(args.train)
     loss = args.loss
     if loss is not None and args.from_logits:

@@ -7,6 +7,8 @@ explicitly seeded sampling stream, which does not affect column order).
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import tensorflow as tf
 
@@ -36,6 +38,13 @@ def _to_numpy_tree(x, argument):
         # A tuple: tf.data reads a list as one tensor to stack, a tuple as a structure.
         return tuple(convert(v) for v in x)
     return convert(x)
+
+
+def _digest_batch(digest, batch) -> None:
+    for leaf in tf.nest.flatten(batch):
+        array = np.ascontiguousarray(leaf.numpy() if hasattr(leaf, "numpy") else leaf)
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(array.tobytes())
 
 
 class ExampleData:
@@ -159,7 +168,9 @@ class ExampleData:
                 f"element_spec={dataset.element_spec}"
             )
         n, first_batch = 0, None
+        digest = hashlib.sha256()
         for batch in dataset:
+            _digest_batch(digest, batch)
             size = int(tf.shape(tf.nest.flatten(batch[0])[0])[0])
             for part, name in zip(batch, (self.x_name, self.y_name), strict=False):
                 for leaf in tf.nest.flatten(part):
@@ -177,6 +188,20 @@ class ExampleData:
             raise ValueError(
                 f"Argument `{self.x_name}` is an empty dataset. Received: a tf.data.Dataset "
                 "yielding 0 examples."
+            )
+        # Column j must mean example j on every pass: a second pass must see the same
+        # examples in the same order (a shuffled dataset would silently mix columns).
+        again = hashlib.sha256()
+        for batch in dataset:
+            _digest_batch(again, batch)
+        if again.digest() != digest.digest():
+            raise ValueError(
+                f"The dataset passed as `{self.x_name}` yields its examples in a different "
+                "order (or different examples) on each pass, e.g. `shuffle()` with "
+                "reshuffle_each_iteration=True or random augmentation, so column j of the "
+                "scores would not mean example j. Received: two passes that differ. Remove the "
+                "shuffle (or pass reshuffle_each_iteration=False with a seed) and any random "
+                "map before `fit`/`explain`."
             )
         self.num_examples = n
         self.batch_size = int(first_batch)

@@ -23,6 +23,7 @@ Test-point gradients (a few batches) are computed in cross-replica context.
 from __future__ import annotations
 
 import functools
+import time
 
 import numpy as np
 import tensorflow as tf
@@ -148,6 +149,9 @@ def check_workers_agree(strategy, fingerprints: dict[str, str]) -> None:
     low, high = every.min(axis=0), every.max(axis=0)
     differ = [name for name, a, b in zip(fingerprints, low, high, strict=True) if a != b]
     if differ:
+        # Every worker raises; give the others a moment to finish receiving the
+        # gather, or a worker that exits at once turns their error into a WorkerError.
+        time.sleep(2.0)
         raise ValueError(
             f"The workers of {strategy_name(strategy)} do not agree on the "
             f"{' and the '.join(differ)}: every worker must call `fit` with the same "
@@ -247,16 +251,20 @@ class ReplicaData:
             self._score_steps[key] = (impl, step)
         return self._score_steps[key][1]
 
-    def score_blocks(self, gradients, solutions):
+    def score_blocks(self, gradients, solutions, start: int = 0):
         """Yields ``(start, scores (k, m), finite (m,))`` for consecutive training examples.
 
         Each replica scores its shard; the gathered columns are put back in global
-        order by their indices (a worker's shard need not be contiguous).
+        order by their indices (a worker's shard need not be contiguous). Global
+        batches before ``start`` (a multiple of the batch size) are skipped unscored.
         """
         solutions = tf.convert_to_tensor(solutions, gradients.objective.dtype)
         pending_index, pending_scores, pending_finite = [], [], []
-        start = 0
-        for batch in self.dataset:
+        skip = start // self.data.batch_size
+        start = skip * self.data.batch_size
+        for step, batch in enumerate(self.dataset):
+            if step < skip:
+                continue
             index, scores, finite = gradients.run_scoring(
                 lambda impl, batch=batch: self._score_step(impl)(batch, solutions),
                 int(solutions.shape[1]),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import warnings
 
@@ -27,6 +29,7 @@ from tf_influence.neighbors import score_candidates, top_k_of
 from tf_influence.objective import Objective, variable_name
 from tf_influence.outputs import TopK, check_k, check_sink_args, make_sink
 from tf_influence.perturbation import explain_perturbation
+from tf_influence.resume import ResumableOutput
 from tf_influence.saving import load_state, save_state
 from tf_influence.solvers.base import Diagnostics
 
@@ -101,9 +104,11 @@ class InfluenceModel:
         self._operator: HessianOperator | None = None
         self._solution_cache = SolutionCache()
         self._weights_fingerprint: str | None = None
+        self._data_fingerprint: str | None = None
         self._relative_cache: dict | None = None
         self._feature_indexes: dict = {}
         self._index: tf.Tensor | None = None
+        self._num_outputs_cache: int | None = None
         self.diagnostics: Diagnostics | None = None
 
     # -- configuration ----------------------------------------------------------------
@@ -186,6 +191,7 @@ class InfluenceModel:
         verbose = resolve_verbose(verbose)
         data = ExampleData(x, y, batch_size, x_name="x", y_name="y")
         self._check_weights()
+        self._check_targets(data, "y")
         self._check_batch(data.first_batch(), "x", "y", check_gradients=True)
         if self.strategy is not None:
             check_workers_agree(
@@ -216,6 +222,7 @@ class InfluenceModel:
         self._relative_cache = None
         self._feature_indexes = {}
         self._weights_fingerprint = weights_fingerprint(self.model.weights)
+        self._data_fingerprint = None
         if cholesky is not None:  # restored by `load`: no Hessian to build
             self._operator.cached("exact.cholesky", lambda: cholesky)
         elif isinstance(self.solver, solvers_lib.Exact):
@@ -246,18 +253,23 @@ class InfluenceModel:
         progress.done()
         return tf.concat(rows, axis=0)
 
-    def _training_blocks(self, solutions):
+    def _training_blocks(self, solutions, start: int = 0):
         """Yields ``(start, scores (k, m), finite (m,))`` over the training set, in order.
 
         On a strategy, each replica scores its shard and the columns are put back in
-        the order of ``fit`` by their global indices.
+        the order of ``fit`` by their global indices. Batches wholly before ``start``
+        are skipped without being scored (a resumed ``explain``).
         """
         replicas = self._operator.replicas
         if replicas is not None:
-            yield from replicas.score_blocks(self._gradients, solutions)
+            yield from replicas.score_blocks(self._gradients, solutions, start)
             return
         offset = 0
         for batch in self._data.batches():
+            size = int(tf.shape(tf.nest.flatten(batch[1])[0])[0])
+            if offset + size <= start:
+                offset += size
+                continue
             block, finite = self._gradients.scores(batch[0], batch[1], solutions)
             block = block.numpy()
             yield offset, block, finite.numpy()
@@ -290,6 +302,26 @@ class InfluenceModel:
                     "trained model with finite weights: retrain it (lower learning rate, "
                     "gradient clipping) or restore a good checkpoint."
                 )
+
+    def _num_outputs(self, x) -> int | None:
+        """Size of the model output's last axis (classes) on a batch ``x``, if one output."""
+        if self._num_outputs_cache is None:
+            y_pred = self.objective.predict(x)
+            self._num_outputs_cache = (
+                int(y_pred.shape[-1]) if isinstance(y_pred, tf.Tensor) and y_pred.shape.rank else 0
+            )
+        return self._num_outputs_cache or None
+
+    def _check_targets(self, data, y_name):
+        """Every target of ``data`` in the range its loss accepts (one pass, numpy)."""
+        if not data.has_targets:
+            return
+        offset = 0
+        for batch in data.batches(max(data.batch_size, 4096) if data.in_memory else None):
+            x, y = batch[0], batch[1]
+            y = tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, y)
+            self.objective.check_targets(y, self._num_outputs(x), y_name, offset)
+            offset += len(tf.nest.flatten(y)[0])
 
     def _check_batch(self, batch, x_name, y_name, check_gradients=False):
         """Evaluates the loss on one batch to turn shape problems into clear errors."""
@@ -367,7 +399,7 @@ class InfluenceModel:
         progress = Progress(tests.num_batches(), verbose, "Solving for test points")
         offset = 0
         for step, batch in enumerate(tests.batches(), start=1):
-            key, gradients = self._test_gradients(batch, target, check=step == 1)
+            key, gradients = self._test_gradients(batch, target, check=step == 1, offset=offset)
             cached = self._solution_cache.get(key)
             if cached is None:
                 grads = gradients()
@@ -389,10 +421,13 @@ class InfluenceModel:
         self._warn_if_unconverged(self.diagnostics, "test points")
         return tf.concat(solutions, axis=1)
 
-    def _test_gradients(self, batch, target, check=False):
+    def _test_gradients(self, batch, target, check=False, offset=0):
         """``(cache key, () -> (b, p) gradients)`` of the test loss, or of ``target``."""
         if target is None:
             x, y = self._targets(batch)
+            if len(batch) > 1:
+                arrays = tf.nest.map_structure(lambda t: t.numpy(), y)
+                self.objective.check_targets(arrays, self._num_outputs(x), "y_test", offset)
             if check:
                 self._check_batch((x, y), "x_test", "y_test")
             return batch_key(x, y), lambda: self._gradients(x, y)
@@ -417,11 +452,12 @@ class InfluenceModel:
         )
 
     # -- scores ------------------------------------------------------------------------
-    def _score_training(self, solutions, verbose, sink, divisors=None):
+    def _score_training(self, solutions, verbose, sink, divisors=None, start=0):
         if self._index is not None:
-            return self._score_from_index(solutions, sink, divisors)
+            return self._score_from_index(solutions, sink, divisors, start)
         progress = Progress(self._data.num_batches(), verbose, "Scoring training examples")
-        for step, (offset, block, finite) in enumerate(self._training_blocks(solutions), start=1):
+        blocks = self._training_blocks(solutions, start)
+        for step, (offset, block, finite) in enumerate(blocks, start=1):
             raise_at_first_nonfinite(finite, offset, _NONFINITE_TRAINING)
             if divisors is not None:
                 block = block / divisors[offset : offset + block.shape[1]]
@@ -430,11 +466,11 @@ class InfluenceModel:
         progress.done()
         return sink.result()
 
-    def _score_from_index(self, solutions, sink, divisors):
+    def _score_from_index(self, solutions, sink, divisors, first=0):
         _, vectors = self.solver.eigenpairs(self._operator)
         coefficients = tf.matmul(vectors, solutions, transpose_a=True)  # (r, k)
         step = self._data.batch_size
-        for start in range(0, self.num_train, step):
+        for start in range(first - first % step, self.num_train, step):
             rows = self._index[start : start + step]  # (b, r)
             block = -tf.matmul(coefficients, rows, transpose_a=True, transpose_b=True).numpy()
             raise_at_first_nonfinite(np.isfinite(block).all(axis=0), start, _NONFINITE_TRAINING)
@@ -475,7 +511,11 @@ class InfluenceModel:
                 data, and return a ``TopK`` instead of the matrix.
             output: path of a ``.npy`` file; the matrix is written there block by
                 block (memory-mapped) and returned opened read-only with
-                ``mmap_mode="r"``.
+                ``mmap_mode="r"``. Resumable: if the run stops (Ctrl-C, a killed
+                process), calling ``explain`` again with the same arguments goes on
+                from the first unwritten block, after checking that weights, data,
+                solver settings and test points are the same (see
+                ``tf_influence.resume``).
             target: optional ``fn(model, x) -> (batch,)`` tensor, one scalar per test
                 example (a class logit, a margin, a predicted value), built from
                 TensorFlow/Keras ops. It replaces the test loss: ``scores[i, j] =
@@ -516,6 +556,10 @@ class InfluenceModel:
                     "define the neighbours) and cannot be combined with `output`. Received: "
                     f"feature_layer={feature_layer!r}, output={output!r}."
                 )
+        if output is not None:
+            return self._explain_to_file(
+                output, x_test, y_test, batch_size, verbose, target, relative
+            )
         solutions = self.inverse_hvp_tests(x_test, y_test, batch_size, verbose, target)
         divisors = None if relative is None else self._relative_divisors(relative, verbose)
         if candidates is not None:
@@ -526,6 +570,61 @@ class InfluenceModel:
         dtype = self.objective.dtype.as_numpy_dtype
         sink = make_sink(int(solutions.shape[1]), self.num_train, dtype, top_k, output)
         return self._score_training(solutions, resolve_verbose(verbose), sink, divisors)
+
+    def _explain_to_file(self, output, x_test, y_test, batch_size, verbose, target, relative):
+        """``explain`` into a resumable ``.npy`` (see ``tf_influence.resume``)."""
+        self._require_current("explain")
+        tests = self._test_data(x_test, y_test, batch_size)
+        files = ResumableOutput(
+            output,
+            self._run_fingerprints(tests, target, relative),
+            (tests.num_examples, self.num_train),
+            self.objective.dtype.as_numpy_dtype,
+        )
+        saved = files.load_solutions()
+        if saved is None:
+            solutions = self.inverse_hvp_tests(x_test, y_test, batch_size, verbose, target)
+            files.save_solutions(solutions.numpy())
+        else:
+            solutions = tf.constant(saved)
+        divisors = None if relative is None else self._relative_divisors(relative, verbose)
+        sink = files.open()
+        try:
+            return self._score_training(
+                solutions, resolve_verbose(verbose), sink, divisors, start=files.done
+            )
+        except BaseException:  # Ctrl-C, an error: keep what is done for the next call
+            if sink.scores is not None:
+                sink.checkpoint(force=True)
+            raise
+
+    def _run_fingerprints(self, tests, target, relative) -> dict[str, str]:
+        """Digests of everything a score matrix depends on, for resuming it safely."""
+        if self._data_fingerprint is None:
+            self._data_fingerprint = data_fingerprint(self._data)
+        settings = {
+            "solver": solvers_lib.serialize(self.solver),
+            "damping": self.damping,
+            "hvp": self.hvp,
+            "scoring": self._gradients.scoring,
+            "jit_compile": self.jit_compile,
+            "batch_size": self._data.batch_size,
+            "params": self._param_indices(),
+            "loss": self.objective.loss_name,
+        }
+        options = {"relative": relative, "target": _describe_function(target)}
+
+        def digest(value) -> str:
+            text = json.dumps(value, sort_keys=True, default=str)
+            return hashlib.sha256(text.encode()).hexdigest()
+
+        return {
+            "weights": self._weights_fingerprint,
+            "training data": self._data_fingerprint,
+            "solver settings": digest(settings),
+            "test points": data_fingerprint(tests),
+            "options": digest(options),
+        }
 
     def _relative_divisors(self, kind, verbose) -> np.ndarray:
         """``|inv(H) g_j|`` ("theta") or ``sqrt(g_j^T inv(H) g_j)`` ("loss"), cached per fit."""
@@ -741,14 +840,14 @@ class InfluenceModel:
         position = {id(v): i for i, v in enumerate(self.model.trainable_variables)}
         return [position[id(v)] for v in self.objective.variables]
 
-    def save(self, path, include_data: bool = True) -> None:
+    def save(self, path, include_data: bool = False) -> None:
         """Writes the fitted state to one ``.npz`` file (no pickle), atomically.
 
         Saved: the solver and its config, damping, hvp, scoring, jit_compile, the
         batch size, which parameters, the cached inverse-HVP vectors (so explaining
         the same test points after ``load`` does not solve again), the Exact
         solver's Cholesky factor, fingerprints of the weights and the training data,
-        and (``include_data=True``, arrays only) the training data itself. The
+        and, only if asked (``include_data=True``, arrays only), the training data. The
         Keras model is not saved: save it with ``model.save`` as usual.
 
         Args:
@@ -810,6 +909,17 @@ def _check_target(target, objective, x):
             f"Argument `target` must return floating-point values. Received: dtype "
             f"{value.dtype.name}."
         )
+
+
+def _describe_function(fn) -> str | None:
+    """A description of a ``target`` function that is the same in another process."""
+    if fn is None:
+        return None
+    code = getattr(fn, "__code__", None)
+    body = "" if code is None else hashlib.sha256(code.co_code + repr(code.co_consts).encode())
+    return f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', repr(fn))}:" + (
+        body.hexdigest() if body else ""
+    )
 
 
 def _merge(parts: list[Diagnostics]) -> Diagnostics | None:

@@ -14,6 +14,7 @@ import contextlib
 from collections.abc import Callable, Sequence
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from tf_influence._errors import describe
@@ -322,3 +323,48 @@ class Objective:
             f"classification loss. Received: y_test=None with loss {name!r}. Pass the "
             "targets to explain with `y_test=`."
         )
+
+    def check_targets(self, y, num_outputs: int | None, name: str, offset: int = 0) -> None:
+        """Refuses targets outside what the loss accepts, naming the first bad example.
+
+        Sparse class losses need integer class indices in ``[0, num_outputs)`` (out of
+        range, TensorFlow returns NaN on GPU or fails deep inside the graph on CPU);
+        one-hot and binary losses need values in ``[0, 1]``; hinge losses in
+        ``[-1, 1]``. Other losses (regression, custom) are not checked.
+
+        Args:
+            y: a batch of targets (array-like), ``offset`` the index of its first example.
+            num_outputs: the size of the model output's last axis (classes), if known.
+            name: the argument the targets came from, for the message.
+        """
+        loss = self.loss_name
+        if isinstance(y, (dict, list, tuple)):
+            return  # several outputs: each loss checks its own
+        values = np.asarray(y)
+        if values.size == 0:
+            return
+        flat = values.reshape(values.shape[0], -1)
+        if loss in _SPARSE_CLASS_LOSSES:
+            bad = ~np.isclose(flat, np.round(flat)) | (flat < 0)
+            if num_outputs is not None:
+                bad |= flat >= num_outputs
+            allowed = f"class indices 0..{num_outputs - 1}" if num_outputs else "class indices >= 0"
+        elif loss in _ONE_HOT_LOSSES | _BINARY_LOSSES:
+            bad = (flat < 0) | (flat > 1)
+            allowed = "values in [0, 1] (one-hot or probabilities)"
+        elif loss in _SIGNED_BINARY_LOSSES:
+            bad = (flat < -1) | (flat > 1)
+            allowed = "values in [-1, 1] (or 0/1)"
+        else:
+            return
+        rows = np.flatnonzero(bad.any(axis=1))
+        if rows.size:
+            row = int(rows[0])
+            value = flat[row][bad[row]][0].item()
+            raise ValueError(
+                f"Argument `{name}` holds {value!r} at example {offset + row}, which the loss "
+                f"{loss!r} cannot take. Received: {name}[{offset + row}]={values[row].tolist()!r}; "
+                f"allowed: {allowed}"
+                + (f" for a model with {num_outputs} outputs" if num_outputs else "")
+                + ". Fix the label, or use the loss that matches its encoding."
+            )

@@ -15,6 +15,10 @@ from tf_influence.solvers.base import (
 # Below this ratio of smallest to largest Cholesky pivot (squared), the matrix is
 # treated as numerically singular and its spectrum is checked.
 _SINGULAR_RATIO = 1e-13
+# Without damping, refuse when condition_number * eps(dtype) exceeds this.
+_CONDITION_TOLERANCE = 1e-2
+# Power-iteration steps for the extreme eigenvalues (a few percent accuracy).
+_SPECTRUM_STEPS = 60
 
 
 class Exact(Solver):
@@ -52,8 +56,51 @@ class Exact(Solver):
 
         return operator.cached("exact.cholesky", make)
 
+    def spectrum(self, operator) -> dict:
+        """Estimated extreme eigenvalues and condition number of ``H + damping*I``.
+
+        Power iteration on the dense matrix (largest) and on its inverse through the
+        Cholesky factor (smallest): ``_SPECTRUM_STEPS`` products each, O(p^2) apiece.
+        """
+
+        def make():
+            chol = self._factor(operator)
+            matrix = operator.dense()
+            largest = _power(lambda v: matrix @ v, matrix.shape[0])
+            smallest = 1.0 / _power(lambda v: tf.linalg.cholesky_solve(chol, v), matrix.shape[0])
+            return {
+                "largest_eigenvalue": largest,
+                "smallest_eigenvalue": smallest,
+                "condition_number": largest / smallest,
+            }
+
+        return operator.cached("exact.spectrum", make)
+
+    def check_conditioning(self, operator) -> dict:
+        """Refuses a near-singular ``H`` without damping; returns ``spectrum``.
+
+        Near-singular: ``condition_number * eps(dtype) > 1e-2``, i.e. solutions may
+        lose every significant digit in the parameters' precision (float32:
+        condition number above about 8e4; float64: 4.5e13).
+        """
+        spectrum = self.spectrum(operator)
+        limit = _CONDITION_TOLERANCE / float(np.finfo(operator.dtype.as_numpy_dtype).eps)
+        if operator.damping == 0 and spectrum["condition_number"] > limit:
+            suggestion = nice_ceil(spectrum["largest_eigenvalue"] / limit * 10)
+            raise CurvatureError(
+                "The Hessian is nearly singular, so its inverse (and every influence) is "
+                "dominated by rounding and by directions the data does not constrain. "
+                f"Received: damping=0.0, condition number {spectrum['condition_number']:.2e} "
+                f"(eigenvalues {spectrum['smallest_eigenvalue']:.3e} to "
+                f"{spectrum['largest_eigenvalue']:.3e}; above {limit:.1e} in "
+                f"{operator.dtype.name}). Pass a damping to `compile`, e.g. "
+                f"damping={suggestion:.2g}, or analyse fewer parameters with `params=`."
+            )
+        return spectrum
+
     def prepare(self, operator) -> None:
         self._factor(operator)
+        self.check_conditioning(operator)
 
     def solve(self, operator, rhs):
         chol = self._factor(operator)
@@ -67,6 +114,7 @@ class Exact(Solver):
             iterations=0,
             residual_norm=residual,
             converged=residual < 1e-6,
+            info=dict(self.check_conditioning(operator)),
         )
         return tf.cast(solution64, operator.dtype), diagnostics
 
@@ -75,6 +123,18 @@ class Exact(Solver):
         chol = self._factor(operator)
         half = tf.linalg.triangular_solve(chol, tf.cast(vectors, tf.float64), lower=True)
         return tf.reduce_sum(half**2, axis=0)
+
+
+def _power(apply, size) -> float:
+    """Largest eigenvalue of a symmetric positive operator by power iteration (float64)."""
+    vector = tf.random.stateless_normal([size, 1], seed=[17, 0], dtype=tf.float64)
+    value = 0.0
+    for _ in range(_SPECTRUM_STEPS):
+        vector = vector / tf.norm(vector)
+        image = apply(vector)
+        value = float(tf.reduce_sum(vector * image))
+        vector = image
+    return value
 
 
 def _raise_not_positive_definite(matrix, damping):

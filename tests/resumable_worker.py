@@ -1,0 +1,53 @@
+"""A process running ``explain(output=...)`` that the test kills mid-run.
+
+    python tests/resumable_worker.py PROBLEM.npz OUT.npy BLOCKS
+
+After BLOCKS blocks are written (and checkpointed) it prints "KILL ME" and waits
+inside ``explain``; tests/test_resume.py then kills it with SIGKILL.
+"""
+
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from conftest import make_mlp  # noqa: E402
+
+import tf_influence as tfi  # noqa: E402
+from tf_influence import resume  # noqa: E402
+
+
+def build(problem):
+    model = make_mlp()
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.set_weights([problem[f"w{i}"] for i in range(len(model.weights))])
+    im = tfi.InfluenceModel(model)
+    im.compile(solver="cg", damping=float(problem["damping"]))
+    return im.fit(problem["x"], problem["y"], batch_size=int(problem["batch_size"]), verbose=0)
+
+
+def main(problem_path, out, blocks):
+    problem = np.load(problem_path)
+    im = build(problem)
+    resume.CHECKPOINT_SECONDS = 0  # record progress after every block
+    write = resume.ResumableOutput.write
+    written = []
+
+    def write_then_wait(self, start, block):
+        write(self, start, block)
+        written.append(start)
+        if len(written) == blocks:
+            print("KILL ME", flush=True)
+            time.sleep(600)
+
+    resume.ResumableOutput.write = write_then_wait
+    im.explain(problem["x_test"], problem["y_test"], verbose=0, output=out)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
