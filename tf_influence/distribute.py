@@ -129,6 +129,31 @@ def translate_worker_errors(method):
     return wrapper
 
 
+def check_replicas_in_sync(variables, name_of) -> None:
+    """Refuses mirrored variables whose copies on this worker's replicas differ.
+
+    Each replica computes its products with its own copy; copies that drifted apart
+    (Keras 3.4's ``model.fit`` under MirroredStrategy leaves them so) would mix
+    several models in one Hessian, silently.
+    """
+    for variable in variables:
+        inner = getattr(variable, "value", variable)
+        copies = getattr(inner, "values", None)
+        if not isinstance(copies, (list, tuple)) or len(copies) < 2:
+            continue
+        first = np.asarray(copies[0].numpy())
+        for copy in copies[1:]:
+            gap = float(np.max(np.abs(np.asarray(copy.numpy()) - first), initial=0.0))
+            if gap > 0:
+                raise ValueError(
+                    f"The replicas hold different values of weight {name_of(variable)!r}: "
+                    f"its mirrored copies differ by up to {gap:.3g}, so each replica would "
+                    "analyse another model. (Keras 3.4's model.fit under MirroredStrategy "
+                    "leaves them so; Keras 3.15 keeps them equal.) Re-synchronise them with "
+                    "`model.set_weights(model.get_weights())`, or upgrade Keras."
+                )
+
+
 def check_workers_agree(strategy, fingerprints: dict[str, str]) -> None:
     """Refuses to go on if workers hold different weights or data.
 

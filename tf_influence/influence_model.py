@@ -18,6 +18,7 @@ from tf_influence._progress import Progress, resolve_verbose
 from tf_influence.curvature import HessianOperator, check_hvp_mode
 from tf_influence.data import ExampleData
 from tf_influence.distribute import (
+    check_replicas_in_sync,
     check_workers_agree,
     resolve_strategy,
     translate_worker_errors,
@@ -302,6 +303,8 @@ class InfluenceModel:
                     "trained model with finite weights: retrain it (lower learning rate, "
                     "gradient clipping) or restore a good checkpoint."
                 )
+        if self.strategy is not None:
+            check_replicas_in_sync(self.objective.variables, variable_name)
 
     def _num_outputs(self, x) -> int | None:
         """Size of the model output's last axis (classes) on a batch ``x``, if one output."""
