@@ -26,18 +26,11 @@ import time
 
 import numpy as np
 
+from tf_influence._files import atomic_write
+
 # Write the progress file at most this often (seconds); 0: after every block.
 CHECKPOINT_SECONDS = 1.0
 _FORMAT = "tf_influence.explain.progress/1"
-
-
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-    partial = f"{path}.partial"
-    with open(partial, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(partial, path)
 
 
 class ResumableOutput:
@@ -112,9 +105,8 @@ class ResumableOutput:
         return None
 
     def save_solutions(self, solutions: np.ndarray) -> None:
-        partial = self.solutions_path + ".partial.npy"
-        np.save(partial, np.asarray(solutions), allow_pickle=False)
-        os.replace(partial, self.solutions_path)
+        array = np.asarray(solutions)
+        atomic_write(self.solutions_path, lambda handle: np.save(handle, array, allow_pickle=False))
 
     # -- the matrix (the sink interface of outputs.DenseSink) --------------------------
     def open(self) -> ResumableOutput:
@@ -147,7 +139,8 @@ class ResumableOutput:
             "dtype": self.dtype.str,
             "fingerprints": self.fingerprints,
         }
-        _atomic_write_bytes(self.progress_path, json.dumps(state, indent=1).encode())
+        data = json.dumps(state, indent=1).encode()
+        atomic_write(self.progress_path, lambda handle: handle.write(data))
         self._last_checkpoint = now
 
     def result(self):

@@ -23,6 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_influence import solvers as solvers_lib
+from tf_influence._files import atomic_write
 from tf_influence._fingerprint import data_fingerprint, weights_fingerprint
 from tf_influence._progress import resolve_verbose
 from tf_influence.data import ExampleData
@@ -72,10 +73,7 @@ def write(path, config: dict, arrays: dict) -> None:
         )
     payload = {"config.json": np.asarray(json.dumps(config))}
     payload.update(arrays)
-    temporary = f"{path}.partial"
-    with open(temporary, "wb") as handle:
-        np.savez(handle, **payload)
-    os.replace(temporary, path)
+    atomic_write(path, lambda handle: np.savez(handle, **payload))
 
 
 def read(path) -> tuple[dict, dict]:
