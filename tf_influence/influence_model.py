@@ -194,15 +194,14 @@ class InfluenceModel:
         self._check_weights()
         self._check_targets(data, "y")
         self._check_batch(data.first_batch(), "x", "y", check_gradients=True)
+        fingerprint = None
         if self.strategy is not None:
+            fingerprint = data_fingerprint(data)
             check_workers_agree(
                 self.strategy,
-                {
-                    "weights": weights_fingerprint(self.model.weights),
-                    "training data": data_fingerprint(data),
-                },
+                {"weights": weights_fingerprint(self.model.weights), "training data": fingerprint},
             )
-        self._data = data
+        self._data, self._data_fingerprint = data, fingerprint
         self._build_operator(verbose)
         return self
 
@@ -223,7 +222,6 @@ class InfluenceModel:
         self._relative_cache = None
         self._feature_indexes = {}
         self._weights_fingerprint = weights_fingerprint(self.model.weights)
-        self._data_fingerprint = None
         if cholesky is not None:  # restored by `load`: no Hessian to build
             self._operator.cached("exact.cholesky", lambda: cholesky)
         elif isinstance(self.solver, solvers_lib.Exact):
@@ -275,6 +273,13 @@ class InfluenceModel:
             block = block.numpy()
             yield offset, block, finite.numpy()
             offset += block.shape[1]
+
+    def training_fingerprint(self) -> str:
+        """sha256 of the training examples of ``fit``, in order (one pass, then cached)."""
+        self._require_fit("training_fingerprint")
+        if self._data_fingerprint is None:
+            self._data_fingerprint = data_fingerprint(self._data)
+        return self._data_fingerprint
 
     def _require_fit(self, what):
         if self._data is None:
@@ -603,8 +608,6 @@ class InfluenceModel:
 
     def _run_fingerprints(self, tests, target, relative) -> dict[str, str]:
         """Digests of everything a score matrix depends on, for resuming it safely."""
-        if self._data_fingerprint is None:
-            self._data_fingerprint = data_fingerprint(self._data)
         settings = {
             "solver": solvers_lib.serialize(self.solver),
             "damping": self.damping,
@@ -623,7 +626,7 @@ class InfluenceModel:
 
         return {
             "weights": self._weights_fingerprint,
-            "training data": self._data_fingerprint,
+            "training data": self.training_fingerprint(),
             "solver settings": digest(settings),
             "test points": data_fingerprint(tests),
             "options": digest(options),

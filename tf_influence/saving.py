@@ -160,7 +160,7 @@ def save_state(im, path, include_data: bool) -> None:
         "param_shapes": [list(v.shape) for v in im.objective.variables],
         "loss": im.objective.loss_name,
         "weights_fingerprint": im._weights_fingerprint,
-        "data_fingerprint": data_fingerprint(im._data),
+        "data_fingerprint": im.training_fingerprint(),
         "data": None,
     }
     arrays = {}
@@ -229,7 +229,7 @@ def load_state(cls, path, model, x, y, loss, verbose):
             f"examples differ from the {config['num_train']} the state was computed for "
             "(values or order). Pass the same data, in the same order."
         )
-    im._data = data
+    im._data, im._data_fingerprint = data, config["data_fingerprint"]
     cholesky = arrays.get("exact/cholesky")
     if cholesky is not None:
         cholesky = tf.constant(cholesky)
