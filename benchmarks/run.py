@@ -9,8 +9,10 @@ Prints one markdown table; every line says the command that made it. Rows:
    straightforward implementation in the same process: per-example gradients in a
    Python loop, a nested-tape HVP ``tf.function``, ``scipy.sparse.linalg.cg`` with
    numpy round trips, one solve per test point. Time ratio and Pearson correlation.
-3. Scoring every training point against the solved vectors (``scoring="jvp"`` and
-   ``"jacobian"``) versus a Python loop over per-example gradients.
+3. Scoring every training point against the solved vectors (``scoring="jvp"``,
+   ``"jacobian"`` with its factored Dense/Conv2D layers, and ``"jacobian"`` by pfor
+   alone) versus a Python loop over per-example gradients; each runs the loop
+   ``explain`` runs after solving.
 4. Time and peak memory of ``explain`` as the training set grows 1x -> 10x -> 50x
    (noisy copies of the digits), each size in its own subprocess.
 
@@ -62,6 +64,12 @@ CG_MAX_ITER = 1000
 TOP_K = 10
 HVP_MODES = ("reverse_over_reverse", "forward_over_reverse")
 SCORING_MODES = ("jvp", "jacobian")
+PFOR_ONLY = "jacobian, pfor only"
+SCORING_LABELS = {
+    "jvp": 'scoring="jvp"',
+    "jacobian": 'scoring="jacobian" (factored Dense/Conv2D)',
+    PFOR_ONLY: 'scoring="jacobian", pfor only (factoring off)',
+}
 SCORING_KS = (1, 8, NUM_TESTS, 64)  # solved vectors per scoring pass, jvp vs jacobian
 
 HERE = os.path.abspath(__file__)
@@ -611,18 +619,21 @@ class Bench:
             test_x, test_y = self.test_xy(name, 0, NUM_TESTS)
             im = self.influence_model(name)
             solutions = im.inverse_hvp_tests(test_x, test_y, verbose=0)  # (p, 20)
-            batches = list(im._data.batches())
             scorers = {}
             for mode in SCORING_MODES:
                 im.compile(solver=im.solver, damping=DAMPING[name], hvp=im.hvp, scoring=mode)
                 scorers[mode] = im._gradients
+            # The same per-example gradients by pfor alone, without the factored layers.
+            im.compile(solver=im.solver, damping=DAMPING[name], hvp=im.hvp, scoring="jacobian")
+            scorers[PFOR_ONLY] = im._gradients
+            scorers[PFOR_ONLY]._factored_state = "off"
 
-            def score_all(scorer, vectors, batches=batches):
-                blocks = []
-                for batch in batches:
-                    block, finite = scorer.scores(batch[0], batch[1], vectors)
-                    finite.numpy()
-                    blocks.append(block.numpy())
+            def score_all(scorer, vectors, im=im):
+                # The loop `explain` runs after solving: as many batches per pass as the
+                # scorer takes, one numpy block per pass.
+                im._gradients = scorer
+                rows = im._rows_per_pass(int(vectors.shape[1]))
+                blocks = [block for _, block, _ in im._training_blocks(vectors, 0, rows)]
                 return np.concatenate(blocks, axis=1)
 
             # 64 columns: the 20 solutions and 44 random vectors (time does not depend on
@@ -651,14 +662,14 @@ class Bench:
             ) / float(np.max(np.abs(expected)))
 
             setting = f"{len(x)} train x {NUM_TESTS} solved vectors, B={self.batch_size}"
-            for mode in SCORING_MODES:
+            for mode in (*SCORING_MODES, PFOR_ONLY):
                 seconds = results[NUM_TESTS][mode][1]
                 speedup = loop_seconds / seconds
                 self.table.add(
                     3,
                     "score all training points",
                     name,
-                    f'scoring="{mode}", {setting}',
+                    f"{SCORING_LABELS[mode]}, {setting}",
                     fmt_time(seconds),
                     f"Python loop {fmt_time(loop_seconds)} (max rel. diff {error:.0e})",
                     f"{speedup:.0f}x faster",
@@ -668,14 +679,15 @@ class Bench:
                 )
             for k in SCORING_KS:
                 jvp, jacobian = results[k]["jvp"][1], results[k]["jacobian"][1]
+                pfor = results[k][PFOR_ONLY][1]
                 self.table.add(
                     3,
-                    "scoring time jvp / jacobian",
+                    "scoring time jvp / jacobian (pfor only / jacobian)",
                     name,
                     f"{k} solved vector{'s' if k > 1 else ''}, B={self.batch_size}",
-                    f"jvp {fmt_time(jvp)}",
+                    f"jvp {fmt_time(jvp)}, pfor only {fmt_time(pfor)}",
                     f"jacobian {fmt_time(jacobian)}",
-                    f"{jvp / jacobian:.2f}",
+                    f"{jvp / jacobian:.2f} ({pfor / jacobian:.2f})",
                     "(< 1: jvp faster)",
                     None,
                     command,

@@ -268,7 +268,10 @@ def test_verbose_shows_progress_bar_only_on_slow_work(mlp, blobs, capsys, monkey
     out = capsys.readouterr().out
     assert "Scoring training examples" in out and "step" in out
     im.explain(x[:3], y[:3], verbose=2)
-    assert "Scoring training examples 4 steps" in capsys.readouterr().out
+    # One step per scoring pass: all 50 examples at once when the MLP is factored.
+    passes = im._data.num_batches(im._rows_per_pass(3))
+    assert passes == 1 and im._data.num_batches() == 4
+    assert "Scoring training examples 1 steps" in capsys.readouterr().out
 
 
 def test_compile_after_fit_changes_damping(mlp, blobs):

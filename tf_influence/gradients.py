@@ -11,9 +11,17 @@ Scores of a batch of b training examples against k solved vectors
   scores, and no gradient is ever materialised. Cost about k forward passes;
   cheaper when there are few test points.
 
-``"auto"`` takes ``"jvp"`` up to ``JVP_MAX_TESTS`` test points and
-``"jacobian"`` above. Memory is bounded by the batch and the number of test
-points, never by the size of the training set.
+``"auto"`` takes ``"jacobian"`` when every parameter is factored (below), and
+otherwise ``"jvp"`` up to ``JVP_MAX_TESTS`` test points and ``"jacobian"`` above.
+Memory is bounded by the batch and the number of test points, never by the size
+of the training set.
+
+With ``"jacobian"``, the parameters of ``Dense`` and ``Conv2D`` layers get their
+per-example gradients (and scores) from the layers' inputs and output gradients
+in one batched pass (``tf_influence/factored.py``), once a check on a real batch
+has shown that these add up to the batch gradient; the other parameters go
+through pfor. Then a pass may take several batches at once, up to
+``SCORING_BUDGET`` values of intermediate results.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import tensorflow as tf
 
 from tf_influence._compile import BatchFunction
 from tf_influence.curvature import tf_variable
+from tf_influence.factored import FactoredGradients, FactoredUnavailable, find_layers
 from tf_influence.objective import Objective
 
 SCORING_MODES = ("jacobian", "jvp")
@@ -30,6 +39,9 @@ SCORING_MODES = ("jacobian", "jvp")
 # digits MLP and between 20 and 64 on the CNN, whose convolution filter gradients
 # pfor cannot vectorise).
 JVP_MAX_TESTS = 32
+# A factored scoring pass holds about this many intermediate values (64 MiB in
+# float32); it takes as many whole batches as fit in it.
+SCORING_BUDGET = 2**24
 
 
 class ForwardModeUnavailable(Exception):
@@ -66,16 +78,30 @@ class PerExampleGradients:
             "jacobian": BatchFunction(self._jacobian_scores, [solutions], jit_compile),
             "jvp": BatchFunction(self._jvp_scores, [solutions], jit_compile),
         }
+        layers = find_layers(objective)
+        self._factored = FactoredGradients(objective, layers) if layers else None
+        # "unchecked" until `check_factored` ran on a batch, then "on" or "off".
+        self._factored_state = "unchecked" if layers else "off"
+        factored = set(self._factored.indices) if layers else set()
+        self._pfor_indices = [i for i in range(len(objective.variables)) if i not in factored]
+        self._factored_check = BatchFunction(self._factored_check_impl)
+        self._factored_gradients = BatchFunction(self._factored_gradients_impl, (), jit_compile)
+        self._factored_scores = BatchFunction(self._factored_scores_impl, [solutions], jit_compile)
 
-    def _per_variable_gradients(self, x, y):
+    def _per_variable_gradients(self, x, y, indices=None):
         """Per-example gradients, one ``(b, size)`` tensor per variable (None: no gradient).
+
+        ``indices`` chooses variables (default: all), and the result follows them.
 
         Vectorised over the batch with pfor. This is 7x faster than ``tape.jacobian``
         of the vector of losses on the digits MLP (2 vs 14 ms for 128 examples):
         pfor then sees one small backward pass instead of the reverse pass of the
         whole batch seeded with every one-hot vector.
         """
-        variables = self.objective.variables
+        if indices is None:
+            indices = range(len(self.objective.variables))
+        variables = [self.objective.variables[i] for i in indices]
+        sizes = [self.objective.layout.sizes[i] for i in indices]
 
         def one(example):
             xi, yi = tf.nest.map_structure(lambda t: t[None], example)
@@ -89,7 +115,7 @@ class PerExampleGradients:
         size = tf.shape(grads[0])[0] if grads else 0
         return [
             None if g.shape[1:].num_elements() == 0 and n else tf.reshape(g, [size, n])
-            for g, n in zip(grads, self.objective.layout.sizes, strict=True)
+            for g, n in zip(grads, sizes, strict=True)
         ]
 
     def _gradients_impl(self, x, y):
@@ -115,6 +141,76 @@ class PerExampleGradients:
         # A NaN or inf in a gradient makes its scores NaN or inf.
         finite = tf.reduce_all(tf.math.is_finite(scores), axis=0)  # (b,)
         return scores, finite
+
+    # -- factored Dense / Conv2D parameters (tf_influence/factored.py) -------------------
+    def _factored_check_impl(self, x, y):
+        uses, losses, batch_grads = self._factored.uses(x, y, batch_grads=True)
+        return self._factored.check(uses, tf.shape(losses)[0], batch_grads)
+
+    def check_factored(self, x, y) -> bool:
+        """Decides, once, on a batch, whether factored per-example gradients are exact here.
+
+        They are used only if their sum equals the batch gradient of every factored
+        variable (see ``FactoredGradients.check``); otherwise pfor is used for good.
+        """
+        if self._factored_state == "unchecked":
+            try:
+                ok = bool(self._factored_check(x, y).numpy())
+            except (FactoredUnavailable, tf.errors.InvalidArgumentError, TypeError, ValueError):
+                ok = False  # whatever the factors cannot express goes through pfor
+            self._factored_state = "on" if ok else "off"
+        return self._factored_state == "on"
+
+    def _factored_gradients_impl(self, x, y):
+        uses, losses, _ = self._factored.uses(x, y)
+        size = tf.shape(losses)[0]
+        dtype = self.objective.dtype
+        parts = self._factored.per_example(uses, size, dtype)
+        if self._pfor_indices:
+            rest = self._per_variable_gradients(x, y, self._pfor_indices)
+            parts.update(zip(self._pfor_indices, rest, strict=True))
+        return tf.concat(
+            [
+                tf.zeros([size, n], dtype) if parts.get(i) is None else tf.cast(parts[i], dtype)
+                for i, n in enumerate(self.objective.layout.sizes)
+            ],
+            axis=1,
+        )
+
+    def _factored_scores_impl(self, x, y, solutions):
+        blocks = tf.split(solutions, self.objective.layout.sizes, axis=0)
+        uses, losses, _ = self._factored.uses(x, y)
+        scores = self._factored.scores(uses, tf.shape(losses)[0], blocks)  # (b, k)
+        if self._pfor_indices:
+            rest = self._per_variable_gradients(x, y, self._pfor_indices)
+            for i, g in zip(self._pfor_indices, rest, strict=True):
+                if g is not None:
+                    scores += tf.matmul(tf.cast(g, solutions.dtype), blocks[i])
+        scores = -tf.transpose(scores)  # (k, b)
+        finite = tf.reduce_all(tf.math.is_finite(scores), axis=0)  # (b,)
+        return scores, finite
+
+    def _use_factored(self, x=None, y=None) -> bool:
+        if self._factored_state == "unchecked" and x is not None:
+            self.check_factored(x, y)
+        return self._factored_state == "on"
+
+    def rows_per_pass(self, num_tests: int, batch_size: int) -> int:
+        """Training examples per scoring pass: whole batches within ``SCORING_BUDGET``."""
+        if self.mode_for(num_tests) != "jacobian" or not self._use_factored():
+            return batch_size
+        layout = self.objective.layout
+        per_row = sum(layout.sizes[i] for i in self._pfor_indices)
+        for entry in self._factored.layers:
+            if entry.kernel is not None:
+                fan_in, fan_out = layout.shapes[entry.kernel][-2:]
+                ghost = entry.kind == "dense" and num_tests <= max(fan_in, fan_out)
+                width = min(fan_in, fan_out) * num_tests
+                per_row += width if ghost else layout.sizes[entry.kernel]
+            if entry.bias is not None:
+                per_row += layout.sizes[entry.bias]
+        batches = max(1, SCORING_BUDGET // max(1, per_row * batch_size))
+        return batches * batch_size
 
     def _jvp_scores(self, x, y, solutions):
         primals = [tf_variable(v) for v in self.objective.variables]
@@ -168,12 +264,19 @@ class PerExampleGradients:
 
     def __call__(self, x, y) -> tf.Tensor:
         """Gradients of shape ``(batch, num_params)``."""
+        if self._use_factored(x, y):
+            try:
+                return self._factored_gradients(x, y)
+            except FactoredUnavailable:
+                self._factored_state = "off"
         return self._gradients(x, y)
 
     def mode_for(self, num_tests: int) -> str:
         """The scoring mode used for ``num_tests`` solved vectors."""
         if self.scoring != "auto":
             return self.scoring
+        if self._factored_state == "on" and not self._pfor_indices:
+            return "jacobian"  # factored throughout: faster than jvp at any k measured
         return "jvp" if num_tests <= JVP_MAX_TESTS else "jacobian"
 
     def scores(self, x, y, solutions) -> tuple[tf.Tensor, tf.Tensor]:
@@ -188,6 +291,7 @@ class PerExampleGradients:
             False where an example's gradient (or score) holds NaN or inf.
         """
         solutions = tf.convert_to_tensor(solutions, self.objective.dtype)
+        self._use_factored(x, y)
         return self.run_scoring(lambda impl: impl(x, y, solutions), int(solutions.shape[1]))
 
     def run_scoring(self, call, num_tests: int):
@@ -197,6 +301,11 @@ class PerExampleGradients:
         through the model, "auto" falls back to per-example gradients for good.
         """
         mode = "jacobian" if self._jvp_unavailable else self.mode_for(num_tests)
+        if mode == "jacobian" and self._factored_state == "on":
+            try:
+                return call(self._factored_scores)
+            except FactoredUnavailable:
+                self._factored_state = "off"
         try:
             return call(self._scores[mode])
         except ForwardModeUnavailable:
@@ -212,6 +321,5 @@ class PerExampleGradients:
 
     def tracing_count(self) -> int:
         """Traces so far of the gradient and scoring functions (for retracing checks)."""
-        return self._gradients.tracing_count() + sum(
-            f.tracing_count() for f in self._scores.values()
-        )
+        functions = [self._gradients, self._factored_gradients, self._factored_scores]
+        return sum(f.tracing_count() for f in [*functions, *self._scores.values()])

@@ -194,6 +194,7 @@ class InfluenceModel:
         self._check_weights()
         self._check_targets(data, "y")
         self._check_batch(data.first_batch(), "x", "y", check_gradients=True)
+        self._gradients.check_factored(*data.first_batch()[:2])
         fingerprint = None
         if self.strategy is not None:
             fingerprint = data_fingerprint(data)
@@ -252,19 +253,28 @@ class InfluenceModel:
         progress.done()
         return tf.concat(rows, axis=0)
 
-    def _training_blocks(self, solutions, start: int = 0):
+    def _rows_per_pass(self, num_tests: int) -> int:
+        """Training examples per scoring pass (several batches when factored scoring allows)."""
+        if self._operator.replicas is not None:
+            return self._data.batch_size  # the global batches of the distributed dataset
+        self._gradients.check_factored(*self._data.first_batch()[:2])
+        return self._gradients.rows_per_pass(num_tests, self._data.batch_size)
+
+    def _training_blocks(self, solutions, start: int = 0, rows: int | None = None):
         """Yields ``(start, scores (k, m), finite (m,))`` over the training set, in order.
 
-        On a strategy, each replica scores its shard and the columns are put back in
-        the order of ``fit`` by their global indices. Batches wholly before ``start``
-        are skipped without being scored (a resumed ``explain``).
+        ``rows`` examples per pass (default: the batch size of ``fit``). On a strategy,
+        each replica scores its shard and the columns are put back in the order of
+        ``fit`` by their global indices. Passes wholly before ``start`` are skipped
+        without being scored (a resumed ``explain``).
         """
         replicas = self._operator.replicas
         if replicas is not None:
+            self._gradients.check_factored(*self._data.first_batch()[:2])
             yield from replicas.score_blocks(self._gradients, solutions, start)
             return
         offset = 0
-        for batch in self._data.batches():
+        for batch in self._data.batches(rows):
             size = int(tf.shape(tf.nest.flatten(batch[1])[0])[0])
             if offset + size <= start:
                 offset += size
@@ -463,8 +473,9 @@ class InfluenceModel:
     def _score_training(self, solutions, verbose, sink, divisors=None, start=0):
         if self._index is not None:
             return self._score_from_index(solutions, sink, divisors, start)
-        progress = Progress(self._data.num_batches(), verbose, "Scoring training examples")
-        blocks = self._training_blocks(solutions, start)
+        rows = self._rows_per_pass(int(solutions.shape[1]))
+        progress = Progress(self._data.num_batches(rows), verbose, "Scoring training examples")
+        blocks = self._training_blocks(solutions, start, rows)
         for step, (offset, block, finite) in enumerate(blocks, start=1):
             raise_at_first_nonfinite(finite, offset, _NONFINITE_TRAINING)
             if divisors is not None:

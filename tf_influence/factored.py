@@ -1,0 +1,301 @@
+"""Per-example gradients of Dense and Conv2D layers from their factors.
+
+A ``Dense`` layer computes ``z = a @ W + b`` (then its activation). The gradient
+of one example's loss with respect to ``W`` is the outer product ``a_j (x) delta_j``
+of the layer's input ``a_j`` and of ``delta_j = dL(z_j)/dz``; with respect to ``b``
+it is ``delta_j``. Both factors come out of one ordinary batched forward and
+backward pass, so per-example gradients of these layers need neither pfor nor
+one backward pass per example (Goodfellow, 2015). A ``Conv2D`` kernel gradient
+is the same product summed over output positions, with ``a`` replaced by the
+input patches (``tf.image.extract_patches``).
+
+Scores against solved vectors ``s_i`` then need no gradient at all for a Dense
+layer: ``g_j . s_i = a_j^T S_i delta_j`` with ``S_i`` the kernel block of ``s_i``,
+one ``(b, in) x (in, out * k)`` matrix product for all k vectors (the "ghost"
+product of Li et al., 2022), or ``(b, out) x (out, in * k)`` when ``in < out``. It
+is used while ``k <= max(in, out)``, where it needs no more memory than the
+gradients would.
+
+The factors are taken by swapping, while one batch function is traced, the
+``call`` of each eligible layer for one that records its input and
+pre-activation output. A layer is eligible when it is exactly ``keras.layers.Dense``
+or ``keras.layers.Conv2D`` (channels last, ``groups=1``), without LoRA or
+quantisation, and holds chosen parameters. Everything else (and every layer
+if the model does something this cannot see, such as reading a Dense kernel
+outside the layer) goes through vectorised per-example gradients; ``check``
+compares, on a real batch, the summed factored gradients with the batch
+gradient before any factored result is used.
+
+References:
+    Goodfellow, "Efficient Per-Example Gradient Computations", arXiv 1510.01799, 2015.
+    Li, Tramer, Liang & Hashimoto, "Large Language Models Can Be Strong
+    Differentially Private Learners" (ghost clipping), ICLR 2022.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import keras
+import tensorflow as tf
+
+from tf_influence.curvature import tf_variable
+from tf_influence.objective import Objective
+
+# Summed factored gradients must match the batch gradient to this fraction of
+# the summed per-example gradient norms (float32 rounding is near 1e-6).
+CHECK_RTOL = 1e-4
+
+
+class FactoredUnavailable(Exception):
+    """Raised while tracing when a layer's factors cannot be taken (then pfor is used)."""
+
+
+@dataclass(frozen=True)
+class FactoredLayer:
+    """An eligible layer and the positions of its kernel and bias among the parameters."""
+
+    layer: keras.layers.Layer
+    kind: str  # "dense" or "conv2d"
+    kernel: int | None
+    bias: int | None
+
+
+@dataclass(frozen=True)
+class Use:
+    """One call of a factored layer in a batch: its input and the loss gradient at its output."""
+
+    entry: FactoredLayer
+    inputs: tf.Tensor
+    delta: tf.Tensor
+
+
+def find_layers(objective: Objective) -> list[FactoredLayer]:
+    """The layers of the model whose chosen parameters can be factored."""
+    position = {id(v): i for i, v in enumerate(objective.variables)}
+    found = []
+    for layer in objective.model._flatten_layers(include_self=False):
+        kind = _kind(layer)
+        if kind is None:
+            continue
+        kernel = position.get(id(layer.kernel))
+        bias = position.get(id(layer.bias)) if layer.bias is not None else None
+        if kernel is not None or bias is not None:
+            found.append(FactoredLayer(layer, kind, kernel, bias))
+    return found
+
+
+def _kind(layer) -> str | None:
+    if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
+        return None
+    if type(layer) is keras.layers.Dense:
+        return "dense"
+    if (
+        type(layer) is keras.layers.Conv2D
+        and layer.data_format == "channels_last"
+        and getattr(layer, "groups", 1) == 1
+        and layer.padding in ("valid", "same")
+    ):
+        return "conv2d"
+    return None
+
+
+@contextlib.contextmanager
+def _recording(layers: list[FactoredLayer], records: list):
+    """Swaps each layer's ``call`` for one that appends ``(entry, inputs, z)`` to ``records``."""
+    saved = []
+    try:
+        for entry in layers:
+            layer = entry.layer
+            saved.append((layer, layer.__dict__.get("call")))
+            object.__setattr__(layer, "call", _recording_call(entry, records))
+        yield
+    finally:
+        for layer, previous in saved:
+            if previous is None:
+                object.__delattr__(layer, "call")
+            else:
+                object.__setattr__(layer, "call", previous)
+
+
+def _recording_call(entry: FactoredLayer, records: list):
+    layer = entry.layer
+
+    def call(inputs, *args, **kwargs):
+        if not isinstance(inputs, tf.Tensor) or not inputs.dtype.is_floating:
+            raise FactoredUnavailable(f"layer {layer.name!r} got {type(inputs).__name__}")
+        if entry.kind == "dense":
+            z = keras.ops.matmul(inputs, layer.kernel)
+            if layer.bias is not None:
+                z = keras.ops.add(z, layer.bias)
+        else:
+            z = layer.convolution_op(inputs, layer.kernel)
+            if layer.bias is not None:
+                z = keras.ops.add(z, keras.ops.reshape(layer.bias, (1, 1, 1, -1)))
+        records.append((entry, inputs, z))
+        return layer.activation(z) if layer.activation is not None else z
+
+    return call
+
+
+class FactoredGradients:
+    """Per-example gradients and scores of the factored layers of ``objective``.
+
+    Args:
+        objective: the per-example loss and the parameters.
+        layers: the eligible layers (``find_layers``).
+    """
+
+    def __init__(self, objective: Objective, layers: list[FactoredLayer]):
+        self.objective = objective
+        self.layers = layers
+        self.indices = sorted(i for e in layers for i in (e.kernel, e.bias) if i is not None)
+
+    def uses(self, x, y, batch_grads=False) -> tuple[list[Use], tf.Tensor, list]:
+        """One batched forward and backward pass.
+
+        Returns:
+            ``(uses, losses, batch_grads)``: every call of a factored layer with its
+            input and ``dL/dz`` (rows are examples), the ``(b,)`` losses, and (if
+            ``batch_grads``) the gradient of the summed loss for each factored
+            variable, for ``check``.
+        """
+        records: list = []
+        chosen = self.indices if batch_grads else []
+        variables = [tf_variable(self.objective.variables[i]) for i in chosen]
+        with tf.GradientTape() as tape:
+            with _recording(self.layers, records):
+                losses = self.objective.per_example_loss(x, y)
+            total = tf.reduce_sum(losses)
+        if not records:
+            raise FactoredUnavailable("no factored layer was called")
+        grads = tape.gradient(total, [z for _, _, z in records] + variables)
+        deltas, batch_grads = grads[: len(records)], grads[len(records) :]
+        uses = []
+        for (entry, inputs, z), delta in zip(records, deltas, strict=True):
+            # A call whose output the loss never reaches contributes nothing.
+            uses.append(Use(entry, inputs, tf.zeros_like(z) if delta is None else delta))
+        return uses, losses, batch_grads
+
+    def per_example(self, uses: list[Use], size, dtype) -> dict[int, tf.Tensor]:
+        """``{variable index: (b, variable size)}`` per-example gradients, summed over uses."""
+        out: dict[int, tf.Tensor] = {}
+
+        def add(index, value):
+            value = tf.cast(tf.reshape(value, [size, -1]), dtype)
+            out[index] = value if index not in out else out[index] + value
+
+        for use in uses:
+            entry = use.entry
+            if entry.kernel is not None:
+                add(entry.kernel, self._kernel_gradients(use, size))
+            if entry.bias is not None:
+                add(entry.bias, _rows(use.delta, size, use.delta.shape[-1], reduce=True))
+        return out
+
+    def _kernel_gradients(self, use: Use, size) -> tf.Tensor:
+        """``(b, *kernel.shape)`` kernel gradients of one use."""
+        inputs, delta = _inputs_for(use), use.delta
+        inputs = tf.cast(inputs, delta.dtype)
+        rows_in = _rows(inputs, size, inputs.shape[-1])  # (b, t, in)
+        rows_out = _rows(delta, size, delta.shape[-1])  # (b, t, out)
+        return tf.einsum("bti,bto->bio", rows_in, rows_out)
+
+    def scores(self, uses: list[Use], size, blocks: list[tf.Tensor]) -> tf.Tensor:
+        """``(b, k)``: ``g_j . s_i`` over the factored variables (``blocks[i]`` is ``(n_i, k)``)."""
+        k = tf.shape(blocks[0])[1]
+        dtype = blocks[0].dtype
+        total = tf.zeros([size, k], dtype)
+        for use in uses:
+            entry = use.entry
+            delta = tf.cast(use.delta, dtype)
+            if entry.kernel is not None:
+                block = blocks[entry.kernel]
+                if entry.kind == "dense" and use.inputs.shape.rank == 2:
+                    total += self._ghost_scores(tf.cast(use.inputs, dtype), delta, block, k)
+                else:
+                    grads = tf.cast(self._kernel_gradients(use, size), dtype)
+                    total += tf.matmul(tf.reshape(grads, [size, -1]), block)
+            if entry.bias is not None:
+                rows = _rows(delta, size, delta.shape[-1], reduce=True)
+                total += tf.matmul(rows, blocks[entry.bias])
+        return total
+
+    @staticmethod
+    def _ghost_scores(inputs, delta, block, k) -> tf.Tensor:
+        """``a_j^T S_i delta_j`` for a Dense layer, or the same from materialised gradients.
+
+        The ghost product multiplies ``S`` by whichever factor is wider, leaving
+        ``(b, min(in, out) * k)`` values to weigh by the other factor.
+        """
+        fan_in, fan_out = inputs.shape[-1], delta.shape[-1]
+        width = min(fan_in, fan_out)
+
+        def ghost():
+            if fan_out <= fan_in:  # (a S_i) . delta
+                kernel = tf.reshape(block, [fan_in, fan_out * k])
+                products, other = tf.matmul(inputs, kernel), delta
+            else:  # a . (S_i delta)
+                kernel = tf.reshape(block, [fan_in, fan_out, k])
+                kernel = tf.reshape(tf.transpose(kernel, [1, 0, 2]), [fan_out, fan_in * k])
+                products, other = tf.matmul(delta, kernel), inputs
+            products = tf.reshape(products, [-1, width, k])
+            return tf.einsum("bwk,bw->bk", products, other)
+
+        def materialised():
+            grads = tf.reshape(tf.einsum("bi,bo->bio", inputs, delta), [-1, fan_in * fan_out])
+            return tf.matmul(grads, block)
+
+        # The ghost product holds (b, min(in, out) * k) values, the gradients (b, in * out).
+        return tf.cond(k <= max(fan_in, fan_out), ghost, materialised)
+
+    def check(self, uses: list[Use], size, batch_grads) -> tf.Tensor:
+        """True if the factored gradients add up to the batch gradient of every variable.
+
+        A model that reads a factored kernel outside its layer, or a layer whose rows
+        are not the batch's examples (e.g. inside ``TimeDistributed``), fails this check.
+        """
+        static = tf.get_static_value(size)
+        if any(static is not None and u.inputs.shape[0] not in (None, static) for u in uses):
+            return tf.constant(False)
+        ok = tf.constant(True)
+        for use in uses:
+            ok = tf.logical_and(ok, tf.equal(tf.shape(use.inputs)[0], size))
+        per_example = self.per_example(uses, size, tf.float64)
+        for index, grad in zip(self.indices, batch_grads, strict=True):
+            mine = per_example.get(index)
+            if mine is None:
+                if grad is None:
+                    continue  # a layer never called, and no gradient from elsewhere
+                return tf.constant(False)  # read outside its layer
+            scale = tf.reduce_sum(tf.norm(mine, axis=1))
+            if grad is None:
+                grad = tf.zeros_like(mine[0])
+            batch = tf.cast(tf.reshape(grad, [-1]), tf.float64)
+            error = tf.norm(tf.reduce_sum(mine, axis=0) - batch)
+            ok = tf.logical_and(ok, error <= CHECK_RTOL * scale + 1e-30)
+        return ok
+
+
+def _inputs_for(use: Use) -> tf.Tensor:
+    """The layer input whose rows pair with ``delta``: patches for a convolution."""
+    if use.entry.kind != "conv2d":
+        return use.inputs
+    layer = use.entry.layer
+    kh, kw = layer.kernel_size
+    sh, sw = layer.strides
+    dh, dw = layer.dilation_rate
+    return tf.image.extract_patches(
+        use.inputs,
+        sizes=[1, kh, kw, 1],
+        strides=[1, sh, sw, 1],
+        rates=[1, dh, dw, 1],
+        padding=layer.padding.upper(),
+    )
+
+
+def _rows(tensor, size, width, reduce=False) -> tf.Tensor:
+    """``(b, t, width)`` (or ``(b, width)`` summed over t) from ``(b, ..., width)``."""
+    rows = tf.reshape(tensor, [size, -1, width])
+    return tf.reduce_sum(rows, axis=1) if reduce else rows
