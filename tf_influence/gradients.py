@@ -147,6 +147,11 @@ class PerExampleGradients:
         uses, losses, batch_grads = self._factored.uses(x, y, batch_grads=True)
         return self._factored.check(uses, tf.shape(losses)[0], batch_grads)
 
+    @property
+    def factored_unchecked(self) -> bool:
+        """True until ``check_factored`` has decided on a batch."""
+        return self._factored_state == "unchecked"
+
     def check_factored(self, x, y) -> bool:
         """Decides, once, on a batch, whether factored per-example gradients are exact here.
 

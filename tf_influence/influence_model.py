@@ -255,10 +255,15 @@ class InfluenceModel:
 
     def _rows_per_pass(self, num_tests: int) -> int:
         """Training examples per scoring pass (several batches when factored scoring allows)."""
+        self._check_factored()
         if self._operator.replicas is not None:
             return self._data.batch_size  # the global batches of the distributed dataset
-        self._gradients.check_factored(*self._data.first_batch()[:2])
         return self._gradients.rows_per_pass(num_tests, self._data.batch_size)
+
+    def _check_factored(self) -> None:
+        """Runs the factored-gradient check on the first training batch, once per compile."""
+        if self._gradients.factored_unchecked:
+            self._gradients.check_factored(*self._data.first_batch()[:2])
 
     def _training_blocks(self, solutions, start: int = 0, rows: int | None = None):
         """Yields ``(start, scores (k, m), finite (m,))`` over the training set, in order.
@@ -270,7 +275,7 @@ class InfluenceModel:
         """
         replicas = self._operator.replicas
         if replicas is not None:
-            self._gradients.check_factored(*self._data.first_batch()[:2])
+            self._check_factored()
             yield from replicas.score_blocks(self._gradients, solutions, start)
             return
         offset = 0
