@@ -174,13 +174,8 @@ class PerExampleGradients:
         if self._pfor_indices:
             rest = self._per_variable_gradients(x, y, self._pfor_indices)
             parts.update(zip(self._pfor_indices, rest, strict=True))
-        return tf.concat(
-            [
-                tf.zeros([size, n], dtype) if parts.get(i) is None else tf.cast(parts[i], dtype)
-                for i, n in enumerate(self.objective.layout.sizes)
-            ],
-            axis=1,
-        )
+        tensors = [parts.get(i) for i in range(len(self.objective.variables))]
+        return self.objective.layout.flatten_batched(tensors, size, dtype)
 
     def _factored_scores_impl(self, x, y, solutions):
         blocks = tf.split(solutions, self.objective.layout.sizes, axis=0)
