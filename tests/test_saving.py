@@ -17,7 +17,11 @@ def fitted(model, x, y, solver="cg", **fit_args):
 
 # LiSSA's convergence is not the point here (its own tests hold it to its tolerance).
 @pytest.mark.filterwarnings("ignore:Solver LiSSA")
-@pytest.mark.parametrize("solver", ["exact", "cg", tfi.solvers.LiSSA(recursion_depth=200)])
+# CG at a tight tolerance: the original model starts later solves from directions it
+# kept (recycling) and the loaded one does not, so they agree to the tolerance only.
+@pytest.mark.parametrize(
+    "solver", ["exact", tfi.solvers.CG(tol=1e-10), tfi.solvers.LiSSA(recursion_depth=200)]
+)
 def test_round_trip_gives_identical_explain(mlp, blobs, tmp_path, solver):
     x, y = blobs
     im = fitted(mlp, x, y, solver)

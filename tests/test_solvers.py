@@ -83,6 +83,110 @@ def test_cg_reports_unconverged_when_max_iter_too_small(operator, rhs):
     assert diagnostics.iterations == 2 and not diagnostics.all_converged
 
 
+def test_recycled_solves_equal_linalg_solve_and_take_fewer_iterations(operator):
+    # A sequence of solves on one operator: each later one starts from the directions
+    # the earlier ones kept, and still equals the dense solve.
+    rng = np.random.default_rng(7)
+    solver = CG(tol=1e-10)
+    fresh = CG(tol=1e-10, recycle=0)
+    widths, saved = [], []
+    for k in (4, 4, 1, 3, 4):
+        rhs = tf.constant(rng.normal(size=(operator.num_params, k)))
+        solution, diagnostics = solver.solve(operator, rhs)
+        np.testing.assert_allclose(solution.numpy(), reference(operator, rhs), rtol=1e-7, atol=1e-9)
+        assert diagnostics.all_converged and diagnostics.residual_norm.max() <= 1e-10
+        true = tfi.solvers.base.relative_residual(operator, solution, rhs).numpy()
+        assert true.max() < 1e-8, true
+        widths.append(diagnostics.info["recycled_directions"])
+        _, alone = fresh.solve(operator, rhs)
+        assert alone.info["recycled_directions"] == 0
+        saved.append(alone.iterations - diagnostics.iterations)
+    capacity = operator.num_params // 2
+    assert widths[0] == 0 and 0 < widths[1] <= capacity and widths[-1] == capacity, widths
+    assert all(s > 0 for s in saved[1:]), saved
+
+
+def test_recycling_float32_keeps_the_true_residual():
+    # In float32, rounding in the kept products must not let the recursive residual
+    # drift away from the true one.
+    x, y = np.random.default_rng(0).normal(size=(50, 4)), np.arange(50) % 3
+    model = make_mlp(dtype="float32")
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    objective = tfi.Objective(model, loss=loss)
+    op32 = HessianOperator(objective, ExampleData(x.astype("float32"), y, 16), 0.5)
+    rng = np.random.default_rng(8)
+    dense = op32.dense().numpy()
+    for _ in range(4):
+        rhs = rng.normal(size=(op32.num_params, 5)).astype(np.float32)
+        solution, diagnostics = CG(tol=1e-5).solve(op32, tf.constant(rhs))
+        true = np.linalg.norm(dense @ solution.numpy() - rhs, axis=0) / np.linalg.norm(rhs, axis=0)
+        assert diagnostics.all_converged and true.max() < 3e-5, (true, diagnostics)
+    assert diagnostics.info["recycled_directions"] > 0
+
+
+def test_recycled_space_is_capped_and_can_be_turned_off(operator, rhs, monkeypatch):
+    plain, plain_diag = CG(tol=1e-10, recycle=0).solve(operator, rhs)
+    CG(tol=1e-10, recycle=0).solve(operator, rhs)
+    assert not any(key[0] == "cg.recycled" for key in operator._cache)
+    assert plain_diag.info["recycled_directions"] == 0
+    solver = CG(tol=1e-10, recycle=5)
+    solver.solve(operator, rhs)
+    _, diagnostics = solver.solve(operator, rhs * 2)
+    assert diagnostics.info["recycled_directions"] == 5
+    # The memory budget caps the space too: here it leaves room for no direction.
+    monkeypatch.setattr(tfi.solvers.cg, "RECYCLE_BUDGET", operator.num_params)
+    fresh = HessianOperator(operator.objective, operator.data, operator.damping)
+    for _ in range(2):
+        solution, diagnostics = CG(tol=1e-10).solve(fresh, rhs)
+        assert diagnostics.info["recycled_directions"] == 0
+    np.testing.assert_allclose(solution.numpy(), plain.numpy(), rtol=1e-7, atol=1e-9)
+
+
+def test_recycled_space_is_dropped_when_the_weights_change(blobs):
+    # The kept products belong to one Hessian: after the weights move, explain must
+    # equal a fresh model's (a stale space would make the deflated solve wrong).
+    x, y = blobs
+    model = make_mlp()
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    im = tfi.InfluenceModel(model)
+    im.compile(solver=CG(tol=1e-10), damping=0.5)
+    im.fit(x, y, batch_size=16, verbose=0)
+    im.explain(x[:4], y[:4], verbose=0)
+    im.explain(x[4:8], y[4:8], verbose=0)
+    assert im.diagnostics.info["recycled_directions"] > 0
+    for variable in model.trainable_variables:
+        variable.assign(1.5 * variable + 0.1)
+    for refit in (lambda: im._build_operator(reuse=True), lambda: im.fit(x, y, 16, verbose=0)):
+        refit()
+        got = im.explain(x[8:12], y[8:12], verbose=0)
+        assert im.diagnostics.info["recycled_directions"] == 0
+        fresh = tfi.InfluenceModel(model)
+        fresh.compile(solver="exact", damping=0.5)
+        fresh.fit(x, y, batch_size=16, verbose=0)
+        np.testing.assert_allclose(got, fresh.explain(x[8:12], y[8:12], verbose=0), rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_orthonormal_columns_spans_the_block(dtype):
+    from tf_influence.solvers.cg import orthonormal_columns
+
+    rng = np.random.default_rng(9)
+    cases = [rng.normal(size=(300, 6))]
+    deficient = rng.normal(size=(300, 6))
+    deficient[:, 2] = 2 * deficient[:, 0]  # dependent
+    deficient[:, 4] *= 1e-6  # tiny but independent
+    zero = rng.normal(size=(300, 6))
+    zero[:, 3] = 0.0
+    cases += [deficient, zero]
+    for a in cases:
+        q = orthonormal_columns(tf.constant(a.astype(dtype))).numpy().astype(np.float64)
+        assert q.shape == a.shape and np.isfinite(q).all()
+        np.testing.assert_allclose(q.T @ q, np.eye(6), atol=1e-5)
+        # Every column of a lies in span(q).
+        outside = a - q @ (q.T @ a)
+        assert np.linalg.norm(outside) < 1e-5 * np.linalg.norm(a)
+
+
 def test_lissa_within_its_own_tolerance(operator, rhs):
     solver = LiSSA(recursion_depth=400, num_repeats=4, batch_size=25, seed=0)
     solution, diagnostics = solver.solve(operator, rhs)
@@ -140,6 +244,9 @@ def test_exact_error_suggests_damping_that_works(blobs):
         (lambda: CG(tol=0), r"`tol` must be a positive finite number. Received: tol=0"),
         (lambda: CG(max_iter=0), r"`max_iter` must be a positive integer. Received: max_iter=0"),
         (lambda: CG(block=1), r"`block` must be True or False. Received: block=1"),
+        (lambda: CG(recycle=-1), r"`recycle` must be a non-negative integer .* recycle=-1"),
+        (lambda: CG(recycle=2.5), r"`recycle` must be a non-negative integer .* recycle=2.5"),
+        (lambda: CG(recycle=True), r"`recycle` must be a non-negative integer .* recycle=True"),
         (lambda: LiSSA(recursion_depth=-1), r"`recursion_depth` must be a positive integer"),
         (lambda: LiSSA(scale=float("nan")), r"`scale` must be a positive finite number"),
         (lambda: LiSSA(num_repeats=1.5), r"`num_repeats` must be a positive integer"),
