@@ -307,8 +307,13 @@ def inverse_if_positive(e):
         tf.reduce_all(tf.math.is_finite(values)),
         tf.reduce_min(tf.concat([values, tf.ones([1], tf.float64)], 0)) > 0,
     )
+    return _positive_inverse(values, vectors), ok
+
+
+def _positive_inverse(values, vectors):
+    """The inverse of ``vectors @ diag(values) @ vectors^T`` on its positive eigenvalues."""
     safe = tf.where(values > 0, values, tf.ones_like(values))
-    return tf.matmul(vectors / safe, vectors, transpose_b=True), ok
+    return tf.matmul(vectors / safe, vectors, transpose_b=True)
 
 
 # One trace per dtype, whatever the sizes.
@@ -327,9 +332,9 @@ def orthonormal_columns(a):
 
     Shifted Cholesky QR (Fukaya et al. 2020), twice, in float64 on columns scaled
     to unit norm: all matrix products, several times faster than Householder QR
-    for tall blocks.
-    Falls back to Householder QR when a column is zero or the Gram matrix is too
-    ill-conditioned for Cholesky (the result is then not orthonormal).
+    for tall blocks. Falls back to Householder QR when a column is zero or the
+    Gram matrix is too ill-conditioned for Cholesky, which shows as a result that
+    is not orthonormal.
     """
     dtype = a.dtype
     q = tf.cast(a, tf.float64)
@@ -459,8 +464,7 @@ def block_cg(operator, rhs, tol, max_iter, space=None, record=None):
         bad = tf.logical_or(bad, new_bad)
         active = tf.logical_and(active, tf.logical_not(new_bad))
         mask = tf.cast(active, dtype)[None, :]
-        safe = tf.where(eigenvalues > 0, eigenvalues, tf.ones_like(eigenvalues))
-        inverse = tf.matmul(eigenvectors / safe, eigenvectors, transpose_b=True)  # (P^T A P)^-1
+        inverse = _positive_inverse(eigenvalues, eigenvectors)  # (P^T A P)^-1
         alpha = tf.matmul(inverse, tf.matmul(p, r, transpose_a=True)) * mask
         x = x + tf.matmul(p, alpha)
         r = r - tf.matmul(ap, alpha)
