@@ -125,3 +125,57 @@ def test_hvp_mode_is_checked(mlp, blobs):
         ValueError, match=r"`hvp` must be \"auto\" or one of .* Received: hvp='fast'"
     ):
         HessianOperator(tfi.Objective(mlp), ExampleData(x, y, 16), hvp="fast")
+
+
+class WithUnusedLayer(keras.Model):
+    """A regularised tanh layer and a layer the loss never reaches (no gradient)."""
+
+    def __init__(self):
+        super().__init__()
+        reg = keras.regularizers.L2(0.01)
+        self.hidden = keras.layers.Dense(
+            5, activation="tanh", kernel_regularizer=reg, dtype="float64"
+        )
+        self.unused = keras.layers.Dense(2, kernel_regularizer=reg, dtype="float64")
+        self.logits = keras.layers.Dense(3, dtype="float64")
+        self.unused.build((None, 1))
+
+    def call(self, x):
+        return self.logits(self.hidden(x))
+
+
+@pytest.mark.parametrize("hvp", ["reverse_over_reverse", "forward_over_reverse"])
+@pytest.mark.parametrize("source", ["arrays", "tf.data"])
+def test_hvp_per_variable_accumulation_equals_dense(blobs, hvp, source):
+    """Products summed per variable over batches, Omega on the last batch, equal the dense H.
+
+    Covers a variable without gradient from the loss (but with one from Omega), one
+    column given as a (p, 1) matrix, several columns, XLA, and a tf.data input (whose
+    batches are not folded with a separate last batch).
+    """
+    x, y = blobs
+    keras.utils.set_random_seed(0)
+    model = WithUnusedLayer()
+    model(x[:1])
+    objective = tfi.Objective(model, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    if source == "arrays":
+        data = ExampleData(x, y, 16)
+        assert data.folds_last_separately
+    else:
+        data = ExampleData(tf.data.Dataset.from_tensor_slices((x, y)).batch(16))
+        assert not data.folds_last_separately
+    reference = dense_hessian(objective, x, y) + 0.1 * np.eye(objective.num_params)
+    unused = objective.num_params - 5 * 4 - 5 - 5 * 3 - 3
+    assert unused == 4  # kernel (1, 2) and bias (2,): only the kernel is regularised
+    vectors = np.random.default_rng(4).normal(size=(objective.num_params, 3))
+    for jit_compile in (False, True):
+        operator = HessianOperator(objective, data, 0.1, hvp=hvp, jit_compile=jit_compile)
+        np.testing.assert_allclose(
+            operator.matvec(vectors).numpy(), reference @ vectors, rtol=1e-7, atol=1e-12
+        )
+        np.testing.assert_allclose(
+            operator.matvec(vectors[:, :1]).numpy(),
+            reference @ vectors[:, :1],
+            rtol=1e-7,
+            atol=1e-12,
+        )

@@ -106,6 +106,22 @@ def test_recycled_solves_equal_linalg_solve_and_take_fewer_iterations(operator):
     assert all(s > 0 for s in saved[1:]), saved
 
 
+def test_recycling_helpers_are_traced_once_per_dtype():
+    # The space grows from solve to solve; its helpers must not retrace for new sizes
+    # (a retrace would land on the second explain).
+    helper = tfi.solvers.cg._inverse_if_positive
+    rng = np.random.default_rng(0)
+    counts = []
+    for m in (2, 5, 9):
+        a = rng.normal(size=(m, m))
+        matrix = a @ a.T + m * np.eye(m)
+        inverse, ok = helper(tf.constant(matrix))
+        np.testing.assert_allclose(inverse.numpy() @ matrix, np.eye(m), atol=1e-10)
+        assert bool(ok)
+        counts.append(helper.experimental_get_tracing_count())
+    assert counts[0] == counts[-1], counts
+
+
 def test_recycling_float32_keeps_the_true_residual():
     # In float32, rounding in the kept products must not let the recursive residual
     # drift away from the true one.

@@ -238,7 +238,8 @@ class ExampleData:
         """``acc = fn(acc, batch)`` over all batches in order; traceable inside ``tf.function``.
 
         For arrays, the full batches run in a ``tf.range`` loop with a static batch shape
-        and the last, shorter batch (if any) once after it, so XLA sees static shapes.
+        and the last, shorter batch (if any) once after it, so XLA sees static shapes;
+        that call is ``fn(acc, batch, last=True)`` (see ``folds_last_separately``).
         """
         acc = initial
         if not self.in_memory:
@@ -250,8 +251,17 @@ class ExampleData:
         for index in tf.range(full):
             acc = fn(acc, self._fixed_slice(index * size, size))
         if n % size:
-            acc = fn(acc, self._fixed_slice(full * size, n % size))
+            acc = fn(acc, self._fixed_slice(full * size, n % size), last=True)
         return acc
+
+    @property
+    def folds_last_separately(self) -> bool:
+        """Whether ``fold`` calls ``fn(acc, batch, last=True)`` once, for a shorter last batch.
+
+        ``fn`` must then accept ``last``; it is passed only for in-memory arrays
+        whose size is not a multiple of the batch size.
+        """
+        return self.in_memory and self.num_examples % self.batch_size != 0
 
     def _fixed_slice(self, start, size):
         def take(t):

@@ -316,10 +316,32 @@ def _positive_inverse(values, vectors):
     return tf.matmul(vectors / safe, vectors, transpose_b=True)
 
 
-# One trace per dtype, whatever the sizes.
-_append = tf.function(append_directions, reduce_retracing=True)
-_keep_largest = tf.function(keep_largest, reduce_retracing=True)
-_inverse_if_positive = tf.function(inverse_if_positive, reduce_retracing=True)
+class _AnySize:
+    """``fn`` compiled once per dtype with every dimension unknown.
+
+    ``reduce_retracing`` would trace twice (the first sizes, then relaxed ones),
+    and the second trace would land on the second ``explain``.
+    """
+
+    def __init__(self, fn):
+        self._function = tf.function(fn)
+        self._concrete = {}
+
+    def __call__(self, *args):
+        args = [tf.convert_to_tensor(a) for a in args]
+        key = tuple((a.dtype, a.shape.rank) for a in args)
+        if key not in self._concrete:
+            specs = [tf.TensorSpec([None] * a.shape.rank, a.dtype) for a in args]
+            self._concrete[key] = self._function.get_concrete_function(*specs)
+        return self._concrete[key](*args)
+
+    def experimental_get_tracing_count(self) -> int:
+        return self._function.experimental_get_tracing_count()
+
+
+_append = _AnySize(append_directions)
+_keep_largest = _AnySize(keep_largest)
+_inverse_if_positive = _AnySize(inverse_if_positive)
 
 
 def _symmetric64(matrix):
@@ -345,7 +367,8 @@ def orthonormal_columns(a):
         gram = tf.matmul(q, q, transpose_a=True)
         shift = 1e-14 * tf.linalg.trace(gram) + 1e-300
         lower = tf.linalg.cholesky(gram + shift * eye)
-        q = tf.transpose(tf.linalg.triangular_solve(lower, tf.transpose(q), lower=True))
+        # q L^-T by one product with the small inverse: no (p, k) transposes.
+        q = tf.matmul(q, tf.linalg.triangular_solve(lower, eye, lower=True), transpose_b=True)
     error = tf.reduce_max(tf.abs(tf.matmul(q, q, transpose_a=True) - eye))
     good = tf.logical_and(tf.math.is_finite(error), error < 1e-3)
     return tf.cond(good, lambda: tf.cast(q, dtype), lambda: tf.linalg.qr(a).q)
