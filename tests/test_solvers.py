@@ -1,5 +1,7 @@
 """Solvers against tf.linalg.solve on the dense matrix, and their guards."""
 
+import math
+
 import keras
 import numpy as np
 import pytest
@@ -87,7 +89,7 @@ def test_recycled_solves_equal_linalg_solve_and_take_fewer_iterations(operator):
     # A sequence of solves on one operator: each later one starts from the directions
     # the earlier ones kept, and still equals the dense solve.
     rng = np.random.default_rng(7)
-    solver = CG(tol=1e-10)
+    solver = CG(tol=1e-10, recycle=10_000)  # capped at half the parameters
     fresh = CG(tol=1e-10, recycle=0)
     widths, saved = [], []
     for k in (4, 4, 1, 3, 4):
@@ -156,6 +158,45 @@ def test_recycled_space_is_capped_and_can_be_turned_off(operator, rhs, monkeypat
         solution, diagnostics = CG(tol=1e-10).solve(fresh, rhs)
         assert diagnostics.info["recycled_directions"] == 0
     np.testing.assert_allclose(solution.numpy(), plain.numpy(), rtol=1e-7, atol=1e-9)
+
+
+def test_auto_recycle_keeps_more_directions_when_products_cost_more(operator, monkeypatch):
+    cg = tfi.solvers.cg
+    p, n = operator.num_params, operator.num_examples
+    flops = cg.forward_flops(operator)
+    # 4 -> 5 -> 3 dense layers in float64: the two matrix products of one example
+    # are 2 * (4 * 5 + 5 * 3) = 70 flops; biases and the loss add a few more.
+    assert 70 <= flops < 120, flops
+    expected = min(math.ceil(cg.RECYCLE_PER_FLOP * n * flops / p), p // 2)
+    assert CG()._recycle_capacity(operator) == expected
+    # A convolution reuses each weight at every position: more flops per parameter,
+    # so more directions are worth keeping.
+    keras.utils.set_random_seed(0)
+    conv = keras.Sequential(
+        [
+            keras.Input((12, 12, 1), dtype="float64"),
+            keras.layers.Conv2D(2, 3, dtype="float64"),
+            keras.layers.Flatten(dtype="float64"),
+            keras.layers.Dense(3, dtype="float64"),
+        ]
+    )
+    images = np.random.default_rng(0).normal(size=(50, 12, 12, 1))
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    conv_op = HessianOperator(
+        tfi.Objective(conv, loss=loss), ExampleData(images, np.arange(50) % 3, 16), 0.5
+    )
+    conv_flops = cg.forward_flops(conv_op)
+    assert conv_flops / conv_op.num_params > 2 * flops / p
+    assert CG()._recycle_capacity(conv_op) == min(
+        math.ceil(cg.RECYCLE_PER_FLOP * 50 * conv_flops / conv_op.num_params),
+        conv_op.num_params // 2,
+    )
+    # An explicit number is a cap; flops that cannot be counted fall back.
+    assert CG(recycle=3)._recycle_capacity(operator) == 3
+    monkeypatch.setattr(tf.compat.v1.profiler, "profile", lambda *a, **k: 1 / 0)
+    fresh = HessianOperator(operator.objective, operator.data, operator.damping)
+    assert cg.forward_flops(fresh) is None
+    assert CG()._recycle_capacity(fresh) == min(cg.RECYCLE_FALLBACK, p // 2)
 
 
 def test_recycled_space_is_dropped_when_the_weights_change(blobs):
@@ -260,9 +301,9 @@ def test_exact_error_suggests_damping_that_works(blobs):
         (lambda: CG(tol=0), r"`tol` must be a positive finite number. Received: tol=0"),
         (lambda: CG(max_iter=0), r"`max_iter` must be a positive integer. Received: max_iter=0"),
         (lambda: CG(block=1), r"`block` must be True or False. Received: block=1"),
-        (lambda: CG(recycle=-1), r"`recycle` must be a non-negative integer .* recycle=-1"),
-        (lambda: CG(recycle=2.5), r"`recycle` must be a non-negative integer .* recycle=2.5"),
-        (lambda: CG(recycle=True), r"`recycle` must be a non-negative integer .* recycle=True"),
+        (lambda: CG(recycle=-1), r"`recycle` must be \"auto\" or a non-negative .*=-1"),
+        (lambda: CG(recycle=2.5), r"`recycle` must be \"auto\" or a non-negative .*=2.5"),
+        (lambda: CG(recycle=True), r"`recycle` must be \"auto\" or a non-negative .*=True"),
         (lambda: LiSSA(recursion_depth=-1), r"`recursion_depth` must be a positive integer"),
         (lambda: LiSSA(scale=float("nan")), r"`scale` must be a positive finite number"),
         (lambda: LiSSA(num_repeats=1.5), r"`num_repeats` must be a positive integer"),

@@ -1,0 +1,85 @@
+"""How many recycled directions CG should keep: iterations and time per ``explain``.
+
+Same models, data and settings as row 2 of ``run.py`` (CG tol 1e-5, B=128). For each
+``CG(recycle=m)``, one model explains 20 test points, then ``CALLS`` more sets of 20
+new test points; each later call prints its seconds, block-CG iterations and the
+number of directions it started from. Iteration counts are deterministic; times
+vary with the machine's load.
+
+Usage, from the repository root::
+
+    .venv/bin/python benchmarks/recycle.py                    # both models, ~3 min
+    .venv/bin/python benchmarks/recycle.py --models mlp --keep 0,256,512
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+import run  # noqa: E402
+
+import tf_influence as tfi  # noqa: E402
+
+CALLS = 8
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="mlp,cnn", help="comma-separated: mlp,cnn")
+    parser.add_argument(
+        "--keep",
+        default="0,auto,256,512,1024",
+        help='comma-separated values of CG(recycle=...): integers or "auto"',
+    )
+    args = parser.parse_args(argv)
+    args.models = [m for m in args.models.split(",") if m]
+    args.keep = [v if v == "auto" else int(v) for v in args.keep.split(",") if v]
+    for name in args.models:
+        if name not in run.DAMPING:
+            parser.error(f"--models: unknown model {name!r}; choose from {sorted(run.DAMPING)}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    data = run.load_data()
+    x_train, y_train, x_test, y_test = data
+    print("| model | recycle | later calls: seconds (iterations, directions kept before) |")
+    print("|---|---|---|")
+    for name in args.models:
+        model, _ = run.train_model(name, data, run.EPOCHS)
+        x = run.inputs(name, x_train)
+        for keep in args.keep:
+            im = tfi.InfluenceModel(model)
+            im.compile(
+                solver=tfi.solvers.CG(tol=run.CG_TOL, max_iter=run.CG_MAX_ITER, recycle=keep),
+                damping=run.DAMPING[name],
+            )
+            im.fit(x, y_train, batch_size=128, verbose=0)
+            im.explain(
+                run.inputs(name, x_test[: run.NUM_TESTS]), y_test[: run.NUM_TESTS], verbose=0
+            )
+            if keep == "auto":
+                keep = f"auto ({im.solver._recycle_capacity(im.operator)})"
+            cells = []
+            for call in range(1, CALLS + 1):
+                part = slice(call * run.NUM_TESTS, (call + 1) * run.NUM_TESTS)
+                start = time.perf_counter()
+                im.explain(run.inputs(name, x_test[part]), y_test[part], verbose=0)
+                seconds = time.perf_counter() - start
+                info = im.diagnostics.info.get("recycled_directions", 0)
+                cells.append(f"{seconds:.2f} ({im.diagnostics.iterations}, {info})")
+            print(f"| {name} | {keep} | {'; '.join(cells)} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
