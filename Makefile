@@ -22,6 +22,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/accuracy.py
 	$(PY) benchmarks/run.py
+	$(PY) benchmarks/recycle.py
 	$(PY) benchmarks/distributed.py
 	$(PY) benchmarks/trust.py
 
