@@ -268,7 +268,13 @@ def forward_flops(operator) -> float | None:
             )
             options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
             options["output"] = "none"
-            total = tf.compat.v1.profiler.profile(graph, options=options).total_float_ops
+            logger = tf.get_logger()
+            level = logger.level
+            logger.setLevel("ERROR")  # the profiler warns about a deprecated helper it uses
+            try:
+                total = tf.compat.v1.profiler.profile(graph, options=options).total_float_ops
+            finally:
+                logger.setLevel(level)
         except Exception:  # noqa: BLE001 - any failure only means "use the fallback"
             return None
         return float(total) if total > 0 else None
