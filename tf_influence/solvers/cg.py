@@ -152,8 +152,9 @@ class CG(Solver):
             return column_cg(operator, rhs, tol, max_iter)
 
         # Traced per number of right-hand sides, so that one column takes the cheaper
-        # single-vector product.
-        return tf.function(run)
+        # single-vector product. The solvers use tf.while_loop / tf.cond explicitly, so
+        # autograph is off: converting them cost about 1 s of the first explain.
+        return tf.function(run, autograph=False)
 
     def _recycle_capacity(self, operator) -> int:
         p = operator.num_params
@@ -175,13 +176,14 @@ class CG(Solver):
         wide = tf.TensorSpec([p, None], dtype)
 
         @tf.function(
+            autograph=False,
             input_signature=[
                 tf.TensorSpec([p, k], dtype),
                 wide,
                 wide,
                 tf.TensorSpec([None, None], dtype),
                 tf.TensorSpec([], tf.int32),
-            ]
+            ],
         )
         def run(rhs, w, aw, e_inv, record):
             return block_cg(operator, rhs, tol, max_iter, space=(w, aw, e_inv), record=record)
@@ -383,7 +385,7 @@ class _AnySize:
     """
 
     def __init__(self, fn):
-        self._function = tf.function(fn)
+        self._function = tf.function(fn, autograph=False)
         self._concrete = {}
 
     def __call__(self, *args):
