@@ -27,7 +27,7 @@ RECYCLE_NOVELTY = 0.1
 # 5 n F flops (1.7 gradients of 3 forwards), the projections on m kept directions
 # about 8 p m per column and iteration, so this keeps them below 1/7 of a product's
 # flops (they are bound by memory bandwidth, so in time about 1/5 on the digits MLP,
-# where it gives 257 directions; the CNN gets about 2,200).
+# where it gives 258 directions; the CNN gets about 2,200).
 RECYCLE_PER_FLOP = 0.09
 # recycle="auto" when the forward flops cannot be counted.
 RECYCLE_FALLBACK = 256
@@ -74,7 +74,7 @@ class CG(Solver):
             model (0 turns recycling off). ``"auto"`` (default) keeps as many as
             cost at most about a seventh of a Hessian-vector product's flops to
             project on (``RECYCLE_PER_FLOP * n * F / p``, with ``F`` the forward
-            flops per example, counted by TensorFlow's profiler; 257 on the digits
+            flops per example, counted by TensorFlow's profiler; 258 on the digits
             MLP, about 2,200 on the digits CNN, whose products cost more per
             parameter; ``RECYCLE_FALLBACK`` if they cannot be counted). Always
             capped so that the directions and their products take at most
