@@ -602,17 +602,9 @@ class Bench:
             # recycling): check its scores against the reference too.
             new_expected, _, _, _ = reference.explain(new_x, new_y, CG_TOL, CG_MAX_ITER)
             # The same second call with every solve on its own (no recycled directions).
-            alone = tfi.InfluenceModel(self.models[name])
-            alone.compile(
-                solver=tfi.solvers.CG(tol=CG_TOL, max_iter=CG_MAX_ITER, recycle=0), damping=damping
+            _, alone_seconds, alone_iterations = self.second_calls(
+                name, tfi.solvers.CG(tol=CG_TOL, max_iter=CG_MAX_ITER, recycle=0)
             )
-            alone.fit(x, y, batch_size=self.batch_size, verbose=0)
-            alone.explain(first_x, first_y, verbose=0)
-            start = time.perf_counter()
-            alone.explain(new_x, new_y, verbose=0)
-            times = [time.perf_counter() - start]
-            alone_iterations = alone.diagnostics.iterations
-            alone_seconds = float(np.median(times + self.later_calls(alone, name)))
             agreement = []
             for ours, theirs in ((scores, expected), (new_scores, new_expected)):
                 pearson = float(np.corrcoef(ours.ravel(), theirs.ravel())[0, 1])
@@ -701,23 +693,13 @@ class Bench:
         reference. Shows whether a looser tolerance changes the ratio."""
         import tf_influence as tfi
 
-        x, y = self.train_xy(name)
-        first_x, first_y = self.test_xy(name, 0, NUM_TESTS)
         new_x, new_y = self.test_xy(name, NUM_TESTS, 2 * NUM_TESTS)
         start = time.perf_counter()
         loose_expected, iterations, _, _ = reference.explain(new_x, new_y, LOOSE_TOL, CG_MAX_ITER)
         reference_seconds = time.perf_counter() - start
-        im = tfi.InfluenceModel(self.models[name])
-        im.compile(
-            solver=tfi.solvers.CG(tol=LOOSE_TOL, max_iter=CG_MAX_ITER), damping=DAMPING[name]
+        scores, seconds, ours_iterations = self.second_calls(
+            name, tfi.solvers.CG(tol=LOOSE_TOL, max_iter=CG_MAX_ITER)
         )
-        im.fit(x, y, batch_size=self.batch_size, verbose=0)
-        im.explain(first_x, first_y, verbose=0)
-        start = time.perf_counter()
-        scores = im.explain(new_x, new_y, verbose=0)
-        times = [time.perf_counter() - start]
-        ours_iterations = im.diagnostics.iterations
-        seconds = float(np.median(times + self.later_calls(im, name)))
         ours_pearson = float(np.corrcoef(scores.ravel(), tight_expected.ravel())[0, 1])
         reference_pearson = float(np.corrcoef(loose_expected.ravel(), tight_expected.ravel())[0, 1])
         self.table.add(
@@ -746,6 +728,23 @@ class Bench:
             None,
             command,
         )
+
+    def second_calls(self, name, solver):
+        """A fresh model with ``solver`` explains the first 20 test points; then its second
+        call and two later ones are timed. Returns the second call's scores, the median
+        seconds of the three calls and the second call's iterations."""
+        import tf_influence as tfi
+
+        x, y = self.train_xy(name)
+        im = tfi.InfluenceModel(self.models[name])
+        im.compile(solver=solver, damping=DAMPING[name])
+        im.fit(x, y, batch_size=self.batch_size, verbose=0)
+        im.explain(*self.test_xy(name, 0, NUM_TESTS), verbose=0)
+        start = time.perf_counter()
+        scores = im.explain(*self.test_xy(name, NUM_TESTS, 2 * NUM_TESTS), verbose=0)
+        times = [time.perf_counter() - start]
+        iterations = im.diagnostics.iterations
+        return scores, float(np.median(times + self.later_calls(im, name))), iterations
 
     def later_calls(self, im, name, count=2, first_set=2):
         """Seconds of ``explain`` on ``count`` more sets of 20 new test points."""
