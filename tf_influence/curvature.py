@@ -173,21 +173,32 @@ class HessianOperator:
             with tf.GradientTape() as inner:
                 total = self._objective_value(x, y, loss_weight, regularization_weight)
             grads = inner.gradient(total, variables)
-            pairs = [(g, t) for g, t in zip(grads, tangents, strict=True) if g is not None]
+            # Dense targets (an embedding's gradient comes as IndexedSlices).
+            grads = [None if g is None else tf.convert_to_tensor(g) for g in grads]
+            connected = [i for i, g in enumerate(grads) if g is not None]
+            if not connected:
+                return [tf.zeros_like(t) for t in tangents]
             if single:
-                projection = tf.add_n([tf.reduce_sum(g * t) for g, t in pairs])
-            else:
-                k = tf.shape(tangents[0])[0]
-                projection = tf.add_n(  # (k,)
-                    [
-                        tf.linalg.matvec(tf.reshape(t, [k, -1]), tf.reshape(g, [-1]))
-                        for g, t in pairs
-                    ]
+                projection = tf.add_n(
+                    [tf.reduce_sum(grads[i] * tf.cast(tangents[i], grads[i].dtype)) for i in connected]
                 )
+
+        def vjp(vectors):
+            # H v as the vector-Jacobian product of the gradient, v the cotangent.
+            return outer.gradient(
+                [grads[i] for i in connected],
+                variables,
+                output_gradients=[tf.cast(vectors[i], grads[i].dtype) for i in connected],
+            )
+
         if single:
             columns = outer.gradient(projection, variables)
         else:
-            columns = outer.jacobian(projection, variables)
+            # One backward pass vectorised over the columns, seeded with the tangents
+            # themselves. `jacobian` of the k projections g . v did the same work plus
+            # the projections' own backward, whose transposes made block products
+            # 3-10% slower (digits CNN / MLP).
+            columns = tf.vectorized_map(vjp, list(tangents))
         return [
             tf.zeros_like(t) if c is None else tf.cast(c, self.dtype)
             for c, t in zip(columns, tangents, strict=True)
