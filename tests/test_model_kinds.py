@@ -3,6 +3,7 @@
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from conftest import make_mlp
 
 import tf_influence as tfi
@@ -138,3 +139,27 @@ def test_batchnorm_and_dropout_models_are_deterministic(blobs):
     np.testing.assert_allclose(first, fresh, rtol=1e-8, atol=1e-12)
     for before, after in zip(moving, model.get_weights(), strict=True):
         np.testing.assert_array_equal(before, after)  # moving statistics untouched
+
+
+def _branching_loss(y_true, y_pred):
+    """Branches in Python on a tensor, which traces only with autograph."""
+    if tf.reduce_min(y_pred) > -1e30:  # always
+        return keras.losses.sparse_categorical_crossentropy(y_true, y_pred, from_logits=True)
+    return tf.zeros_like(y_pred[:, 0])
+
+
+def test_loss_that_branches_on_a_tensor_is_traced_with_autograph(mlp, blobs):
+    """Our functions compile without autograph (Keras 3 models never get it: autograph
+    does not enter Keras); a loss function that needs it gets it. (Products of several
+    vectors at once cannot vectorise the derivative of a tf.cond, so one test point.)"""
+    x, y = blobs
+    results = {}
+    for loss in (SPARSE_LOGITS, _branching_loss):
+        im = tfi.InfluenceModel(mlp, loss=loss)
+        im.compile(solver=tfi.solvers.CG(tol=1e-10), damping=0.5)
+        im.fit(x, y, batch_size=16, verbose=0)
+        results[loss] = im.explain(x[:1], y[:1], verbose=0)
+        assert im.operator._matvec.autograph == (loss is _branching_loss)
+    expected = scores(mlp, x, y, loss=SPARSE_LOGITS)[:1]
+    np.testing.assert_allclose(results[SPARSE_LOGITS], expected, rtol=1e-6, atol=1e-10)
+    np.testing.assert_allclose(results[_branching_loss], results[SPARSE_LOGITS], rtol=1e-9)

@@ -15,6 +15,39 @@ def _relaxed_spec(tensor) -> tf.TensorSpec:
     return tf.TensorSpec([None] + shape.as_list()[1:], tensor.dtype)
 
 
+class GraphFunction:
+    """``tf.function(fn)`` without autograph, retraced with it if the code needs it.
+
+    Our own functions write their loops with ``tf.while_loop`` / ``tf.cond``, and
+    Keras 3 runs models and losses without autograph in ``fit``, so conversion is
+    usually wasted: it took about 1.5 s of ``fit`` plus the first ``explain`` on the
+    digits MLP. A model or loss that branches in Python on a tensor (which only
+    works in a ``tf.function`` with autograph) raises
+    ``OperatorNotAllowedInGraphError`` while tracing; the function is then
+    compiled again with autograph, once, and keeps it. ``autograph=True`` converts
+    from the start (a loop over a distributed dataset needs it).
+    """
+
+    def __init__(self, fn: Callable, autograph=False, **kwargs):
+        self._fn = fn
+        self._kwargs = kwargs
+        self.autograph = bool(autograph)
+        self._function = tf.function(fn, autograph=self.autograph, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        try:
+            return self._function(*args, **kwargs)
+        except tf.errors.OperatorNotAllowedInGraphError:
+            if self.autograph:
+                raise
+            self.autograph = True
+            self._function = tf.function(self._fn, autograph=True, **self._kwargs)
+            return self._function(*args, **kwargs)
+
+    def experimental_get_tracing_count(self) -> int:
+        return self._function.experimental_get_tracing_count()
+
+
 class BatchFunction:
     """A ``tf.function`` of ``(x, y, *extra)`` traced once per structure, rank and dtype.
 
@@ -27,12 +60,16 @@ class BatchFunction:
         fn: the Python function to compile.
         extra_specs: ``tf.TensorSpec`` for each argument after ``x, y``.
         jit_compile: compile with XLA.
+
+    Compiled without autograph unless tracing shows the code needs it, as
+    ``GraphFunction``.
     """
 
     def __init__(self, fn: Callable, extra_specs: Sequence[tf.TensorSpec] = (), jit_compile=False):
         self._fn = fn
         self._extra_specs = list(extra_specs)
         self._jit_compile = bool(jit_compile)
+        self._autograph = False
         self._compiled: dict[str, tf.types.experimental.GenericFunction] = {}
 
     def __call__(self, x, y, *extra):
@@ -42,10 +79,23 @@ class BatchFunction:
         key = repr(specs)
         if key not in self._compiled:
             signature = [specs[0], specs[1], *self._extra_specs]
-            self._compiled[key] = tf.function(
-                self._fn, input_signature=signature, jit_compile=self._jit_compile or None
-            )
-        return self._compiled[key](x, y, *extra)
+            self._compiled[key] = self._make(signature)
+        try:
+            return self._compiled[key](x, y, *extra)
+        except tf.errors.OperatorNotAllowedInGraphError:
+            if self._autograph:
+                raise
+            self._autograph = True  # for every structure from now on
+            self._compiled = {key: self._make(self._compiled[key].input_signature)}
+            return self._compiled[key](x, y, *extra)
+
+    def _make(self, signature):
+        return tf.function(
+            self._fn,
+            input_signature=signature,
+            jit_compile=self._jit_compile or None,
+            autograph=self._autograph,
+        )
 
     def tracing_count(self) -> int:
         """Total traces over every input structure seen so far."""

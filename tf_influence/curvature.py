@@ -21,7 +21,7 @@ from collections.abc import Callable, Hashable
 
 import tensorflow as tf
 
-from tf_influence._compile import BatchFunction
+from tf_influence._compile import BatchFunction, GraphFunction
 from tf_influence.data import ExampleData
 from tf_influence.distribute import ReplicaData
 from tf_influence.objective import Objective
@@ -92,7 +92,9 @@ class HessianOperator:
         self.hvp_mode = check_hvp_mode(hvp)
         self.jit_compile = bool(jit_compile)
         self._batch_hvp = (
-            tf.function(self._hvp_parts, jit_compile=True) if self.jit_compile else self._hvp_parts
+            GraphFunction(self._hvp_parts, jit_compile=True)
+            if self.jit_compile
+            else self._hvp_parts
         )
         self.num_params = objective.num_params
         self.num_examples = data.num_examples
@@ -100,8 +102,11 @@ class HessianOperator:
         self._cache: dict = {}
         spec = tf.TensorSpec([self.num_params, None], self.dtype)
         # Traced once per number of columns: a static k lets one vector take the
-        # plain-gradient path instead of the vectorised one.
-        self._matvec = tf.function(self._matvec_impl)
+        # plain-gradient path instead of the vectorised one. Without autograph unless
+        # needed (see GraphFunction): 0.7 s less on the first trace on the digits MLP.
+        # The distributed sum loops over a distributed dataset, which needs it.
+        autograph = self.replicas is not None
+        self._matvec = GraphFunction(self._matvec_impl, autograph=autograph)
         self._batch_matvec = BatchFunction(
             lambda x, y, vectors: self._batch_matvec_impl(vectors, x, y), [spec]
         )
@@ -180,7 +185,10 @@ class HessianOperator:
                 return [tf.zeros_like(t) for t in tangents]
             if single:
                 projection = tf.add_n(
-                    [tf.reduce_sum(grads[i] * tf.cast(tangents[i], grads[i].dtype)) for i in connected]
+                    [
+                        tf.reduce_sum(grads[i] * tf.cast(tangents[i], grads[i].dtype))
+                        for i in connected
+                    ]
                 )
 
         def vjp(vectors):

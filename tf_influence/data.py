@@ -241,15 +241,18 @@ class ExampleData:
         and the last, shorter batch (if any) once after it, so XLA sees static shapes;
         that call is ``fn(acc, batch, last=True)`` (see ``folds_last_separately``).
         """
-        acc = initial
+        # Explicit loops: callers trace this without autograph.
         if not self.in_memory:
-            for batch in self._batched:
-                acc = fn(acc, batch)
-            return acc
+            return self._batched.reduce(initial, lambda acc, batch: fn(acc, batch))
         size, n = self.batch_size, self.num_examples
         full = n // size
-        for index in tf.range(full):
-            acc = fn(acc, self._fixed_slice(index * size, size))
+        acc = initial
+        if full:
+            _, acc = tf.while_loop(
+                lambda index, acc: index < full,
+                lambda index, acc: (index + 1, fn(acc, self._fixed_slice(index * size, size))),
+                (tf.constant(0), acc),
+            )
         if n % size:
             acc = fn(acc, self._fixed_slice(full * size, n % size), last=True)
         return acc

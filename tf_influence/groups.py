@@ -26,6 +26,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from tf_influence._compile import GraphFunction
 from tf_influence._errors import check_training_indices, describe
 from tf_influence._progress import resolve_verbose
 
@@ -74,7 +75,7 @@ class GroupCurvature:
 
     def __init__(self, objective):
         self.objective = objective
-        self._product = tf.function(self._weighted_hvp)
+        self._product = GraphFunction(self._weighted_hvp)
 
     def _weighted_hvp(self, x, y, weights, vector):
         variables = self.objective.variables

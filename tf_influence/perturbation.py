@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from tf_influence._compile import GraphFunction
 from tf_influence._errors import check_training_indices
 
 
@@ -44,7 +45,7 @@ class PerturbationGradients:
 
     def __init__(self, objective):
         self.objective = objective
-        self._function = tf.function(self._impl)
+        self._function = GraphFunction(self._impl)
 
     def _impl(self, x, y, solutions):
         variables = self.objective.variables

@@ -114,7 +114,9 @@ class Arnoldi(Solver):
 
 def _arnoldi(operator, steps: int, seed: int):
     """Top Ritz pairs after ``steps`` Arnoldi steps; numpy-free, one ``tf.function``."""
-    graph = operator.cached(("arnoldi.graph", steps, seed), lambda: tf.function(_arnoldi_graph))
+    graph = operator.cached(
+        ("arnoldi.graph", steps, seed), lambda: tf.function(_arnoldi_graph, autograph=False)
+    )
     values, vectors, size = graph(operator, steps, seed)
     size = int(size)
     return values[:size], vectors[:, :size]

@@ -264,7 +264,7 @@ def forward_flops(operator) -> float | None:
             objective = operator.objective
             y_spec = specs[1] if len(specs) > 1 else None
             graph = (
-                tf.function(objective.per_example_loss)
+                tf.function(objective.per_example_loss, autograph=False)
                 .get_concrete_function(specs[0], y_spec)
                 .graph
             )
