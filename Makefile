@@ -23,6 +23,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/accuracy.py
 	$(PY) benchmarks/run.py
 	$(PY) benchmarks/recycle.py
+	$(PY) benchmarks/first_call.py
 	$(PY) benchmarks/distributed.py
 	$(PY) benchmarks/trust.py
 
