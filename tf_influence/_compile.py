@@ -20,8 +20,8 @@ class GraphFunction:
 
     Our own functions write their loops with ``tf.while_loop`` / ``tf.cond``, and
     Keras 3 runs models and losses without autograph in ``fit``, so conversion is
-    usually wasted: it took about 1.5 s of ``fit`` plus the first ``explain`` on the
-    digits MLP. A model or loss that branches in Python on a tensor (which only
+    usually wasted: it took about 0.7 s of ``fit`` and 1.2 s of the first ``explain``
+    on the digits MLP (``benchmarks/first_call.py``). A model or loss that branches in Python on a tensor (which only
     works in a ``tf.function`` with autograph) raises
     ``OperatorNotAllowedInGraphError`` while tracing; the function is then
     compiled again with autograph, once, and keeps it. ``autograph=True`` converts
