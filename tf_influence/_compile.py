@@ -20,12 +20,13 @@ class GraphFunction:
 
     Our own functions write their loops with ``tf.while_loop`` / ``tf.cond``, and
     Keras 3 runs models and losses without autograph in ``fit``, so conversion is
-    usually wasted: it took about 0.7 s of ``fit`` and 1.2 s of the first ``explain``
-    on the digits MLP (``benchmarks/first_call.py``). A model or loss that branches in Python on a tensor (which only
-    works in a ``tf.function`` with autograph) raises
-    ``OperatorNotAllowedInGraphError`` while tracing; the function is then
-    compiled again with autograph, once, and keeps it. ``autograph=True`` converts
-    from the start (a loop over a distributed dataset needs it).
+    usually wasted: it took about 0.7 s of ``fit`` and 1.2 s of the first
+    ``explain`` on the digits MLP (``benchmarks/first_call.py``). A loss that
+    branches in Python on a tensor (which only works in a ``tf.function`` with
+    autograph) raises ``OperatorNotAllowedInGraphError`` while tracing; the
+    function is then compiled again with autograph, once, and keeps it.
+    ``autograph=True`` converts from the start (a loop over a distributed dataset
+    needs it).
     """
 
     def __init__(self, fn: Callable, autograph=False, **kwargs):
@@ -54,23 +55,20 @@ class BatchFunction:
     The leading (batch) axis of every leaf of ``x`` and ``y`` is left unknown, so a
     short last batch or a different number of test points does not retrace, while
     ranks stay known (Keras losses need them). ``extra`` arguments get the given
-    fixed specs.
+    fixed specs. Each structure gets a ``GraphFunction``: no autograph unless
+    tracing shows the code needs it.
 
     Args:
         fn: the Python function to compile.
         extra_specs: ``tf.TensorSpec`` for each argument after ``x, y``.
         jit_compile: compile with XLA.
-
-    Compiled without autograph unless tracing shows the code needs it, as
-    ``GraphFunction``.
     """
 
     def __init__(self, fn: Callable, extra_specs: Sequence[tf.TensorSpec] = (), jit_compile=False):
         self._fn = fn
         self._extra_specs = list(extra_specs)
         self._jit_compile = bool(jit_compile)
-        self._autograph = False
-        self._compiled: dict[str, tf.types.experimental.GenericFunction] = {}
+        self._compiled: dict[str, GraphFunction] = {}
 
     def __call__(self, x, y, *extra):
         x = tf.nest.map_structure(tf.convert_to_tensor, x)
@@ -78,24 +76,12 @@ class BatchFunction:
         specs = tf.nest.map_structure(_relaxed_spec, (x, y))
         key = repr(specs)
         if key not in self._compiled:
-            signature = [specs[0], specs[1], *self._extra_specs]
-            self._compiled[key] = self._make(signature)
-        try:
-            return self._compiled[key](x, y, *extra)
-        except tf.errors.OperatorNotAllowedInGraphError:
-            if self._autograph:
-                raise
-            self._autograph = True  # for every structure from now on
-            self._compiled = {key: self._make(self._compiled[key].input_signature)}
-            return self._compiled[key](x, y, *extra)
-
-    def _make(self, signature):
-        return tf.function(
-            self._fn,
-            input_signature=signature,
-            jit_compile=self._jit_compile or None,
-            autograph=self._autograph,
-        )
+            self._compiled[key] = GraphFunction(
+                self._fn,
+                input_signature=[specs[0], specs[1], *self._extra_specs],
+                jit_compile=self._jit_compile or None,
+            )
+        return self._compiled[key](x, y, *extra)
 
     def tracing_count(self) -> int:
         """Total traces over every input structure seen so far."""
