@@ -237,11 +237,12 @@ class ExampleData:
     def fold(self, fn, initial):
         """``acc = fn(acc, batch)`` over all batches in order; traceable inside ``tf.function``.
 
-        For arrays, the full batches run in a ``tf.range`` loop with a static batch shape
+        For arrays, the full batches run in a ``tf.while_loop`` with a static batch shape
         and the last, shorter batch (if any) once after it, so XLA sees static shapes;
         that call is ``fn(acc, batch, last=True)`` (see ``folds_last_separately``).
+        A dataset is folded by ``Dataset.reduce``. The loops are explicit: callers
+        trace this without autograph.
         """
-        # Explicit loops: callers trace this without autograph.
         if not self.in_memory:
             return self._batched.reduce(initial, lambda acc, batch: fn(acc, batch))
         size, n = self.batch_size, self.num_examples
