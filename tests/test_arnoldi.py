@@ -7,15 +7,15 @@ import tensorflow as tf
 from conftest import make_mlp
 
 import tf_influence as tfi
-from tf_influence.curvature import HessianOperator
-from tf_influence.data import ExampleData
+from tf_influence.engine.curvature import HessianOperator
+from tf_influence.engine.data import ExampleData
 from tf_influence.solvers import Arnoldi, CurvatureError
 
 
 @pytest.fixture
 def operator(mlp, blobs):
     x, y = blobs
-    return HessianOperator(tfi.Objective(mlp), ExampleData(x, y, 16), damping=0.5)
+    return HessianOperator(tfi.engine.Objective(mlp), ExampleData(x, y, 16), damping=0.5)
 
 
 def dense_eigen(operator):
@@ -96,6 +96,6 @@ def test_arnoldi_errors_and_config(blobs):
     x, y = blobs
     model = make_mlp(l2=0.0, seed=1)  # untrained: indefinite
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    operator = HessianOperator(tfi.Objective(model, loss=loss), ExampleData(x, y, 16))
+    operator = HessianOperator(tfi.engine.Objective(model, loss=loss), ExampleData(x, y, 16))
     with pytest.raises(CurvatureError, match=r"Arnoldi kept an eigenvalue .* <= 0.*damping="):
         Arnoldi(rank=43, iterations=43).eigenpairs(operator)

@@ -7,15 +7,15 @@ import tensorflow as tf
 from conftest import dense_hessian, make_mlp
 
 import tf_influence as tfi
-from tf_influence.curvature import HessianOperator
-from tf_influence.data import ExampleData
+from tf_influence.engine.curvature import HessianOperator
+from tf_influence.engine.data import ExampleData
 
 
 @pytest.mark.parametrize("hvp", ["reverse_over_reverse", "forward_over_reverse"])
 @pytest.mark.parametrize("batch_size, damping", [(7, 0.0), (16, 0.3), (50, 0.0)])
 def test_hvp_equals_dense_hessian_times_v(mlp, blobs, batch_size, damping, hvp):
     x, y = blobs
-    objective = tfi.Objective(mlp)
+    objective = tfi.engine.Objective(mlp)
     operator = HessianOperator(objective, ExampleData(x, y, batch_size), damping, hvp=hvp)
     reference = dense_hessian(objective, x, y) + damping * np.eye(objective.num_params)
     rng = np.random.default_rng(1)
@@ -47,7 +47,7 @@ def test_hessian_of_logistic_regression_matches_closed_form():
         ]
     )
     model.layers[0].kernel.assign(rng.normal(size=(3, 1)))
-    objective = tfi.Objective(model, loss=keras.losses.BinaryCrossentropy(from_logits=True))
+    objective = tfi.engine.Objective(model, loss=keras.losses.BinaryCrossentropy(from_logits=True))
     operator = HessianOperator(objective, ExampleData(x, y, 16), 0.0)
     w = model.layers[0].kernel.numpy()[:, 0]
     p = 1 / (1 + np.exp(-x @ w))
@@ -60,7 +60,7 @@ def test_hessian_of_logistic_regression_matches_closed_form():
 def test_batch_matvec_is_unbiased_estimate_on_one_batch(mlp, blobs):
     """On a batch that is the whole data, the stochastic product equals the full one."""
     x, y = blobs
-    objective = tfi.Objective(mlp)
+    objective = tfi.engine.Objective(mlp)
     operator = HessianOperator(objective, ExampleData(x, y, 50), 0.2)
     vectors = np.random.default_rng(2).normal(size=(objective.num_params, 2))
     full = operator.matvec(vectors).numpy()
@@ -70,7 +70,7 @@ def test_batch_matvec_is_unbiased_estimate_on_one_batch(mlp, blobs):
 
 def test_matvec_does_not_retrace(mlp, blobs):
     x, y = blobs
-    objective = tfi.Objective(mlp)
+    objective = tfi.engine.Objective(mlp)
     operator = HessianOperator(objective, ExampleData(x, y, 16), 0.0)
     rng = np.random.default_rng(0)
     operator.matvec(rng.normal(size=(objective.num_params, 2)))
@@ -88,15 +88,17 @@ def test_float32_model_hvp_close_to_float64_reference(blobs):
     for a, b in zip(model32.weights, model64.weights, strict=True):
         b.assign(a.numpy().astype("float64"))
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    op32 = HessianOperator(tfi.Objective(model32, loss), ExampleData(x.astype("float32"), y, 16))
-    op64 = HessianOperator(tfi.Objective(model64, loss), ExampleData(x, y, 16))
+    op32 = HessianOperator(
+        tfi.engine.Objective(model32, loss), ExampleData(x.astype("float32"), y, 16)
+    )
+    op64 = HessianOperator(tfi.engine.Objective(model64, loss), ExampleData(x, y, 16))
     assert op32.dtype == tf.float32
     np.testing.assert_allclose(op32.dense().numpy(), op64.dense().numpy(), atol=1e-5)
 
 
 def test_xla_compiled_hvp_matches(mlp, blobs):
     x, y = blobs
-    objective = tfi.Objective(mlp)
+    objective = tfi.engine.Objective(mlp)
     plain = HessianOperator(objective, ExampleData(x, y, 16), 0.1)
     xla = HessianOperator(objective, ExampleData(x, y, 16), 0.1, jit_compile=True)
     vectors = np.random.default_rng(3).normal(size=(objective.num_params, 2))
@@ -107,7 +109,7 @@ def test_xla_compiled_hvp_matches(mlp, blobs):
 
 def test_subsampled_operator_is_the_hessian_of_the_subset(mlp, blobs):
     x, y = blobs
-    objective = tfi.Objective(mlp)
+    objective = tfi.engine.Objective(mlp)
     operator = HessianOperator(objective, ExampleData(x, y, 16), 0.1)
     sub = operator.subsample(20, seed=4)
     assert sub.num_examples == 20 and sub is operator.subsample(20, seed=4)
@@ -124,7 +126,7 @@ def test_hvp_mode_is_checked(mlp, blobs):
     with pytest.raises(
         ValueError, match=r"`hvp` must be \"auto\" or one of .* Received: hvp='fast'"
     ):
-        HessianOperator(tfi.Objective(mlp), ExampleData(x, y, 16), hvp="fast")
+        HessianOperator(tfi.engine.Objective(mlp), ExampleData(x, y, 16), hvp="fast")
 
 
 class WithUnusedLayer(keras.Model):
@@ -157,7 +159,9 @@ def test_hvp_per_variable_accumulation_equals_dense(blobs, hvp, source):
     keras.utils.set_random_seed(0)
     model = WithUnusedLayer()
     model(x[:1])
-    objective = tfi.Objective(model, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    objective = tfi.engine.Objective(
+        model, keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
     if source == "arrays":
         data = ExampleData(x, y, 16)
         assert data.folds_last_separately

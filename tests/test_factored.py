@@ -13,15 +13,15 @@ LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 def reference(objective, x, y, solutions):
     """Per-example gradients and scores by pfor alone (the reference path)."""
-    plain = tfi.PerExampleGradients(objective, scoring="jacobian")
+    plain = tfi.engine.PerExampleGradients(objective, scoring="jacobian")
     plain._factored_state = "off"
     grads = plain(x, y).numpy()
     return grads, -(grads @ solutions).T
 
 
 def assert_factored_equal(model, x, y, num_tests=(1, 3, 40), params=None, factored=True):
-    objective = tfi.Objective(model, loss=LOSS, params=params)
-    gradients = tfi.PerExampleGradients(objective, scoring="jacobian")
+    objective = tfi.engine.Objective(model, loss=LOSS, params=params)
+    gradients = tfi.engine.PerExampleGradients(objective, scoring="jacobian")
     y = tf.constant(y)
     assert gradients.check_factored(x, y) is factored
     rng = np.random.default_rng(0)

@@ -47,8 +47,8 @@ def test_per_example_gradients_equal_one_tape_per_example():
     model(x)
     y = rng.integers(0, 3, size=6)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    objective = tfi.Objective(model, loss=loss)
-    batched = tfi.PerExampleGradients(objective)(x, tf.constant(y)).numpy()
+    objective = tfi.engine.Objective(model, loss=loss)
+    batched = tfi.engine.PerExampleGradients(objective)(x, tf.constant(y)).numpy()
     for j in range(6):
         xj = {k: tf.constant(v[j : j + 1]) for k, v in x.items()}
         with tf.GradientTape() as tape:
@@ -59,7 +59,7 @@ def test_per_example_gradients_equal_one_tape_per_example():
     assert unused and np.all(batched[:, -unused:] == 0)
     solutions = tf.constant(rng.normal(size=(objective.num_params, 4)))
     for mode in ("jacobian", "jvp"):
-        scores, finite = tfi.PerExampleGradients(objective, mode).scores(
+        scores, finite = tfi.engine.PerExampleGradients(objective, mode).scores(
             x, tf.constant(y), solutions
         )
         np.testing.assert_allclose(scores.numpy(), -(batched @ solutions.numpy()).T, rtol=1e-10)
@@ -67,7 +67,7 @@ def test_per_example_gradients_equal_one_tape_per_example():
 
 
 def test_auto_scoring_picks_by_number_of_tests(mlp):
-    gradients = tfi.PerExampleGradients(tfi.Objective(mlp))
+    gradients = tfi.engine.PerExampleGradients(tfi.engine.Objective(mlp))
     gradients._factored_state = "off"  # otherwise factored scoring wins at any number
     assert gradients.mode_for(1) == "jvp"
     assert gradients.mode_for(500) == "jacobian"

@@ -22,15 +22,13 @@ def test_public_api_is_pinned():
     assert sorted(tfi.__all__) == sorted(
         [
             "Candidates",
-            "HessianOperator",
             "InfluenceModel",
-            "Objective",
-            "PerExampleGradients",
             "TopK",
             "TracIn",
             "__version__",
             "callbacks",
             "distribute",
+            "engine",
             "evaluation",
             "load_served_model",
             "solvers",
@@ -58,7 +56,7 @@ def test_scores_match_direct_formula(mlp, blobs):
     x, y = blobs
     im = fitted(mlp, x, y)
     scores = im.explain(x[:5], y[:5], verbose=0)
-    grads = tfi.PerExampleGradients(im.objective)
+    grads = tfi.engine.PerExampleGradients(im.objective)
     g_train = grads(x, y).numpy()
     g_test = grads(x[:5], y[:5]).numpy()
     hessian = im.operator.dense().numpy()
@@ -241,7 +239,7 @@ def test_params_selects_layers_by_name(mlp, blobs):
     full = fitted(mlp, x, y, damping=0.5)
     assert not np.allclose(scores, full.explain(x[:3], y[:3], verbose=0))
     # Same as differentiating the logits layer alone: the block of the full Hessian.
-    grads = tfi.PerExampleGradients(full.objective)
+    grads = tfi.engine.PerExampleGradients(full.objective)
     block = slice(full.num_params - 18, full.num_params)
     hessian = full.operator.dense().numpy()[block, block]
     g_train = grads(x, y).numpy()[:, block]

@@ -7,7 +7,7 @@ import tensorflow as tf
 from conftest import make_mlp
 
 import tf_influence as tfi
-from tf_influence.objective import MIXED_PRECISION_KERAS, _keras_version
+from tf_influence.engine.objective import MIXED_PRECISION_KERAS, _keras_version
 
 SPARSE_LOGITS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 

@@ -9,15 +9,15 @@ import tensorflow as tf
 from conftest import make_mlp
 
 import tf_influence as tfi
-from tf_influence.curvature import HessianOperator
-from tf_influence.data import ExampleData
+from tf_influence.engine.curvature import HessianOperator
+from tf_influence.engine.data import ExampleData
 from tf_influence.solvers import CG, CurvatureError, Exact, LiSSA
 
 
 @pytest.fixture
 def operator(mlp, blobs):
     x, y = blobs
-    return HessianOperator(tfi.Objective(mlp), ExampleData(x, y, 16), damping=0.5)
+    return HessianOperator(tfi.engine.Objective(mlp), ExampleData(x, y, 16), damping=0.5)
 
 
 @pytest.fixture
@@ -130,7 +130,7 @@ def test_recycling_float32_keeps_the_true_residual():
     x, y = np.random.default_rng(0).normal(size=(50, 4)), np.arange(50) % 3
     model = make_mlp(dtype="float32")
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    objective = tfi.Objective(model, loss=loss)
+    objective = tfi.engine.Objective(model, loss=loss)
     op32 = HessianOperator(objective, ExampleData(x.astype("float32"), y, 16), 0.5)
     rng = np.random.default_rng(8)
     dense = op32.dense().numpy()
@@ -183,7 +183,7 @@ def test_auto_recycle_keeps_more_directions_when_products_cost_more(operator, mo
     images = np.random.default_rng(0).normal(size=(50, 12, 12, 1))
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     conv_op = HessianOperator(
-        tfi.Objective(conv, loss=loss), ExampleData(images, np.arange(50) % 3, 16), 0.5
+        tfi.engine.Objective(conv, loss=loss), ExampleData(images, np.arange(50) % 3, 16), 0.5
     )
     conv_flops = cg.forward_flops(conv_op)
     assert conv_flops / conv_op.num_params > 2 * flops / p
@@ -271,7 +271,7 @@ def indefinite_operator(x, y, damping=0.0):
     """An untrained MLP without regularisation or damping has negative curvature."""
     model = make_mlp(l2=0.0, seed=1)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    return HessianOperator(tfi.Objective(model, loss=loss), ExampleData(x, y, 16), damping)
+    return HessianOperator(tfi.engine.Objective(model, loss=loss), ExampleData(x, y, 16), damping)
 
 
 def test_indefinite_hessian_exact_and_cg_suggest_damping(blobs):

@@ -10,12 +10,9 @@
 example j is harmful to test point i, negative means helpful.
 """
 
-from tf_influence import callbacks, distribute, evaluation, solvers
-from tf_influence.curvature import HessianOperator
-from tf_influence.gradients import PerExampleGradients
+from tf_influence import callbacks, distribute, engine, evaluation, solvers
 from tf_influence.influence_model import InfluenceModel
 from tf_influence.neighbors import Candidates
-from tf_influence.objective import Objective
 from tf_influence.outputs import TopK
 from tf_influence.serving import load_served_model
 from tf_influence.tracin import TracIn
@@ -24,15 +21,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Candidates",
-    "HessianOperator",
     "InfluenceModel",
-    "Objective",
-    "PerExampleGradients",
     "TopK",
     "TracIn",
     "__version__",
     "callbacks",
     "distribute",
+    "engine",
     "evaluation",
     "load_served_model",
     "solvers",

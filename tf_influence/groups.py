@@ -26,9 +26,9 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from tf_influence._compile import GraphFunction
 from tf_influence._errors import check_training_indices, describe
 from tf_influence._progress import resolve_verbose
+from tf_influence.engine.compile import GraphFunction
 
 
 def check_groups(groups, num_train: int) -> list[np.ndarray]:

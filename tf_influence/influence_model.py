@@ -15,19 +15,19 @@ from tf_influence._cache import SolutionCache, batch_key
 from tf_influence._errors import describe, raise_at_first_nonfinite, user_stacklevel
 from tf_influence._fingerprint import data_fingerprint, weights_fingerprint
 from tf_influence._progress import Progress, resolve_verbose
-from tf_influence.curvature import HessianOperator, check_hvp_mode
-from tf_influence.data import ExampleData
 from tf_influence.distribute import (
     check_replicas_in_sync,
     check_workers_agree,
     resolve_strategy,
     translate_worker_errors,
 )
+from tf_influence.engine.curvature import HessianOperator, check_hvp_mode
+from tf_influence.engine.data import ExampleData
+from tf_influence.engine.gradients import PerExampleGradients
+from tf_influence.engine.objective import Objective, variable_name
 from tf_influence.export import export_model
-from tf_influence.gradients import PerExampleGradients
 from tf_influence.groups import predict_removal
 from tf_influence.neighbors import score_candidates, top_k_of
-from tf_influence.objective import Objective, variable_name
 from tf_influence.outputs import TopK, check_k, check_sink_args, make_sink
 from tf_influence.perturbation import explain_perturbation
 from tf_influence.resume import ResumableOutput

@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from tf_influence._compile import GraphFunction
 from tf_influence._errors import check_training_indices
+from tf_influence.engine.compile import GraphFunction
 
 
 def check_indices(indices, num_train: int) -> np.ndarray:

@@ -26,8 +26,8 @@ from tf_influence import solvers as solvers_lib
 from tf_influence._files import atomic_write
 from tf_influence._fingerprint import data_fingerprint, weights_fingerprint
 from tf_influence._progress import resolve_verbose
-from tf_influence.data import ExampleData
-from tf_influence.objective import variable_name
+from tf_influence.engine.data import ExampleData
+from tf_influence.engine.objective import variable_name
 
 FORMAT = "tf_influence.InfluenceModel"
 VERSION = 1

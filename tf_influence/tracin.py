@@ -23,9 +23,9 @@ import tensorflow as tf
 
 from tf_influence._errors import describe, raise_at_first_nonfinite
 from tf_influence._progress import Progress, resolve_verbose
-from tf_influence.data import ExampleData
-from tf_influence.gradients import PerExampleGradients
-from tf_influence.objective import Objective
+from tf_influence.engine.data import ExampleData
+from tf_influence.engine.gradients import PerExampleGradients
+from tf_influence.engine.objective import Objective
 from tf_influence.outputs import TopK, check_sink_args, make_sink
 
 

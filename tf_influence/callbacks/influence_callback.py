@@ -12,7 +12,7 @@ from tensorflow.core.framework import summary_pb2
 
 from tf_influence import solvers as solvers_lib
 from tf_influence.callbacks._checks import check_every_n_epochs
-from tf_influence.data import ExampleData
+from tf_influence.engine.data import ExampleData
 from tf_influence.influence_model import InfluenceModel, check_damping
 from tf_influence.solvers.base import CurvatureError
 

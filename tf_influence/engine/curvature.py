@@ -21,10 +21,10 @@ from collections.abc import Callable, Hashable
 
 import tensorflow as tf
 
-from tf_influence._compile import BatchFunction, GraphFunction
-from tf_influence.data import ExampleData
 from tf_influence.distribute import ReplicaData
-from tf_influence.objective import Objective
+from tf_influence.engine.compile import BatchFunction, GraphFunction
+from tf_influence.engine.data import ExampleData
+from tf_influence.engine.objective import Objective
 
 # Columns per matvec when the dense Hessian is assembled from Hessian-vector products.
 DENSE_CHUNK = 128

@@ -40,8 +40,8 @@ from dataclasses import dataclass
 import keras
 import tensorflow as tf
 
-from tf_influence.curvature import tf_variable
-from tf_influence.objective import Objective
+from tf_influence.engine.curvature import tf_variable
+from tf_influence.engine.objective import Objective
 
 # Summed factored gradients must match the batch gradient to this fraction of
 # the summed per-example gradient norms (float32 rounding is near 1e-6).

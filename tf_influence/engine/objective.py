@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_influence._errors import describe
-from tf_influence._flat import ParamLayout
+from tf_influence.engine.flat import ParamLayout
 
 # Losses whose label is a class index / one-hot vector / binary decision, so
 # that ``y_test=None`` can mean "the model's own prediction".

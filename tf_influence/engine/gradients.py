@@ -28,10 +28,10 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from tf_influence._compile import BatchFunction
-from tf_influence.curvature import tf_variable
-from tf_influence.factored import FactoredGradients, FactoredUnavailable, find_layers
-from tf_influence.objective import Objective
+from tf_influence.engine.compile import BatchFunction
+from tf_influence.engine.curvature import tf_variable
+from tf_influence.engine.factored import FactoredGradients, FactoredUnavailable, find_layers
+from tf_influence.engine.objective import Objective
 
 SCORING_MODES = ("jacobian", "jvp")
 # "auto" uses forward-mode scoring up to this many test points per pass;
