@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
-from mislabelled import load_features, run_seed
 
 from tf_influence.evaluation import MislabelCurve, mislabel_curve
+from tf_influence.experiments import load_mislabel_features, mislabel_run
 
 
 def test_curve_counts_flips_in_inspection_order():
@@ -41,15 +41,15 @@ def test_curve_bad_input(call, message):
 @pytest.mark.slow
 def test_self_influence_finds_flipped_labels_faster_than_loss_and_random():
     """Koh & Liang 2017, section 5.4 / figure 6, on breast-cancer degree-2 features."""
-    x, y = load_features()
+    x, y = load_mislabel_features()
     found = {"self-influence": [], "training loss": [], "random": []}
     for seed in range(5):
-        curves, gradient_norm = run_seed(seed, x, y)
+        curves, gradient_norm = mislabel_run(seed, x, y)
         assert gradient_norm < 1e-6  # the weights minimise the Keras objective
         for name, curve in curves.items():
             found[name].append(curve.mean_found(0.05, 0.30))
     mean = {name: float(np.mean(values)) for name, values in found.items()}
-    # Measured: 0.789 / 0.745 / 0.174 over 10 seeds (benchmarks/mislabel.py).
+    # Measured: 0.789 / 0.745 / 0.174 over 10 seeds (`python -m benchmarks.mislabel`).
     assert mean["self-influence"] > mean["training loss"] + 0.01, mean
     assert mean["self-influence"] > mean["random"] + 0.4, mean
     # Seed by seed, too.

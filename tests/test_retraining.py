@@ -2,7 +2,8 @@
 
 L2-regularised logistic regression on scikit-learn's digits (3 against 8, 250
 training points, 65 parameters), trained to a gradient norm below 1e-13 in
-closed form with NumPy, independently of tf_influence (see ``retraining.py``).
+closed form with NumPy, independently of the influence code (see
+``tf_influence.experiments.LeaveOneOut``).
 For each of the 3 highest-loss test points, each of the 20 training points with
 the largest ``|scores|`` and 20 random others is removed and the model retrained;
 the actual change of the test loss is compared with ``-scores / n``.
@@ -15,36 +16,37 @@ and the size of the predicted changes with the actual ones.
 
 import numpy as np
 import pytest
-from retraining import (
+
+from tf_influence.experiments import (
+    LOO_SCORE_TOLERANCES,
+    LOO_THRESHOLDS,
     NUM_RANDOM,
     NUM_TOP,
-    SCORE_TOLERANCES,
-    THRESHOLDS,
-    Experiment,
-    keras_objective,
-    make_solver,
-    per_example_loss,
+    LeaveOneOut,
+    keras_logistic_objective,
+    logistic_loss,
+    loo_solver,
 )
 
 pytestmark = pytest.mark.slow
 
-SOLVERS = list(THRESHOLDS)
+SOLVERS = list(LOO_THRESHOLDS)
 
 
 @pytest.fixture(scope="module")
 def experiment():
     """The trained model and the retrainings, shared by every test of this module."""
-    return Experiment()
+    return LeaveOneOut()
 
 
 @pytest.fixture(scope="module")
 def results(experiment):
-    """``results(name)``: that solver's ``Result``, computed once per module."""
+    """``results(name)``: that solver's ``LeaveOneOutResult``, computed once per module."""
     cache = {}
 
     def get(name):
         if name not in cache:
-            cache[name] = experiment.evaluate(make_solver(name), name)
+            cache[name] = experiment.evaluate(loo_solver(name), name)
         return cache[name]
 
     return get
@@ -61,8 +63,10 @@ def _table(result):
 def test_keras_model_is_the_retrained_objective_at_its_minimum(experiment):
     """The NumPy objective used for retraining is the one the Keras model (and so
     tf_influence) differentiates, and ``theta_hat`` is its minimum."""
-    losses, grad = keras_objective(experiment.model(), experiment.x_train, experiment.y_train)
-    expected = per_example_loss(experiment.theta_hat, experiment.x_train, experiment.y_train)
+    losses, grad = keras_logistic_objective(
+        experiment.model(), experiment.x_train, experiment.y_train
+    )
+    expected = logistic_loss(experiment.theta_hat, experiment.x_train, experiment.y_train)
     np.testing.assert_allclose(losses, expected, rtol=1e-12, atol=1e-14)
     assert np.linalg.norm(grad) < 1e-12, np.linalg.norm(grad)
     # Non-trivial test points: misclassified or close to the boundary.
@@ -75,7 +79,7 @@ def test_scores_predict_leave_one_out_retraining(results, name):
     assert result.converged and not result.unconverged_warnings, result.unconverged_warnings
     assert result.removed.shape == (3, NUM_TOP + NUM_RANDOM)
     assert all(len(set(row)) == NUM_TOP + NUM_RANDOM for row in result.removed)
-    min_pearson, min_spearman = THRESHOLDS[name]
+    min_pearson, min_spearman = LOO_THRESHOLDS[name]
     assert np.all(result.pearson >= min_pearson), _table(result)
     assert np.all(result.spearman >= min_spearman), _table(result)
 
@@ -97,4 +101,4 @@ def test_predicted_changes_have_the_right_scale(results, name):
 def test_scores_match_the_closed_form(results, name):
     """``scores`` against ``-g_test^T inv(H) g_j`` with H and g from the NumPy formulas."""
     result = results(name)
-    assert np.all(result.score_error <= SCORE_TOLERANCES[name]), _table(result)
+    assert np.all(result.score_error <= LOO_SCORE_TOLERANCES[name]), _table(result)
