@@ -114,6 +114,65 @@ def resolve_loss(loss, model, dtype=None) -> tuple[Callable, str, bool]:
     )
 
 
+# numpy dtype kinds that hold numbers: bool, signed and unsigned integers, floats, complex.
+_NUMERIC_KINDS = "biufc"
+
+
+def _dtype_text(values: np.ndarray) -> str:
+    """``values``' dtype for an error message, e.g. ``<U10 (strings)``."""
+    kind = values.dtype.kind
+    if kind == "U":
+        return f"{values.dtype.str} (strings)"
+    if kind == "S":
+        return f"{values.dtype.str} (bytes)"
+    if kind == "O":
+        first = next((v for v in values.flat if v is not None), None)
+        if isinstance(first, (str, bytes)):
+            return f"object (strings, as {type(first).__name__})"
+        return f"object (holding {type(first).__name__})" if first is not None else "object"
+    return str(values.dtype)
+
+
+def check_numeric_targets(y, name: str) -> None:
+    """Refuses targets that are not numbers (strings, bytes, other objects).
+
+    A loss needs numbers; string labels would otherwise fail with a raw ``TypeError``
+    deep inside numpy or TensorFlow.
+
+    Args:
+        y: targets: an array, tensor, ``tf.TensorSpec``, ``tf.DType``, list, or a nested
+            structure (several outputs) of those.
+        name: the argument the targets came from, for the message (``"y"``, ``"y_test"``).
+
+    Raises:
+        ValueError: a leaf of ``y`` has a string, bytes or object dtype.
+    """
+    for leaf in tf.nest.flatten(y):
+        if leaf is None:
+            continue
+        dtype = getattr(leaf, "dtype", leaf)
+        if isinstance(dtype, tf.DType):
+            if dtype != tf.string:
+                continue
+            text = "string (tf.string)"
+        else:
+            values = np.asarray(leaf)
+            if values.dtype.kind in _NUMERIC_KINDS:
+                continue
+            if values.dtype.kind == "O":
+                try:
+                    values.astype(np.float64)
+                    continue  # Python numbers in an object array
+                except (TypeError, ValueError):
+                    pass
+            text = _dtype_text(values)
+        raise ValueError(
+            f"Argument `{name}` must hold numbers (class indices or targets). Received: "
+            f"{name} of dtype {text}. Encode the labels as integers first, e.g. with "
+            "sklearn.preprocessing.LabelEncoder or keras.layers.StringLookup."
+        )
+
+
 def _canonical(name: str) -> str:
     aliases = {"mse": "mean_squared_error", "mae": "mean_absolute_error"}
     return aliases.get(name, name)
@@ -327,10 +386,12 @@ class Objective:
     def check_targets(self, y, num_outputs: int | None, name: str, offset: int = 0) -> None:
         """Refuses targets outside what the loss accepts, naming the first bad example.
 
-        Sparse class losses need integer class indices in ``[0, num_outputs)`` (out of
-        range, TensorFlow returns NaN on GPU or fails deep inside the graph on CPU);
-        one-hot and binary losses need values in ``[0, 1]``; hinge losses in
-        ``[-1, 1]``. Other losses (regression, custom) are not checked.
+        Targets must be numbers for every loss (strings are refused, see
+        ``check_numeric_targets``). Sparse class losses need integer class indices in
+        ``[0, num_outputs)`` (out of range, TensorFlow returns NaN on GPU or fails deep
+        inside the graph on CPU); one-hot and binary losses need values in ``[0, 1]``;
+        hinge losses in ``[-1, 1]``. The range of other losses' targets (regression,
+        custom) is not checked.
 
         Args:
             y: a batch of targets (array-like), ``offset`` the index of its first example.
@@ -338,6 +399,7 @@ class Objective:
             name: the argument the targets came from, for the message.
         """
         loss = self.loss_name
+        check_numeric_targets(y, name)
         if isinstance(y, (dict, list, tuple)):
             return  # several outputs: each loss checks its own
         values = np.asarray(y)
