@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Sequence
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -70,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``tf-influence`` and ``python -m tf_influence``."""
     parser = _parser()
     args = parser.parse_args(argv)
@@ -92,7 +93,7 @@ def main(argv=None) -> int:
     return 2
 
 
-def _explain_logs(args) -> int:
+def _explain_logs(args: argparse.Namespace) -> int:
     import keras
 
     import tf_influence as tfi

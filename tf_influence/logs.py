@@ -16,9 +16,14 @@ from __future__ import annotations
 import csv
 import os
 import sys
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, TextIO
 
 import numpy as np
 import tensorflow as tf
+
+if TYPE_CHECKING:
+    from tf_influence.influence_model import InfluenceModel
 
 FIELDS = ["record", "row", "kind", "rank", "train_index", "score"]
 
@@ -35,7 +40,12 @@ def _protos():
     return prediction_log_pb2
 
 
-def read_requests(path, input_names, input_shapes, signature_name="serving_default"):
+def read_requests(
+    path: str | os.PathLike,
+    input_names: Sequence[str],
+    input_shapes: Sequence[tuple[int | None, ...]],
+    signature_name: str = "serving_default",
+) -> Iterator[tuple[int, np.ndarray | list[np.ndarray] | None, str]]:
     """Yields ``(record_number, inputs or None, reason)`` for every record of a log file.
 
     ``inputs`` is one array (single-input models) or a list in ``input_names`` order;
@@ -50,7 +60,7 @@ def read_requests(path, input_names, input_shapes, signature_name="serving_defau
     for number, record in enumerate(tf.data.TFRecordDataset(path).as_numpy_iterator()):
         try:
             log = prediction_log_pb2.PredictionLog.FromString(record)
-        except Exception as error:  # a corrupt or foreign record
+        except Exception as error:  # noqa: BLE001 - a corrupt or foreign record is skipped
             yield number, None, f"not a PredictionLog proto ({type(error).__name__})"
             continue
         if not log.HasField("predict_log"):
@@ -85,8 +95,14 @@ def read_requests(path, input_names, input_shapes, signature_name="serving_defau
 
 
 def explain_logs(
-    im, logs, out, top_k=10, signature_name="serving_default", input_names=None, stream=None
-) -> dict:
+    im: InfluenceModel,
+    logs: str | os.PathLike,
+    out: str | os.PathLike,
+    top_k: int = 10,
+    signature_name: str = "serving_default",
+    input_names: Sequence[str] | None = None,
+    stream: TextIO | None = None,
+) -> dict[str, int]:
     """Explains every logged request with ``im`` and writes ``out`` (CSV).
 
     Args:
@@ -148,7 +164,7 @@ def explain_logs(
     return summary
 
 
-def load_training_arrays(path):
+def load_training_arrays(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """``(x, y)`` from an ``.npz`` file holding arrays ``x`` and ``y``."""
     path = os.fspath(path)
     if not os.path.isfile(path):
