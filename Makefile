@@ -30,9 +30,10 @@ bench: $(STAMP)
 	$(PY) benchmarks/distributed.py
 	$(PY) benchmarks/trust.py
 
+# The whole tree: the package, tests, benchmarks, examples, docs helpers and notebooks.
 lint: $(STAMP)
-	$(PY) -m ruff check tf_influence tests benchmarks examples
-	$(PY) -m ruff format --check tf_influence tests benchmarks examples
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 clean:
 	rm -rf $(VENV) build *.egg-info
