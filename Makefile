@@ -23,12 +23,12 @@ docs: $(STAMP)
 	$(PY) -m mkdocs build --strict --site-dir site
 
 bench: $(STAMP)
-	$(PY) benchmarks/accuracy.py
-	$(PY) benchmarks/run.py
-	$(PY) benchmarks/recycle.py
-	$(PY) benchmarks/first_call.py
-	$(PY) benchmarks/distributed.py
-	$(PY) benchmarks/trust.py
+	$(PY) -m benchmarks.accuracy
+	$(PY) -m benchmarks.run
+	$(PY) -m benchmarks.recycle
+	$(PY) -m benchmarks.distributed
+	$(PY) -m benchmarks.trust
+	$(PY) -m benchmarks.first_answer
 
 # The whole tree: the package, tests, benchmarks, examples, docs helpers and notebooks.
 lint: $(STAMP)

@@ -1,6 +1,6 @@
 """Scaling of ``explain`` over tf.distribute replicas and workers, measured in one run.
 
-The digits MLP of ``benchmarks/run.py`` (64 -> 128 -> 128 -> 10, trained with Adam,
+The digits MLP of ``benchmarks.common.digits`` (64 -> 128 -> 128 -> 10, trained with Adam,
 26k parameters, 1,437 training points, CG at damping 1e-2) is explained for 20 test
 points against every training point with:
 
@@ -20,8 +20,8 @@ replica brings its own arithmetic.
 
 Usage, from the repository root::
 
-    .venv/bin/python benchmarks/distributed.py            # all configurations (~3 min)
-    .venv/bin/python benchmarks/distributed.py --configs none,mirrored:2,workers:2
+    .venv/bin/python -m benchmarks.distributed            # all configurations (~3 min)
+    .venv/bin/python -m benchmarks.distributed --configs none,mirrored:2,workers:2
 """
 
 from __future__ import annotations
@@ -36,23 +36,17 @@ import tempfile
 import time
 import warnings
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-sys.path.insert(0, HERE)
+import numpy as np
 
-import numpy as np  # noqa: E402
+from benchmarks.common import digits
+from benchmarks.common.timing import log
 
 CONFIGS = "none,mirrored:1,mirrored:2,mirrored:4,workers:2,workers:4"
 NUM_TESTS = 20
 BATCH_SIZE = 128
 REPEATS = 3
-COMMAND = ".venv/bin/python benchmarks/distributed.py"
-
-
-def log(message):
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMMAND = ".venv/bin/python -m benchmarks.distributed"
 
 
 def child(spec):
@@ -72,20 +66,18 @@ def child(spec):
     else:
         strategy = None
 
-    import run  # the model, data and damping of the main benchmark
-
     import tf_influence as tfi
 
     warnings.simplefilter("ignore")
-    x_train, y_train, x_test, y_test = run.load_data()
+    x_train, y_train, x_test, y_test = digits.load_data()
     if strategy is not None:
         with strategy.scope():
-            model = run.build_model("mlp")
+            model = digits.build_model("mlp")
     else:
-        model = run.build_model("mlp")
+        model = digits.build_model("mlp")
     model.load_weights(spec["weights"])
     im = tfi.InfluenceModel(model)
-    im.compile(solver="cg", damping=run.DAMPING["mlp"])
+    im.compile(solver="cg", damping=digits.DAMPING["mlp"])
     start = time.perf_counter()
     im.fit(x_train, y_train, batch_size=BATCH_SIZE, verbose=0)
     fit_seconds = time.perf_counter() - start
@@ -137,16 +129,18 @@ def run_config(kind, count, weights, directory, timeout):
         "weights": weights,
         "scores": os.path.join(directory, f"{kind}{count}.npy"),
     }
-    command = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)]
+    command = [sys.executable, "-m", "benchmarks.distributed", "--child", json.dumps(spec)]
     processes = []
     if kind == "workers":
         cluster = {"worker": [f"127.0.0.1:{p}" for p in free_ports(count)]}
         for index in range(count):
             config = {"cluster": cluster, "task": {"type": "worker", "index": index}}
             env = dict(os.environ, TF_CONFIG=json.dumps(config))
-            processes.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True))
+            processes.append(
+                subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+            )
     else:
-        processes.append(subprocess.Popen(command, stdout=subprocess.PIPE, text=True))
+        processes.append(subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=ROOT))
     outputs = []
     try:
         for process in processes:
@@ -172,10 +166,8 @@ def main(argv=None):
     if args.child:
         child(json.loads(args.child))
         return
-    import run
-
     log("training the digits MLP")
-    model, accuracy = run.train_model("mlp", run.load_data(), run.EPOCHS)
+    model, accuracy = digits.train_model("mlp", digits.load_data(), digits.EPOCHS)
     rows = []
     with tempfile.TemporaryDirectory() as directory:
         weights = os.path.join(directory, "mlp.weights.h5")

@@ -1,7 +1,7 @@
 """kNN narrowing (FastIF): speed-up of scoring and recall of the full top-10.
 
-Digits MLP of ``benchmarks/run.py`` (26,122 parameters, CG, damping 1e-2), the
-training set grown 10x with noisy copies (14,370 examples) as in its row 4; 20
+Digits MLP of ``benchmarks.common.digits`` (26,122 parameters, CG, damping 1e-2), the
+training set grown 10x with noisy copies (14,370 examples) as in row 4 (``benchmarks.scaling``); 20
 test points. For each number of candidates k (nearest training examples in the
 feature space of the second hidden layer), times ``explain(..., candidates=k)``
 against the full ``explain`` (both after the solutions are cached, so the
@@ -9,24 +9,17 @@ timings compare scoring plus the search, not the solve), and reports the recall
 of the full top-10 harmful and top-10 helpful examples among the candidates'
 top-10. Usage, from the repository root::
 
-    .venv/bin/python benchmarks/knn.py            # about 1 minute
+    .venv/bin/python -m benchmarks.knn            # about 1 minute
 """
 
 from __future__ import annotations
 
-import os
-import sys
+import argparse
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-sys.path.insert(0, HERE)
+import numpy as np
 
-import numpy as np  # noqa: E402
-from run import DAMPING, NUM_TESTS, SEED, load_data, train_model  # noqa: E402
-
-import tf_influence as tfi  # noqa: E402
+from benchmarks.common.digits import DAMPING, NUM_TESTS, grown, load_data, train_model
 
 FACTOR = 10
 KS = (100, 300, 1000, 3000)
@@ -38,19 +31,14 @@ def recall(full_indices, found_indices):
     return float(np.mean(hits)) / full_indices.shape[1]
 
 
-def main():
+def main(argv=None):
+    import tf_influence as tfi
+
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)
     data = load_data()
     model, _ = train_model("mlp", data, 30)
     x_train, y_train, x_test, y_test = data
-    rng = np.random.default_rng(SEED)
-    x = np.concatenate(
-        [x_train]
-        + [
-            (x_train + 0.05 * rng.standard_normal(x_train.shape)).astype(np.float32)
-            for _ in range(FACTOR - 1)
-        ]
-    )
-    y = np.tile(y_train, FACTOR)
+    x, y = grown(x_train, y_train, FACTOR)
     im = tfi.InfluenceModel(model)
     im.compile(solver=tfi.solvers.CG(tol=1e-5), damping=DAMPING["mlp"])
     im.fit(x, y, batch_size=128, verbose=0)
@@ -76,7 +64,7 @@ def main():
             f"| {k} | {seconds:.2f} | {full_seconds / seconds:.1f}x | {harmful:.2f} | "
             f"{helpful:.2f} |"
         )
-    print("\ncommand: .venv/bin/python benchmarks/knn.py")
+    print("\ncommand: .venv/bin/python -m benchmarks.knn")
 
 
 if __name__ == "__main__":

@@ -2,26 +2,20 @@
 
 Breast-cancer degree-2 features, 10% labels flipped, L2 logistic regression, float64,
 Exact solver; rankings by self-influence, training loss and random; averaged over
-seeds. The set-up is in ``tests/mislabelled.py`` (shared with the test).
+seeds. The set-up is ``tf_influence.experiments.mislabel_run`` (shared with the test).
 
 Usage, from the repository root::
 
-    .venv/bin/python benchmarks/mislabel.py            # 10 seeds, about 30 s
+    .venv/bin/python -m benchmarks.mislabel            # 10 seeds, about 30 s
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests"))
+import numpy as np
 
-import numpy as np  # noqa: E402
-from mislabelled import load_features, run_seed  # noqa: E402
+from tf_influence.experiments import load_mislabel_features, mislabel_run
 
 BUDGETS = (0.05, 0.10, 0.20, 0.30)
 
@@ -30,10 +24,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=10)
     args = parser.parse_args(argv)
-    x, y = load_features()
+    x, y = load_mislabel_features()
     rows = {}
     for seed in range(args.seeds):
-        curves, _ = run_seed(seed, x, y)
+        curves, _ = mislabel_run(seed, x, y)
         for name, curve in curves.items():
             values = [curve.at(b) for b in BUDGETS] + [curve.mean_found(0.05, 0.30)]
             rows.setdefault(name, []).append(values)
@@ -43,7 +37,7 @@ def main(argv=None):
     for name, values in rows.items():
         mean = np.mean(values, axis=0)
         print(f"| {name} | " + " | ".join(f"{v:.3f}" for v in mean) + " |")
-    print(f"\n{args.seeds} seeds; command: .venv/bin/python benchmarks/mislabel.py")
+    print(f"\n{args.seeds} seeds; command: .venv/bin/python -m benchmarks.mislabel")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """How many recycled directions CG should keep: iterations and time per ``explain``.
 
-Same models, data and settings as row 2 of ``run.py`` (CG tol 1e-5, B=128). For each
+Same models, data and settings as row 2 (``benchmarks.explain``) (CG tol 1e-5, B=128). For each
 ``CG(recycle=m)``, one model explains 20 test points, then ``CALLS`` more sets of 20
 new test points; each later call prints its seconds, block-CG iterations and the
 number of directions it started from. Iteration counts are deterministic; times
@@ -8,26 +8,16 @@ vary with the machine's load.
 
 Usage, from the repository root::
 
-    .venv/bin/python benchmarks/recycle.py                    # both models, ~3 min
-    .venv/bin/python benchmarks/recycle.py --models mlp --keep 0,256,512
+    .venv/bin/python -m benchmarks.recycle                    # both models, ~3 min
+    .venv/bin/python -m benchmarks.recycle --models mlp --keep 0,256,512
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-sys.path.insert(0, HERE)
-
-import run  # noqa: E402
-
-import tf_influence as tfi  # noqa: E402
+from benchmarks.common import digits
 
 CALLS = 8
 
@@ -44,37 +34,41 @@ def parse_args(argv=None):
     args.models = [m for m in args.models.split(",") if m]
     args.keep = [v if v == "auto" else int(v) for v in args.keep.split(",") if v]
     for name in args.models:
-        if name not in run.DAMPING:
-            parser.error(f"--models: unknown model {name!r}; choose from {sorted(run.DAMPING)}")
+        if name not in digits.DAMPING:
+            parser.error(f"--models: unknown model {name!r}; choose from {sorted(digits.DAMPING)}")
     return args
 
 
 def main(argv=None):
+    import tf_influence as tfi
+
     args = parse_args(argv)
-    data = run.load_data()
+    data = digits.load_data()
     x_train, y_train, x_test, y_test = data
     print("| model | recycle | later calls: seconds (iterations, directions kept before) |")
     print("|---|---|---|")
     for name in args.models:
-        model, _ = run.train_model(name, data, run.EPOCHS)
-        x = run.inputs(name, x_train)
+        model, _ = digits.train_model(name, data, digits.EPOCHS)
+        x = digits.inputs(name, x_train)
         for keep in args.keep:
             im = tfi.InfluenceModel(model)
             im.compile(
-                solver=tfi.solvers.CG(tol=run.CG_TOL, max_iter=run.CG_MAX_ITER, recycle=keep),
-                damping=run.DAMPING[name],
+                solver=tfi.solvers.CG(tol=digits.CG_TOL, max_iter=digits.CG_MAX_ITER, recycle=keep),
+                damping=digits.DAMPING[name],
             )
             im.fit(x, y_train, batch_size=128, verbose=0)
             im.explain(
-                run.inputs(name, x_test[: run.NUM_TESTS]), y_test[: run.NUM_TESTS], verbose=0
+                digits.inputs(name, x_test[: digits.NUM_TESTS]),
+                y_test[: digits.NUM_TESTS],
+                verbose=0,
             )
             if keep == "auto":
                 keep = f"auto ({im.solver._recycle_capacity(im.operator)})"
             cells = []
             for call in range(1, CALLS + 1):
-                part = slice(call * run.NUM_TESTS, (call + 1) * run.NUM_TESTS)
+                part = slice(call * digits.NUM_TESTS, (call + 1) * digits.NUM_TESTS)
                 start = time.perf_counter()
-                im.explain(run.inputs(name, x_test[part]), y_test[part], verbose=0)
+                im.explain(digits.inputs(name, x_test[part]), y_test[part], verbose=0)
                 seconds = time.perf_counter() - start
                 info = im.diagnostics.info.get("recycled_directions", 0)
                 cells.append(f"{seconds:.2f} ({im.diagnostics.iterations}, {info})")

@@ -16,23 +16,18 @@ actual changes, for the 3 test points with the highest loss.
 
 Usage, from the repository root::
 
-    .venv/bin/python benchmarks/trust.py      # about 3 minutes on 2 cores
+    .venv/bin/python -m benchmarks.trust      # about 3 minutes on 2 cores
 """
 
 from __future__ import annotations
 
-import os
-import sys
+import argparse
 import time
 import warnings
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-COMMAND = ".venv/bin/python benchmarks/trust.py"
+COMMAND = ".venv/bin/python -m benchmarks.trust"
 
 
 def convex():
@@ -132,7 +127,8 @@ def deep():
     return rows
 
 
-def main():
+def main(argv=None):
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)
     warnings.simplefilter("ignore")
     start = time.perf_counter()
     rows = convex() + deep()

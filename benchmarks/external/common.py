@@ -1,6 +1,6 @@
 """Helpers shared by the per-library scripts (numpy and the standard library only).
 
-Each ``run_*.py`` script runs in its own virtualenv, reads ``workload.npz`` written
+Each ``run_*`` module runs in its own virtualenv, reads ``workload.npz`` written
 by ``export_workload.py`` and writes ``<library>.json`` next to its score matrices
 (``.npy``). The JSON lists one entry per (workload, solver) run::
 

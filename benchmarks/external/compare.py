@@ -6,7 +6,7 @@ external library's script with that library's venv python, one after the other
 a markdown table: library | solver | params | seconds | ratio (their time / ours)
 | Pearson vs ours-exact. Usage, with the tf_influence venv::
 
-    python benchmarks/external/compare.py --workload /tmp/bench/workload.npz \
+    python -m benchmarks.external.compare --workload /tmp/bench/workload.npz \
         --out /tmp/bench/results
 
 ``--no-run-external`` only reads the JSON files already in ``--out``.
@@ -21,22 +21,19 @@ import json
 import os
 import platform
 import subprocess
-import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+import numpy as np
 
-import numpy as np  # noqa: E402
-from common import Results, Timer, Workload  # noqa: E402
+from benchmarks.external.common import Results, Timer, Workload
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 EXTERNAL = [
-    # (library, script, venv python option, extra arguments, tag)
-    ("influenciae", "run_influenciae.py", "influenciae_python", [], ""),
-    ("torch-influence", "run_torch_influence.py", "torch_python", [], ""),
-    ("pydvl", "run_pydvl.py", "torch_python", [], ""),
+    # (library, module in benchmarks.external, venv python option, extra arguments, tag)
+    ("influenciae", "run_influenciae", "influenciae_python", [], ""),
+    ("torch-influence", "run_torch_influence", "torch_python", [], ""),
+    ("pydvl", "run_pydvl", "torch_python", [], ""),
 ]
 # 1437 = 3 x 479: with equal batches pyDVL's unweighted average of batch Hessians (the
 # operator behind its CG) is the mean Hessian. A second pyDVL run, and ours, use it.
@@ -45,7 +42,7 @@ EQUAL_TAG = f"@b{EQUAL_BATCH}"
 EXTERNAL.append(
     (
         "pydvl",
-        "run_pydvl.py",
+        "run_pydvl",
         "torch_python",
         ["--batch-size", str(EQUAL_BATCH), "--only", "A-cg,B-cg", "--tag", EQUAL_TAG],
         EQUAL_TAG,
@@ -83,7 +80,8 @@ def parse_args(argv=None):
 # -- ours --------------------------------------------------------------------------------
 def build_keras_model(work, bias_l2=False):
     import keras
-    from export_workload import build_model
+
+    from benchmarks.external.export_workload import build_model
 
     model = build_model(keras, work.l2)
     if bias_l2:
@@ -163,12 +161,13 @@ def run_ours(work, out_dir, b_exact=False, tag="", batch_size=None, only=None):
 # -- externals ---------------------------------------------------------------------------
 def run_external(args):
     logs = {}
-    for library, script, option, extra, tag in EXTERNAL:
+    for library, module, option, extra, tag in EXTERNAL:
         python = getattr(args, option)
         log_path = os.path.join(args.out, f"{library}{tag}.log")
         command = [
             python,
-            os.path.join(HERE, script),
+            "-m",
+            f"benchmarks.external.{module}",
             "--workload",
             args.workload,
             "--out",
@@ -181,7 +180,7 @@ def run_external(args):
             continue
         start = time.perf_counter()
         with open(log_path, "w") as log:
-            code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT)
+            code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         logs[library + tag] = (code, time.perf_counter() - start)
         print(f"  exit {code} after {logs[library + tag][1]:.0f} s", flush=True)
     return logs

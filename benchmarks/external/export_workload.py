@@ -5,7 +5,7 @@ digits split, the trained weights (Keras layout: kernels are ``(in, out)``) and
 the settings (L2 strength, damping, test points, batch size). Usage, with the
 tf_influence venv::
 
-    python benchmarks/external/export_workload.py [/tmp/workload.npz]
+    python -m benchmarks.external.export_workload [/tmp/workload.npz]
 """
 
 from __future__ import annotations
@@ -14,10 +14,7 @@ import argparse
 import os
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 L2 = 1e-3  # keras.regularizers.L2(L2) on every kernel: Omega = L2 * sum ||W||^2
 DAMPING = 1e-3

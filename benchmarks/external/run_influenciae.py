@@ -2,7 +2,7 @@
 
 Run with the influenciae venv (see setup_envs.sh)::
 
-    /tmp/bench-influenciae/bin/python benchmarks/external/run_influenciae.py \
+    /tmp/bench-influenciae/bin/python -m benchmarks.external.run_influenciae \
         --workload /tmp/bench/workload.npz --out /tmp/bench/results
 
 What influenciae computes (``FirstOrderInfluenceCalculator``,
@@ -38,16 +38,12 @@ correlation uses the columns computed.
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 from types import SimpleNamespace
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import numpy as np
 
-import numpy as np  # noqa: E402
-from common import Results, Timer, Workload, parse_args, selected  # noqa: E402
+from benchmarks.external.common import Results, Timer, Workload, parse_args, selected
 
 INFLUENCIAE_BATCH_SIZE = 8
 

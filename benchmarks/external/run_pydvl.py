@@ -2,7 +2,7 @@
 
 Run with the torch venv (see setup_envs.sh)::
 
-    /tmp/bench-torch/bin/python benchmarks/external/run_pydvl.py \
+    /tmp/bench-torch/bin/python -m benchmarks.external.run_pydvl \
         --workload /tmp/bench/workload.npz --out /tmp/bench/results
 
 What pyDVL computes (``DirectInfluence`` / ``CgInfluence``, ``influences(x_test,
@@ -25,14 +25,11 @@ Parameters: workload A sets ``requires_grad=False`` on the two hidden layers
 
 from __future__ import annotations
 
-import os
-import sys
 from collections import OrderedDict
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import numpy as np
 
-import numpy as np  # noqa: E402
-from common import Results, Timer, Workload, parse_args, selected  # noqa: E402
+from benchmarks.external.common import Results, Timer, Workload, parse_args, selected
 
 
 def build_torch_model(torch, work):

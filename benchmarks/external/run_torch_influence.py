@@ -2,7 +2,7 @@
 
 Run with the torch venv (see setup_envs.sh)::
 
-    /tmp/bench-torch/bin/python benchmarks/external/run_torch_influence.py \
+    /tmp/bench-torch/bin/python -m benchmarks.external.run_torch_influence \
         --workload /tmp/bench/workload.npz --out /tmp/bench/results
 
 torch-influence is not on PyPI (``pip install torch-influence``: "No matching
@@ -25,13 +25,11 @@ which includes the regularizer, i.e. ``grad L(z_j) + 2*l2*W`` where ours is
 from __future__ import annotations
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import numpy as np
 
-import numpy as np  # noqa: E402
-from common import Results, Timer, Workload, parse_args, selected  # noqa: E402
-from run_pydvl import build_torch_model, restrict  # noqa: E402
+from benchmarks.external.common import Results, Timer, Workload, parse_args, selected
+from benchmarks.external.run_pydvl import build_torch_model, restrict
 
 
 def reason_from_log(path):
