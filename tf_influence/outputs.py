@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from tf_influence._errors import describe
+from tf_influence._validation import check_positive_int
 
 
 class TopK(NamedTuple):
@@ -104,10 +104,7 @@ class TopKSink:
 
 def check_k(k, name: str) -> None:
     """Raises unless ``k`` is a positive integer (``name`` is the argument's name)."""
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(
-            f"Argument `{name}` must be a positive integer. Received: {name}={describe(k)}"
-        )
+    check_positive_int(name, k)
 
 
 def check_sink_args(top_k, output) -> None:

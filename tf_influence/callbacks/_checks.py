@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import numpy as np
+from tf_influence._validation import check_positive_int
 
 
 def check_every_n_epochs(value, allow_none=True):
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(
-            "Argument `every_n_epochs` must be a positive integer"
-            + (" or None" if allow_none else "")
-            + f". Received: every_n_epochs={value!r}"
-        )
-    return int(value)
+    return check_positive_int(
+        "every_n_epochs", value, allow_none, none_means="to analyse only at the end of training"
+    )
 
 
 def check_epochs(value):

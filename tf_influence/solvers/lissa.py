@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from tf_influence._validation import check_int, check_positive_float, check_positive_int
 from tf_influence.solvers.base import (
     CurvatureError,
     Diagnostics,
     Solver,
-    check_positive_float,
-    check_positive_int,
     nice_ceil,
     relative_residual,
 )
@@ -90,9 +89,7 @@ class LiSSA(Solver):
         self.scale = check_positive_float("scale", scale, allow_none=True)
         self.num_repeats = check_positive_int("num_repeats", num_repeats)
         self.batch_size = check_positive_int("batch_size", batch_size, allow_none=True)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"Argument `seed` must be an integer. Received: seed={seed!r}")
-        self.seed = seed
+        self.seed = check_int("seed", seed)
         self.tol = check_positive_float("tol", tol)
 
     def get_config(self):
@@ -128,7 +125,8 @@ class LiSSA(Solver):
 
         return operator.cached(("lissa.scale", self.seed, self._batch_size(operator)), make)
 
-    def prepare(self, operator) -> None:
+    def prepare(self, operator, progress=None) -> None:
+        """Estimates the scale (power iteration) unless one was given."""
         if self.scale is None:
             self.estimate_scale(operator)
 
