@@ -53,10 +53,10 @@ def test_influence_model_with_arnoldi_uses_the_index(mlp, blobs):
     im = tfi.InfluenceModel(mlp)
     im.compile(solver=Arnoldi(rank=8, iterations=43), damping=0.5)
     im.fit(x, y, batch_size=16, verbose=0)
-    assert im._index.shape == (50, 8)
+    assert im.state.index.shape == (50, 8)
     scores = im.explain(x[:4], y[:4], verbose=0)
     values, vectors = dense_eigen(im.operator)
-    g_test, g_train = im._gradients(x[:4], y[:4]).numpy(), im._gradients(x, y).numpy()
+    g_test, g_train = im.state.gradients(x[:4], y[:4]).numpy(), im.state.gradients(x, y).numpy()
     low_rank = vectors[:, :8] @ np.diag(1 / values[:8]) @ vectors[:, :8].T
     np.testing.assert_allclose(scores, -g_test @ low_rank @ g_train.T, rtol=1e-8, atol=1e-12)
     self_influence = im.self_influence(verbose=0)

@@ -173,8 +173,8 @@ def test_auto_scoring_and_passes_over_several_batches(mlp, blobs):
     im = tfi.InfluenceModel(mlp)
     im.compile(solver="exact", damping=0.5)
     im.fit(x, y, batch_size=8, verbose=0)
-    assert im._gradients.mode_for(1) == "jacobian"  # factored throughout
-    assert im._rows_per_pass(5) >= 48  # all 50 examples in one or two passes
+    assert im.state.gradients.mode_for(1) == "jacobian"  # factored throughout
+    assert im.state.rows_per_pass(5) >= 48  # all 50 examples in one or two passes
     scores = im.explain(x[:5], y[:5], verbose=0)
     jvp = tfi.InfluenceModel(mlp)
     jvp.compile(solver="exact", damping=0.5, scoring="jvp")
@@ -192,7 +192,7 @@ def test_nonfinite_training_example_is_named(mlp, blobs):
     solutions = np.zeros((im.num_params, 2))
     bad = x.copy()
     bad[3, 1] = np.inf
-    _, finite = im._gradients.scores(bad[:8], tf.constant(y[:8]), solutions)
+    _, finite = im.state.gradients.scores(bad[:8], tf.constant(y[:8]), solutions)
     assert finite.numpy().tolist() == [j != 3 for j in range(8)]
 
 

@@ -39,12 +39,15 @@ def test_public_api_is_pinned():
             "Arnoldi",
             "CG",
             "CurvatureError",
+            "CurvatureOperator",
             "Diagnostics",
             "Exact",
             "LiSSA",
+            "LowRankInverse",
             "Solver",
             "deserialize",
             "get",
+            "register",
             "serialize",
         ]
     )
@@ -251,9 +254,9 @@ def test_explain_does_not_retrace(mlp, blobs):
     x, y = blobs
     im = fitted(mlp, x, y, solver="cg")
     im.explain(x[:8], y[:8], batch_size=8, verbose=0)
-    count = im._gradients.tracing_count()
+    count = im.state.gradients.tracing_count()
     im.explain(x[8:13], y[8:13], batch_size=8, verbose=0)  # other sizes, same structure
-    assert im._gradients.tracing_count() == count
+    assert im.state.gradients.tracing_count() == count
 
 
 def test_verbose_shows_progress_bar_only_on_slow_work(mlp, blobs, capsys, monkeypatch):
@@ -267,8 +270,8 @@ def test_verbose_shows_progress_bar_only_on_slow_work(mlp, blobs, capsys, monkey
     assert "Scoring training examples" in out and "step" in out
     im.explain(x[:3], y[:3], verbose=2)
     # One step per scoring pass: all 50 examples at once when the MLP is factored.
-    passes = im._data.num_batches(im._rows_per_pass(3))
-    assert passes == 1 and im._data.num_batches() == 4
+    passes = im.state.data.num_batches(im.state.rows_per_pass(3))
+    assert passes == 1 and im.state.data.num_batches() == 4
     assert "Scoring training examples 1 steps" in capsys.readouterr().out
 
 

@@ -18,7 +18,7 @@ def test_perturbation_equals_dense_formula(mlp, blobs):
     result = im.explain_perturbation(chosen, x[:2], y[:2])
     assert result.shape == (2, 3, 4)
     objective = im.objective
-    g_test = im._gradients(x[:2], y[:2]).numpy()
+    g_test = im.state.gradients(x[:2], y[:2]).numpy()
     solved = np.linalg.solve(im.operator.dense().numpy(), g_test.T)  # (p, 2)
     for r, j in enumerate(chosen):
         xj = tf.constant(x[j : j + 1])

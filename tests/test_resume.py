@@ -63,8 +63,8 @@ def test_killed_explain_resumes_to_the_uninterrupted_matrix(problem, tmp_path):
     expected = im.explain(data["x_test"], data["y_test"], verbose=0)
     # The resumed run neither solves again nor scores the 9 finished batches.
     calls = []
-    scores, solve = im._gradients.scores, im.solver.solve
-    im._gradients.scores = lambda *a: calls.append("score") or scores(*a)
+    scores, solve = im.state.gradients.scores, im.solver.solve
+    im.state.gradients.scores = lambda *a: calls.append("score") or scores(*a)
     im.solver.solve = lambda *a: calls.append("solve") or solve(*a)
     result = im.explain(data["x_test"], data["y_test"], verbose=0, output=out)
     assert calls == ["score"] * (400 // 16 - 9)

@@ -32,9 +32,9 @@ def test_round_trip_gives_identical_explain(mlp, blobs, tmp_path, solver):
     assert loaded.solver.get_config() == im.solver.get_config()
     assert loaded.damping == im.damping and loaded.num_train == im.num_train
     # The cached solutions came along: the same test points are not solved again.
-    hits = loaded._solution_cache.hits
+    hits = loaded.state.solutions.hits
     np.testing.assert_array_equal(loaded.explain(x[:5], y[:5], verbose=0), before)
-    assert loaded._solution_cache.hits == hits + 1
+    assert loaded.state.solutions.hits == hits + 1
     # New test points are solved with the restored curvature.
     np.testing.assert_allclose(
         loaded.explain(x[5:9], y[5:9], verbose=0),

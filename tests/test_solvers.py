@@ -213,7 +213,7 @@ def test_recycled_space_is_dropped_when_the_weights_change(blobs):
     assert im.diagnostics.info["recycled_directions"] > 0
     for variable in model.trainable_variables:
         variable.assign(1.5 * variable + 0.1)
-    for refit in (lambda: im._build_operator(reuse=True), lambda: im.fit(x, y, 16, verbose=0)):
+    for refit in (lambda: im.state.refresh(), lambda: im.fit(x, y, 16, verbose=0)):
         refit()
         got = im.explain(x[8:12], y[8:12], verbose=0)
         assert im.diagnostics.info["recycled_directions"] == 0

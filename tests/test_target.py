@@ -20,7 +20,7 @@ def test_target_scores_equal_the_dense_formula(mlp, blobs):
         with tf.GradientTape() as tape:
             value = logit_of_class_1(mlp, x[i : i + 1])[0]
         grads_target.append(objective.layout.flatten(tape.gradient(value, objective.variables)))
-    g_train = im._gradients(x, y).numpy()
+    g_train = im.state.gradients(x, y).numpy()
     hessian = im.operator.dense().numpy()
     expected = -np.stack(grads_target) @ np.linalg.solve(hessian, g_train.T)
     np.testing.assert_allclose(scores, expected, rtol=1e-9, atol=1e-13)
@@ -64,7 +64,7 @@ def test_relative_influence_equals_the_dense_formula(mlp, blobs, relative):
     im = fit_exact(mlp, x, y)
     scores = im.explain(x[:4], y[:4], verbose=0)
     relatif = im.explain(x[:4], y[:4], verbose=0, relative=relative)
-    g_train = im._gradients(x, y).numpy()
+    g_train = im.state.gradients(x, y).numpy()
     moved = np.linalg.solve(im.operator.dense().numpy(), g_train.T)  # (p, n)
     if relative == "theta":
         norms = np.linalg.norm(moved, axis=0)

@@ -207,8 +207,9 @@ def loo_check(
     """
     from tf_influence._progress import Progress, resolve_verbose
 
-    im._require_current("loo_check")
-    data = im._data
+    state = im.state
+    state.require_current("loo_check")
+    data = state.data
     if not data.in_memory:
         raise ValueError(
             "loo_check retrains without chosen examples, which needs the training data as "
@@ -233,8 +234,8 @@ def loo_check(
     predicted_all = -scores.mean(axis=0) / n
     chosen = _choose(predicted_all, n_points, seed)
 
-    tests = im._test_data(x_test, y_test, None)
-    test_batches = [im._targets(batch) for batch in tests.batches()]  # labels fixed now
+    tests = state.test_data(x_test, y_test, None)
+    test_batches = [state.targets(batch) for batch in tests.batches()]  # labels fixed now
     objective = im.objective
 
     def test_loss() -> float:
@@ -243,8 +244,8 @@ def loo_check(
 
     variables = objective.variables
     saved = [v.numpy() for v in variables]
-    run = _LbfgsRetraining(im, tolerance, max_iterations) if retrain is None else None
-    arrays = tf.nest.map_structure(lambda t: t.numpy(), data._tensors)
+    run = _LbfgsRetraining(state, tolerance, max_iterations) if retrain is None else None
+    arrays = tf.nest.map_structure(lambda t: t.numpy(), data.elements)
 
     def retrained_loss(removed) -> float:
         for variable, value in zip(variables, saved, strict=True):
@@ -300,15 +301,15 @@ class _LbfgsRetraining:
     weights are its argument), looping over the training batches in the graph.
     """
 
-    def __init__(self, im, tolerance, max_iterations):
+    def __init__(self, state, tolerance, max_iterations):
         import tensorflow_probability as tfp
 
         self._lbfgs = tfp.optimizer.lbfgs_minimize
-        self.objective = im.objective
-        self.data = im._data
-        self.damping = float(im.damping)
-        self.dtype = im.objective.dtype
-        self.layout = im.objective.layout
+        self.objective = state.objective
+        self.data = state.data
+        self.damping = float(state.settings.damping)
+        self.dtype = state.objective.dtype
+        self.layout = state.objective.layout
         self.theta_hat = self.layout.flatten(
             [tf.convert_to_tensor(v) for v in self.objective.variables], self.dtype
         )

@@ -1,9 +1,11 @@
 """Exporting an ``InfluenceModel`` as a SavedModel that TF Serving can load.
 
 The SavedModel holds the Keras model's variables and, for scoring, only the
-influence index of a low-rank solver: the eigenvectors ``V`` (p x r), the inverse
-eigenvalues (r) and the projected training gradients ``V^T grad L(z_j)``
-(n_train x r). No raw training example is stored. Signatures:
+influence index of a solver with a low-rank inverse (``Solver.low_rank``): the
+basis ``V`` (p x r), the inverse eigenvalues (r) and the projected training
+gradients ``V^T grad L(z_j)`` (n_train x r), plus the settings record
+(``InfluenceModel.get_compile_config``) in ``assets.extra/compile_config.json``.
+No raw training example is stored. Signatures:
 
 * ``serving_default``: the model's own prediction, ``model(x, training=False)``.
 * ``explain``: inputs as the model's plus ``labels``; outputs
@@ -20,12 +22,14 @@ with the low-rank ``inv(H) ~= V diag(1/lambda) V^T``.
 from __future__ import annotations
 
 import inspect
+import json
 import os
 
 import keras
 import tensorflow as tf
 
-from tf_influence import solvers as solvers_lib
+# File name of the settings record in the SavedModel's ``assets.extra`` folder.
+COMPILE_CONFIG = "compile_config.json"
 
 
 def _input_specs(model):
@@ -48,14 +52,14 @@ def _name(tensor, i):
     return name.replace(":", "_").replace("/", "_")
 
 
-def export_model(im, path, top_k: int = 10, include_scores: bool = False) -> None:
-    """``InfluenceModel.export`` (see its docstring)."""
-    im._require_current("export")
-    if not isinstance(im.solver, solvers_lib.Arnoldi) or im._index is None:
+def export_model(state, compile_config, path, top_k: int = 10, include_scores=False) -> None:
+    """``InfluenceModel.export`` (see its docstring), from a ``FittedState``."""
+    low_rank = state.low_rank()
+    if low_rank is None or state.index is None:
         raise ValueError(
             "`export` needs the influence index of a low-rank solver, so that serving "
             "stores no training data. Received: solver="
-            f"{im.solver!r}. Call `compile(solver=tfi.solvers.Arnoldi(rank=...))` and "
+            f"{state.solver!r}. Call `compile(solver=tfi.solvers.Arnoldi(rank=...))` and "
             "`fit` again, then export."
         )
     path = os.fspath(path)
@@ -64,11 +68,10 @@ def export_model(im, path, top_k: int = 10, include_scores: bool = False) -> Non
             f"Argument `path` must be a new or empty directory. Received: path={path!r}, "
             "which holds files. Export each version to its own directory (e.g. models/name/2)."
         )
-    top_k = min(int(top_k), im.num_train)
-    objective = im.objective
-    model = im.model
-    values, vectors = im.solver.eigenpairs(im._operator)
-    index = InfluenceIndex(vectors, 1.0 / values, im._index)
+    top_k = min(int(top_k), state.num_train)
+    objective = state.objective
+    model = objective.model
+    index = InfluenceIndex(low_rank.basis, low_rank.inverse_values, state.index)
     specs = _input_specs(model)
     single = len(specs) == 1
     label_spec = _label_spec(model, objective)
@@ -77,7 +80,7 @@ def export_model(im, path, top_k: int = 10, include_scores: bool = False) -> Non
         return args[0] if single else list(args)
 
     def scores_of(x, y):
-        grads = im._gradients._gradients_impl(x, y)  # (b, p)
+        grads = state.gradients.graph_gradients(x, y)  # (b, p)
         coefficients = tf.matmul(grads, index.eigenvectors) * index.inverse_eigenvalues
         return -tf.matmul(coefficients, index.projections, transpose_b=True)  # (b, n)
 
@@ -124,6 +127,12 @@ def export_model(im, path, top_k: int = 10, include_scores: bool = False) -> Non
     # Keras < 3.5 has no `verbose` (and prints nothing extra).
     quiet = "verbose" in inspect.signature(archive.write_out).parameters
     archive.write_out(path, **({"verbose": False} if quiet else {}))
+    # The settings record beside the graph, where TF Serving keeps extra files;
+    # `InfluenceModel.compile_from_config` takes it as it is.
+    extra = os.path.join(path, "assets.extra")
+    os.makedirs(extra, exist_ok=True)
+    with open(os.path.join(extra, COMPILE_CONFIG), "w") as handle:
+        json.dump(compile_config, handle, indent=1, sort_keys=True)
 
 
 class InfluenceIndex(keras.layers.Layer):

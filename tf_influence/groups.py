@@ -27,7 +27,6 @@ import numpy as np
 import tensorflow as tf
 
 from tf_influence._errors import check_training_indices, describe
-from tf_influence._progress import resolve_verbose
 from tf_influence.engine.compile import GraphFunction
 
 
@@ -88,6 +87,27 @@ class GroupCurvature:
             dot = tf.reduce_sum(grad * vector)
         return layout.flatten(outer.gradient(dot, variables), self.objective.dtype)
 
+    def regularization_gradient(self) -> tf.Tensor:
+        """``grad Omega``, flat ``(p,)``."""
+        with tf.GradientTape() as tape:
+            omega = self.objective.regularization()
+        variables = self.objective.variables
+        return self.objective.layout.flatten(tape.gradient(omega, variables), self.objective.dtype)
+
+    def regularization_products(self, vectors: tf.Tensor) -> tf.Tensor:
+        """``hessian(Omega) @ vectors`` for ``(p, k)`` columns (nested tapes)."""
+        variables = self.objective.variables
+        layout = self.objective.layout
+        columns = []
+        for g in range(int(vectors.shape[1])):
+            with tf.GradientTape() as outer:
+                with tf.GradientTape() as inner:
+                    omega = self.objective.regularization()
+                grad = layout.flatten(inner.gradient(omega, variables), self.objective.dtype)
+                dot = tf.reduce_sum(grad * vectors[:, g])
+            columns.append(layout.flatten(outer.gradient(dot, variables), self.objective.dtype))
+        return tf.stack(columns, axis=1)
+
     def products(self, data, groups, vectors, scale: float):
         """``scale * sum_{j in U_g} hessian(L_j) @ vectors[:, g]`` for every group g."""
         dtype = self.objective.dtype.as_numpy_dtype
@@ -102,54 +122,38 @@ class GroupCurvature:
         return tf.stack(out, axis=1)
 
 
-def predict_removal(im, groups, x_test, y_test, order, renormalize, batch_size, verbose, target):
-    """``InfluenceModel.predict_removal`` (see its docstring)."""
-    im._require_current("predict_removal")
-    groups = check_groups(groups, im.num_train)
+def predict_removal(state, groups, x_test, y_test, order, renormalize, batch_size, target):
+    """``InfluenceModel.predict_removal`` (see its docstring), on a ``FittedState``."""
+    groups = check_groups(groups, state.num_train)
     if order not in (1, 2) or isinstance(order, bool):
         raise ValueError(f"Argument `order` must be 1 or 2. Received: order={order!r}")
     if not isinstance(renormalize, bool):
         raise ValueError(
             f"Argument `renormalize` must be True or False. Received: renormalize={renormalize!r}"
         )
-    resolve_verbose(verbose)  # checked; the work below is a few passes, no bar
-    n = im.num_train
-    dtype = im.objective.dtype
-    tests = im._test_data(x_test, y_test, batch_size)
-    test_grads = tf.concat(
-        [
-            im._test_gradients(batch, target, check=step == 0)[1]()
-            for step, batch in enumerate(tests.batches())
-        ],
-        axis=0,
-    )  # (k, p)
+    objective = state.objective
+    n = state.num_train
+    dtype = objective.dtype
+    test_grads = state.test_gradient_matrix(x_test, y_test, batch_size, target)  # (k, p)
     # (1/n) sum_{j in U} grad L_j for every group, (p, n_groups), one pass over the data.
-    sums = tf.zeros([im.num_params, len(groups)], dtype)
+    sums = tf.zeros([state.num_params, len(groups)], dtype)
     start = 0
-    for batch in im._data.batches():
-        grads = im._gradients(batch[0], batch[1])
+    for batch in state.batches():
+        grads = state.gradients(batch[0], batch[1])
         size = int(grads.shape[0])
         member = membership(groups, start, size, dtype.as_numpy_dtype)
         if member.any():
             sums += tf.matmul(grads, member, transpose_a=True) / n
         start += size
     sizes = tf.constant([g.size / n for g in groups], dtype)
-    if renormalize and im.objective.has_regularization():
-        with tf.GradientTape() as tape:
-            omega = im.objective.regularization()
-        grad_omega = im.objective.layout.flatten(
-            tape.gradient(omega, im.objective.variables), dtype
-        )
-        sums += grad_omega[:, None] * sizes[None, :]
-    first, diagnostics = im.solver.solve(im._operator, sums)
-    im._warn_if_unconverged(diagnostics, "groups")
+    renormalized = renormalize and objective.has_regularization()
+    curvature = GroupCurvature(objective)
+    if renormalized:
+        sums += curvature.regularization_gradient()[:, None] * sizes[None, :]
+    first = state.solve(sums, "groups")
     if order == 2:
-        curvature = GroupCurvature(im.objective)
-        bracket = curvature.products(im._data, groups, first, 1.0 / n)
-        if renormalize and im.objective.has_regularization():
-            bracket += im._operator._hvp(None, None, first, 0.0, 1.0) * sizes[None, :]
-        correction, diagnostics = im.solver.solve(im._operator, bracket)
-        im._warn_if_unconverged(diagnostics, "groups")
-        first = first + correction
-    im.diagnostics = diagnostics
+        bracket = curvature.products(state.data, groups, first, 1.0 / n)
+        if renormalized:
+            bracket += curvature.regularization_products(first) * sizes[None, :]
+        first = first + state.solve(bracket, "groups")
     return tf.matmul(test_grads, first).numpy()

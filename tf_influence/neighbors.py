@@ -18,7 +18,6 @@ import tensorflow as tf
 
 from tf_influence._errors import describe
 from tf_influence.outputs import TopK
-from tf_influence.perturbation import gather_examples
 
 
 class Candidates(NamedTuple):
@@ -105,19 +104,19 @@ def _flat(features):
     return tf.reshape(features, [tf.shape(features)[0], -1])
 
 
-def score_candidates(im, solutions, x_test, batch_size, k, feature_layer, divisors):
-    """Scores of each test point's ``k`` nearest training examples (``explain(candidates=)``)."""
+def score_candidates(state, model, solutions, x_test, batch_size, k, feature_layer, divisors):
+    """Scores of each test point's ``k`` nearest training examples (``explain(candidates=)``).
+
+    ``state`` is the ``FittedState``; the feature index of ``feature_layer`` is built
+    once per fit and kept there.
+    """
     key = feature_layer if isinstance(feature_layer, str) else id(feature_layer)
-    index = im._feature_indexes.get(key)
-    if index is None:
-        extractor = feature_function(im.model, feature_layer)
-        index = im._feature_indexes[key] = (
-            feature_layer,
-            FeatureIndex(extractor, im._data),
-        )
-    index = index[1]
-    k = min(int(k), im.num_train)
-    tests = im._test_data(x_test, None, batch_size)
+    index = state.feature_index(
+        key,
+        lambda: (feature_layer, FeatureIndex(feature_function(model, feature_layer), state.data)),
+    )[1]
+    k = min(int(k), state.num_train)
+    tests = state.test_data(x_test, None, batch_size)
     indices, scores, distances = [], [], []
     start = 0
     for batch in tests.batches():
@@ -126,10 +125,10 @@ def score_candidates(im, solutions, x_test, batch_size, k, feature_layer, diviso
         b = nearest.shape[0]
         block = solutions[:, start : start + b]
         union = np.unique(nearest)
-        x, y = gather_examples(im._data, union)
-        step = im._data.batch_size
+        x, y = state.data.gather(union)
+        step = state.batch_size
         parts = [
-            im._gradients.scores(
+            state.gradients.scores(
                 *tf.nest.map_structure(lambda t, s=s, e=step: t[s : s + e], (x, y)), block
             )[0]
             for s in range(0, union.size, step)
@@ -142,7 +141,7 @@ def score_candidates(im, solutions, x_test, batch_size, k, feature_layer, diviso
         indices.append(nearest)
         distances.append(distance.numpy())
         start += b
-    dtype = im.objective.dtype.as_numpy_dtype
+    dtype = state.objective.dtype.as_numpy_dtype
     return Candidates(
         np.concatenate(indices),
         np.concatenate(scores).astype(dtype),

@@ -22,24 +22,6 @@ def check_indices(indices, num_train: int) -> np.ndarray:
     )
 
 
-def gather_examples(data, indices: np.ndarray):
-    """The training examples at ``indices`` as one ``(x, y)`` batch, in that order."""
-    if data.in_memory:
-        take = tf.constant(indices)
-        return tf.nest.map_structure(lambda t: tf.gather(t, take), data._tensors)
-    wanted = {int(i): r for r, i in enumerate(indices)}
-    found: dict = {}
-    start = 0
-    for batch in data.batches():
-        size = int(tf.shape(tf.nest.flatten(batch[0])[0])[0])
-        for i in range(start, start + size):
-            if i in wanted:
-                found[i] = tf.nest.map_structure(lambda t, row=i - start: t[row], batch)
-        start += size
-    rows = [found[int(i)] for i in indices]
-    return tf.nest.map_structure(lambda *leaves: tf.stack(leaves), *rows)
-
-
 class PerturbationGradients:
     """``-solutions^T @ grad_x grad_theta L(z_j)`` for a batch of training examples."""
 
@@ -73,13 +55,13 @@ class PerturbationGradients:
         return self._function(x, y, solutions)
 
 
-def explain_perturbation(im, x_train_indices, x_test, y_test, batch_size, verbose, target):
-    """``InfluenceModel.explain_perturbation`` (see its docstring)."""
-    indices = check_indices(x_train_indices, im.num_train)
-    solutions = im.inverse_hvp_tests(x_test, y_test, batch_size, verbose, target)
-    x, y = gather_examples(im._data, indices)
-    perturbation = PerturbationGradients(im.objective)
-    size = im._data.batch_size
+def explain_perturbation(state, x_train_indices, x_test, y_test, batch_size, verbose, target):
+    """``InfluenceModel.explain_perturbation`` (see its docstring), on a ``FittedState``."""
+    indices = check_indices(x_train_indices, state.num_train)
+    solutions = state.inverse_hvp_tests(x_test, y_test, batch_size, verbose, target)
+    x, y = state.data.gather(indices)
+    perturbation = PerturbationGradients(state.objective)
+    size = state.batch_size
     parts = []
     for start in range(0, indices.size, size):
         chunk = tf.nest.map_structure(lambda t, s=start: t[s : s + size], (x, y))

@@ -20,11 +20,13 @@ When the matrix is complete, the progress and solution files are removed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
 
 import numpy as np
+import tensorflow as tf
 
 from tf_influence._files import atomic_write
 
@@ -150,3 +152,43 @@ class ResumableOutput:
             if os.path.exists(leftover):
                 os.remove(leftover)
         return np.load(self.path, mmap_mode="r")
+
+
+def explain_to_file(state, output, x_test, y_test, batch_size, verbose, target, relative, options):
+    """``explain(..., output=)``: scores of a ``FittedState`` into a resumable ``.npy``.
+
+    ``options`` are the explain options the file's fingerprint covers (``relative``
+    and a description of ``target``).
+    """
+    tests = state.test_data(x_test, y_test, batch_size)
+    files = ResumableOutput(
+        output,
+        state.fingerprints(tests, options),
+        (tests.num_examples, state.num_train),
+        state.objective.dtype.as_numpy_dtype,
+    )
+    saved = files.load_solutions()
+    if saved is None:
+        solutions = state.inverse_hvp_tests(x_test, y_test, batch_size, verbose, target)
+        files.save_solutions(solutions.numpy())
+    else:
+        solutions = tf.constant(saved)
+    divisors = None if relative is None else state.relative_divisors(relative, verbose)
+    sink = files.open()
+    try:
+        return state.score_training(solutions, verbose, sink, divisors, start=files.done)
+    except BaseException:  # Ctrl-C, an error: keep what is done for the next call
+        if sink.scores is not None:
+            sink.checkpoint(force=True)
+        raise
+
+
+def describe_function(fn) -> str | None:
+    """A description of a ``target`` function that is the same in another process."""
+    if fn is None:
+        return None
+    code = getattr(fn, "__code__", None)
+    body = "" if code is None else hashlib.sha256(code.co_code + repr(code.co_consts).encode())
+    return f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', repr(fn))}:" + (
+        body.hexdigest() if body else ""
+    )

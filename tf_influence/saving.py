@@ -2,13 +2,15 @@
 
 One ``.npz`` file (a zip of ``.npy`` arrays, read with ``allow_pickle=False``):
 
-* ``config.json``: format version, solver (class name and config), damping, hvp,
-  scoring, jit_compile, batch size, the analysed variables (by path), the loss
-  name, and sha256 fingerprints of the model's weights and of the training data;
+* ``config.json``: format version, the settings record
+  (``InfluenceModel.get_compile_config``), batch size, the analysed variables
+  (by path), the loss name, and sha256 fingerprints of the model's weights and of
+  the training data;
 * ``data/<i>``: the training arrays (when ``fit`` got arrays and
   ``include_data=True``), with their nesting (dicts, lists) in the config;
 * ``cache/<i>/...``: the cached inverse-HVP vectors and their diagnostics;
-* ``exact/cholesky``: the Cholesky factor of ``H + damping*I`` for ``Exact``.
+* ``solver/<name>``: the arrays the solver keeps (``Solver.get_state``: the
+  Cholesky factor of ``Exact``, the eigenpairs of ``Arnoldi``, ...).
 
 Loading checks the fingerprints: a state is only ever used with the weights and
 the data it was computed from.
@@ -22,15 +24,13 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from tf_influence import solvers as solvers_lib
 from tf_influence._files import atomic_write
 from tf_influence._fingerprint import data_fingerprint, weights_fingerprint
-from tf_influence._progress import resolve_verbose
 from tf_influence.engine.data import ExampleData
 from tf_influence.engine.objective import variable_name
 
 FORMAT = "tf_influence.InfluenceModel"
-VERSION = 1
+VERSION = 2
 
 
 def encode_structure(tree, leaves: list) -> object:
@@ -141,100 +141,121 @@ def cache_entries(described, arrays, dtype):
         yield entry["key"], tf.constant(arrays[f"cache/{i}/solution"], dtype), diagnostics
 
 
-def save_state(im, path, include_data: bool) -> None:
-    """``InfluenceModel.save`` (see its docstring)."""
-    im._require_current("save")
+def save_state(state, compile_config: dict, path, include_data: bool) -> None:
+    """``InfluenceModel.save`` (see its docstring): a ``FittedState`` and its settings."""
+    objective = state.objective
     config = {
         "format": FORMAT,
         "version": VERSION,
-        "solver": solvers_lib.serialize(im.solver),
-        "damping": im.damping,
-        "hvp": im.hvp,
-        "scoring": im._gradients.scoring,
-        "jit_compile": im.jit_compile,
-        "batch_size": im._data.batch_size,
-        "num_train": im.num_train,
-        "num_params": im.num_params,
-        "params": im._param_indices(),
-        "param_names": [variable_name(v) for v in im.objective.variables],
-        "param_shapes": [list(v.shape) for v in im.objective.variables],
-        "loss": im.objective.loss_name,
-        "weights_fingerprint": im._weights_fingerprint,
-        "data_fingerprint": im.training_fingerprint(),
+        "compile": compile_config,
+        "batch_size": state.batch_size,
+        "num_train": state.num_train,
+        "num_params": state.num_params,
+        "params": state.param_indices(),
+        "param_names": [variable_name(v) for v in objective.variables],
+        "param_shapes": [list(v.shape) for v in objective.variables],
+        "loss": objective.loss_name,
+        "weights_fingerprint": state.weights_fingerprint,
+        "data_fingerprint": state.training_fingerprint(),
         "data": None,
     }
     arrays = {}
-    if include_data and im._data.in_memory:
+    if include_data and state.data.in_memory:
         leaves = []
-        config["data"] = encode_structure(im._data._tensors, leaves)
+        config["data"] = encode_structure(state.data.elements, leaves)
         arrays.update({f"data/{i}": leaf for i, leaf in enumerate(leaves)})
-    config["cache"], cached = cache_arrays(im._solution_cache.items())
+    config["cache"], cached = cache_arrays(state.solutions.items())
     arrays.update(cached)
-    if isinstance(im.solver, solvers_lib.Exact):
-        arrays["exact/cholesky"] = im._operator.cached("exact.cholesky", None).numpy()
+    solver_arrays = state.solver_state()
+    config["solver_state"] = sorted(solver_arrays)
+    arrays.update({f"solver/{name}": np.asarray(a) for name, a in solver_arrays.items()})
     write(path, config, arrays)
 
 
-def load_state(cls, path, model, x, y, loss, verbose):
-    """``InfluenceModel.load`` (see its docstring)."""
+class SavedState:
+    """A file written by ``save_state``, read and checked piece by piece by ``load``.
+
+    Attributes:
+        config: the JSON part of the file.
+        compile_config: the settings record (``InfluenceModel.get_compile_config``).
+        data_fingerprint: sha256 of the training data the state was computed for.
+        solver_state: the arrays of ``Solver.get_state``.
+    """
+
+    def __init__(self, path, config: dict, arrays: dict):
+        self.path, self.config, self.arrays = path, config, arrays
+        self.compile_config = config["compile"]
+        self.data_fingerprint = config["data_fingerprint"]
+        self.solver_state = {
+            name: arrays[f"solver/{name}"] for name in config.get("solver_state", [])
+        }
+
+    def variables(self, model) -> list:
+        """The analysed variables of ``model``, refusing a model of other shapes."""
+        config, variables = self.config, list(model.trainable_variables)
+        shapes = [list(v.shape) for v in variables]
+        if (
+            max(config["params"]) >= len(variables)
+            or [shapes[i] for i in config["params"]] != config["param_shapes"]
+        ):
+            raise ValueError(
+                f"Argument `model` does not match the saved state in {self.path!r}: the state "
+                f"is for parameters {config['param_names']} of shapes "
+                f"{config['param_shapes']}. Received: a model with trainable variables "
+                f"{[variable_name(v) for v in variables]} of shapes {shapes}. Load the "
+                "model the state was saved for."
+            )
+        return [variables[i] for i in config["params"]]
+
+    def check_objective(self, objective) -> None:
+        """Refuses another loss, or weights other than the ones the state was computed for."""
+        if objective.loss_name != self.config["loss"]:
+            raise ValueError(
+                f"The saved state in {self.path!r} was computed with loss "
+                f"{self.config['loss']!r}. Received: loss {objective.loss_name!r}. Pass "
+                "`loss=` to `load`."
+            )
+        if weights_fingerprint(objective.model.weights) != self.config["weights_fingerprint"]:
+            raise ValueError(
+                f"Argument `model` does not match the saved state in {self.path!r}: its "
+                "weights differ from the ones the state was computed for. Load the same "
+                "weights (model.load_weights / keras.load_model), or fit a new InfluenceModel."
+            )
+
+    def training_data(self, x, y) -> ExampleData:
+        """The training data: ``x, y`` if given (checked), else the stored arrays."""
+        config = self.config
+        if x is not None:
+            data = ExampleData(
+                x, y, None if isinstance(x, tf.data.Dataset) else config["batch_size"]
+            )
+        elif config["data"] is not None:
+            count = sum(name.startswith("data/") for name in self.arrays)
+            leaves = [self.arrays[f"data/{i}"] for i in range(count)]
+            elements = decode_structure(config["data"], leaves)
+            data = ExampleData(*elements, batch_size=config["batch_size"])
+        else:
+            raise ValueError(
+                f"The saved state in {self.path!r} holds no training data (it was a dataset, "
+                "or saved with include_data=False). Received: x=None. Pass the training data "
+                "as `x` (and `y`)."
+            )
+        if data_fingerprint(data) != self.data_fingerprint:
+            raise ValueError(
+                f"Argument `x` does not match the saved state in {self.path!r}: the training "
+                f"examples differ from the {config['num_train']} the state was computed for "
+                "(values or order). Pass the same data, in the same order."
+            )
+        return data
+
+    def restore_solutions(self, state) -> None:
+        """Puts the saved inverse-HVP vectors back into the fitted state's cache."""
+        dtype = state.objective.dtype
+        for key, solution, diagnostics in cache_entries(self.config["cache"], self.arrays, dtype):
+            state.solutions.put(key, solution, diagnostics)
+
+
+def read_state(path) -> SavedState:
+    """Reads and checks a file written by ``InfluenceModel.save``."""
     config, arrays = read(path)
-    variables = list(model.trainable_variables)
-    shapes = [list(v.shape) for v in variables]
-    if (
-        max(config["params"]) >= len(variables)
-        or [shapes[i] for i in config["params"]] != config["param_shapes"]
-    ):
-        raise ValueError(
-            f"Argument `model` does not match the saved state in {path!r}: the state "
-            f"is for parameters {config['param_names']} of shapes "
-            f"{config['param_shapes']}. Received: a model with trainable variables "
-            f"{[variable_name(v) for v in variables]} of shapes {shapes}. Load the "
-            "model the state was saved for."
-        )
-    im = cls(model, loss=loss, params=[variables[i] for i in config["params"]])
-    if im.objective.loss_name != config["loss"]:
-        raise ValueError(
-            f"The saved state in {path!r} was computed with loss {config['loss']!r}. "
-            f"Received: loss {im.objective.loss_name!r}. Pass `loss=` to `load`."
-        )
-    if weights_fingerprint(model.weights) != config["weights_fingerprint"]:
-        raise ValueError(
-            f"Argument `model` does not match the saved state in {path!r}: its weights "
-            "differ from the ones the state was computed for. Load the same weights "
-            "(model.load_weights / keras.load_model), or fit a new InfluenceModel."
-        )
-    im.compile(
-        solver=solvers_lib.deserialize(config["solver"]),
-        damping=config["damping"],
-        hvp=config["hvp"],
-        scoring=config["scoring"],
-        jit_compile=config["jit_compile"],
-    )
-    if x is not None:
-        data = ExampleData(x, y, None if isinstance(x, tf.data.Dataset) else config["batch_size"])
-    elif config["data"] is not None:
-        count = sum(name.startswith("data/") for name in arrays)
-        leaves = [arrays[f"data/{i}"] for i in range(count)]
-        elements = decode_structure(config["data"], leaves)
-        data = ExampleData(*elements, batch_size=config["batch_size"])
-    else:
-        raise ValueError(
-            f"The saved state in {path!r} holds no training data (it was a dataset, or "
-            "saved with include_data=False). Received: x=None. Pass the training data "
-            "as `x` (and `y`)."
-        )
-    if data_fingerprint(data) != config["data_fingerprint"]:
-        raise ValueError(
-            f"Argument `x` does not match the saved state in {path!r}: the training "
-            f"examples differ from the {config['num_train']} the state was computed for "
-            "(values or order). Pass the same data, in the same order."
-        )
-    im._data, im._data_fingerprint = data, config["data_fingerprint"]
-    cholesky = arrays.get("exact/cholesky")
-    if cholesky is not None:
-        cholesky = tf.constant(cholesky)
-    im._build_operator(resolve_verbose(verbose), cholesky=cholesky)
-    dtype = im.objective.dtype
-    for key, solution, diagnostics in cache_entries(config["cache"], arrays, dtype):
-        im._solution_cache.put(key, solution, diagnostics)
-    return im
+    return SavedState(os.fspath(path), config, arrays)

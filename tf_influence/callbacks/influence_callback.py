@@ -11,9 +11,11 @@ import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
 from tf_influence import solvers as solvers_lib
+from tf_influence._validation import check_positive_int
 from tf_influence.callbacks._checks import check_every_n_epochs
 from tf_influence.engine.data import ExampleData
-from tf_influence.influence_model import InfluenceModel, check_damping
+from tf_influence.engine.settings import check_damping
+from tf_influence.influence_model import InfluenceModel
 from tf_influence.solvers.base import CurvatureError
 
 
@@ -71,15 +73,13 @@ class InfluenceCallback(keras.callbacks.Callback):
     ):
         super().__init__()
         # Check everything now, before training starts, so no work is lost later.
-        self._data = ExampleData(x, y, batch_size, x_name="x", y_name="y")
+        # A clear error now, before training starts, rather than at the first analysis.
+        self._data_batch_size = ExampleData(x, y, batch_size, x_name="x", y_name="y").batch_size
+        self._x, self._y, self._batch_size = x, y, batch_size
         self.solver = solvers_lib.get(solver)
         self.damping = check_damping(damping)
         self.every_n_epochs = check_every_n_epochs(every_n_epochs)
-        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
-            raise ValueError(
-                f"Argument `top_k` must be a positive integer. Received: top_k={top_k!r}"
-            )
-        self.top_k = int(top_k)
+        self.top_k = check_positive_int("top_k", top_k)
         if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
             raise ValueError(
                 f"Argument `log_dir` must be a path or None. Received: log_dir={log_dir!r}"
@@ -106,7 +106,7 @@ class InfluenceCallback(keras.callbacks.Callback):
             "every_n_epochs": self.every_n_epochs,
             "top_k": self.top_k,
             "log_dir": self.log_dir,
-            "batch_size": self._data.batch_size,
+            "batch_size": self._data_batch_size,
             "verbose": self.verbose,
         }
 
@@ -146,8 +146,6 @@ class InfluenceCallback(keras.callbacks.Callback):
         entry["error"] = None
         try:
             im = self._influence_model()
-            im._check_weights()
-            im._build_operator(reuse=True)  # the traced functions are kept
             values = im.self_influence(verbose=0)
         except CurvatureError as error:
             entry["error"] = str(error)
@@ -177,11 +175,14 @@ class InfluenceCallback(keras.callbacks.Callback):
             )
 
     def _influence_model(self) -> InfluenceModel:
-        if self._im is None or self._im.model is not self.model:
+        """The InfluenceModel fitted on the current weights (traced functions kept)."""
+        if self._im is None or self._im.model is not self.model or not self._im.num_train:
             im = InfluenceModel(self.model, loss=self._loss, params=self._params)
             im.compile(solver=self.solver, damping=self.damping)
-            im._data = self._data  # already checked in __init__
             self._im = im
+            im.fit(self._x, self._y, batch_size=self._batch_size, verbose=0)
+        else:
+            self._im.state.refresh()
         return self._im
 
     def _log(self, epoch, values, order):

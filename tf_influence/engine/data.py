@@ -13,6 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_influence._errors import describe, first_nonfinite_index
+from tf_influence._validation import check_positive_int
 
 DEFAULT_BATCH_SIZE = 32
 
@@ -64,13 +65,7 @@ class ExampleData:
 
     def __init__(self, x, y=None, batch_size=None, x_name="x", y_name="y", require_y=True):
         self.x_name, self.y_name = x_name, y_name
-        if batch_size is not None and (
-            not isinstance(batch_size, (int, np.integer)) or batch_size < 1
-        ):
-            raise ValueError(
-                f"Argument `batch_size` must be a positive integer. Received: "
-                f"batch_size={batch_size!r}"
-            )
+        batch_size = check_positive_int("batch_size", batch_size, allow_none=True)
         if _is_dataset(x):
             self._init_dataset(x, y, batch_size, require_y)
         else:
@@ -214,6 +209,28 @@ class ExampleData:
     def in_memory(self) -> bool:
         """True for arrays/tensors (sliced directly), False for a ``tf.data.Dataset``."""
         return self._tensors is not None
+
+    @property
+    def elements(self) -> tuple | None:
+        """The ``(x, y[, ...])`` tensors of in-memory data (None for a dataset)."""
+        return self._tensors
+
+    def gather(self, indices: np.ndarray) -> tuple:
+        """The examples at ``indices`` as one ``(x, y)`` batch, in that order."""
+        if self.in_memory:
+            take = tf.constant(indices)
+            return tf.nest.map_structure(lambda t: tf.gather(t, take), self._tensors)
+        wanted = {int(i) for i in indices}
+        found: dict = {}
+        start = 0
+        for batch in self.batches():
+            size = int(tf.shape(tf.nest.flatten(batch[0])[0])[0])
+            for i in range(start, start + size):
+                if i in wanted:
+                    found[i] = tf.nest.map_structure(lambda t, row=i - start: t[row], batch)
+            start += size
+        rows = [found[int(i)] for i in indices]
+        return tf.nest.map_structure(lambda *leaves: tf.stack(leaves), *rows)
 
     @property
     def has_targets(self) -> bool:

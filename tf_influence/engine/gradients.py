@@ -118,6 +118,14 @@ class PerExampleGradients:
             for g, n in zip(grads, sizes, strict=True)
         ]
 
+    def graph_gradients(self, x, y) -> tf.Tensor:
+        """``(b, p)`` per-example loss gradients, traceable inside another ``tf.function``.
+
+        For graphs built elsewhere (``export``'s serving signatures); eager callers
+        use ``__call__``, which compiles and caches the trace.
+        """
+        return self._gradients_impl(x, y)
+
     def _gradients_impl(self, x, y):
         grads = self._per_variable_gradients(x, y)
         size = tf.shape(tf.nest.flatten(y)[0])[0]

@@ -5,12 +5,14 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from tf_influence._validation import check_int, check_positive_int
 from tf_influence.solvers.base import (
     CurvatureError,
     Diagnostics,
+    LowRankInverse,
     Solver,
-    check_positive_int,
     nice_ceil,
+    silent_progress,
 )
 
 
@@ -58,9 +60,7 @@ class Arnoldi(Solver):
                 "Argument `iterations` must be at least `rank`. Received: "
                 f"iterations={iterations}, rank={rank}. Use iterations >= 2 * rank."
             )
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-            raise ValueError(f"Argument `seed` must be an integer. Received: seed={seed!r}")
-        self.seed = int(seed)
+        self.seed = check_int("seed", seed)
 
     def get_config(self):
         return {"rank": self.rank, "iterations": self.iterations, "seed": self.seed}
@@ -84,11 +84,34 @@ class Arnoldi(Solver):
                 )
             return values, vectors
 
-        key = ("arnoldi", self.rank, self.iterations, self.seed)
-        return operator.cached(key, make)
+        return operator.cached(self._key, make)
 
-    def prepare(self, operator) -> None:
+    @property
+    def _key(self):
+        return ("arnoldi", self.rank, self.iterations, self.seed)
+
+    def prepare(self, operator, progress=silent_progress) -> None:
+        """Finds the eigenpairs (one ``tf.function``, no progress to report)."""
         self.eigenpairs(operator)
+
+    def low_rank(self, operator) -> LowRankInverse:
+        """``V diag(1/lambda) V^T``: the influence index and ``export`` use it."""
+        values, vectors = self.eigenpairs(operator)
+        return LowRankInverse(basis=vectors, inverse_values=1.0 / values)
+
+    def get_state(self, operator) -> dict[str, np.ndarray]:
+        """The kept eigenvalues ``(r,)`` and eigenvectors ``(p, r)``."""
+        values, vectors = self.eigenpairs(operator)
+        return {"eigenvalues": values.numpy(), "eigenvectors": vectors.numpy()}
+
+    def set_state(self, operator, arrays) -> None:
+        """Restores the eigenpairs, so that ``load`` runs no Arnoldi iteration."""
+        if "eigenvalues" in arrays and "eigenvectors" in arrays:
+            pair = (
+                tf.constant(arrays["eigenvalues"], operator.dtype),
+                tf.constant(arrays["eigenvectors"], operator.dtype),
+            )
+            operator.cached(self._key, lambda: pair)
 
     def solve(self, operator, rhs):
         values, vectors = self.eigenpairs(operator)

@@ -1,16 +1,38 @@
-"""What every inverse-HVP solver shares: the interface, diagnostics and errors.
+"""The solver protocol: what every inverse-HVP solver implements, and what it may keep.
 
-A solver maps ``(operator, rhs)`` to ``inv(H + damping*I) @ rhs``. It knows
-nothing of Keras: the operator only needs ``matvec`` (and, for stochastic
-solvers, ``batch_matvec`` and ``data.sampler``). The numerical loop runs
-inside one ``tf.function``; the host reads the diagnostics once, after it.
+A solver maps ``(operator, rhs)`` to ``inv(C + damping*I) @ rhs`` for a curvature
+``C`` (the Hessian or another curvature kind). It knows nothing of Keras, never
+prints, and keeps its loops inside the graph; the host reads the diagnostics
+once, after a solve. Everything the rest of the package needs from a solver goes
+through the methods of ``Solver`` below, so that fitting, scoring, saving and
+export never branch on a solver's class:
+
+* ``solve(operator, rhs)``: the one required method.
+* ``prepare(operator, progress)``: one-off work at ``fit`` (a factorisation, an
+  eigenbasis), reporting progress through ``progress(total, label)``.
+* ``self_products(operator, vectors)``: ``v_j^T inv(C) v_j`` per column (the
+  default solves; a factorisation can do better).
+* ``low_rank(operator)``: ``LowRankInverse(basis, inverse_values)`` when the
+  solver's inverse is ``basis @ diag(inverse_values) @ basis^T``. The fitted
+  state then keeps the training gradients projected on ``basis`` (the influence
+  index): queries cost one product, self-influence is free and ``export`` can
+  serve it with no training data.
+* ``get_state(operator)`` / ``set_state(operator, arrays)``: the arrays worth
+  saving with ``InfluenceModel.save`` (a Cholesky factor, eigenpairs), and their
+  restoration at ``load``.
+* ``get_config`` / ``from_config``: the constructor arguments, for the settings
+  record (``InfluenceModel.get_compile_config``).
+
+The operator a solver receives is described by ``CurvatureOperator``: the members
+listed there are all a solver may use.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from collections.abc import Callable, Hashable
+from typing import Any, Protocol
 
 import numpy as np
 import tensorflow as tf
@@ -51,6 +73,83 @@ def nice_ceil(value: float) -> float:
     return math.ceil(value / 10**exponent) * 10**exponent
 
 
+class ProgressBar(Protocol):
+    """What ``progress(total, label)`` returns: ``update(step)``, then ``done()``."""
+
+    def update(self, step: int) -> None: ...
+
+    def done(self, summary: str = "") -> None: ...
+
+
+ProgressFactory = Callable[[int, str], ProgressBar]
+
+
+class _Silent:
+    def update(self, step: int) -> None:
+        pass
+
+    def done(self, summary: str = "") -> None:
+        pass
+
+
+def silent_progress(total: int, label: str) -> ProgressBar:
+    """A ``ProgressFactory`` that shows nothing (the default of ``Solver.prepare``)."""
+    return _Silent()
+
+
+class CurvatureOperator(Protocol):
+    """The members of a curvature operator that solvers may use.
+
+    ``tfi.engine.HessianOperator`` implements it; a new curvature kind implements
+    the same members and every solver works with it.
+
+    Attributes:
+        num_params: p, the side of the ``(p, p)`` operator.
+        num_examples: n, the number of training examples.
+        dtype: dtype of the vectors it acts on.
+        damping: the non-negative number on the diagonal.
+        data: the training data (``ExampleData``); stochastic solvers draw
+            minibatches with ``data.sampler(batch_size, seed)``.
+        num_dense_chunks: how many products ``dense`` needs (for a progress bar).
+    """
+
+    num_params: int
+    num_dense_chunks: int
+    num_examples: int
+    dtype: tf.DType
+    damping: float
+    data: Any
+
+    def matvec(self, vectors: tf.Tensor) -> tf.Tensor:
+        """``(C + damping*I) @ vectors`` for ``(p, k)`` vectors, over all training data."""
+
+    def batch_matvec(self, vectors: tf.Tensor, batch: Any) -> tf.Tensor:
+        """The same product on one minibatch ``batch = (x, y)`` (an unbiased estimate)."""
+
+    def dense(self, progress: Callable[[int], None] | None = None) -> tf.Tensor:
+        """The ``(p, p)`` matrix ``C + damping*I`` in float64 (cached)."""
+
+    def subsample(self, size: int, seed: int = 0) -> CurvatureOperator:
+        """The same operator on ``size`` training examples drawn with ``seed``."""
+
+    def cached(self, key: Hashable, make: Callable[[], Any]) -> Any:
+        """Memoises ``make()`` until the weights change; where solvers keep state."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LowRankInverse:
+    """``inv(C + damping*I) ~= basis @ diag(inverse_values) @ basis^T``.
+
+    Attributes:
+        basis: ``(p, r)`` orthonormal columns.
+        inverse_values: ``(r,)`` positive weights (``1 / eigenvalue`` for an
+            eigenbasis).
+    """
+
+    basis: tf.Tensor
+    inverse_values: tf.Tensor
+
+
 def relative_residual(operator, solution, rhs) -> tf.Tensor:
     """``|A x - b| / |b|`` per column (0 where ``b`` is 0)."""
     residual = operator.matvec(solution) - rhs
@@ -59,19 +158,22 @@ def relative_residual(operator, solution, rhs) -> tf.Tensor:
 
 
 class Solver:
-    """Base class: ``solve(operator, rhs) -> (solution, Diagnostics)``.
+    """Base class of the solver protocol (see the module docstring).
 
     Subclasses implement ``solve`` and list their constructor arguments in
-    ``get_config`` so that ``type(s).from_config(s.get_config())`` rebuilds them.
+    ``get_config`` so that ``type(s).from_config(s.get_config())`` rebuilds them;
+    every other method has a default. Register a new solver with
+    ``tfi.solvers.register(name, cls)`` so that ``compile(solver=name)`` and
+    ``InfluenceModel.load`` find it.
     """
 
     name = "solver"
 
-    def solve(self, operator, rhs: tf.Tensor) -> tuple[tf.Tensor, Diagnostics]:
-        """Solves ``(H + damping*I) x = rhs``.
+    def solve(self, operator: CurvatureOperator, rhs: tf.Tensor) -> tuple[tf.Tensor, Diagnostics]:
+        """Solves ``(C + damping*I) x = rhs``.
 
         Args:
-            operator: a ``HessianOperator`` (or anything with ``matvec`` etc.).
+            operator: the curvature (see ``CurvatureOperator``).
             rhs: ``(num_params, k)`` right-hand sides.
 
         Returns:
@@ -79,40 +181,57 @@ class Solver:
         """
         raise NotImplementedError
 
-    def prepare(self, operator) -> None:
-        """Optional one-off work at ``fit`` time (e.g. a factorisation)."""
+    def prepare(
+        self, operator: CurvatureOperator, progress: ProgressFactory = silent_progress
+    ) -> None:
+        """One-off work at ``fit`` (a factorisation, an eigenbasis); none by default.
+
+        Args:
+            operator: the curvature of the fitted training data.
+            progress: ``progress(total, label)`` returns a bar to ``update(step)``
+                and ``done()``, for work that takes long.
+        """
+
+    def self_products(
+        self, operator: CurvatureOperator, vectors: tf.Tensor
+    ) -> tuple[tf.Tensor, Diagnostics | None]:
+        """``vectors[:, j]^T @ inv(C + damping*I) @ vectors[:, j]`` for every column.
+
+        Args:
+            operator: the curvature.
+            vectors: ``(num_params, k)``.
+
+        Returns:
+            ``(values (k,), diagnostics or None)``. The default solves and takes
+            the dot products.
+        """
+        solution, diagnostics = self.solve(operator, vectors)
+        return tf.reduce_sum(tf.cast(vectors, solution.dtype) * solution, axis=0), diagnostics
+
+    def low_rank(self, operator: CurvatureOperator) -> LowRankInverse | None:
+        """The inverse as ``basis diag(inverse_values) basis^T``, or None (the default).
+
+        A solver that returns one gets the influence index: the fitted state keeps
+        ``basis^T grad L(z_j)`` for every training example, and ``export`` serves it.
+        """
+        return None
+
+    def get_state(self, operator: CurvatureOperator) -> dict[str, np.ndarray]:
+        """Arrays ``InfluenceModel.save`` stores so that ``load`` need not recompute them."""
+        return {}
+
+    def set_state(self, operator: CurvatureOperator, arrays: dict[str, np.ndarray]) -> None:
+        """Restores what ``get_state`` returned (before ``prepare`` runs at ``load``)."""
 
     def get_config(self) -> dict[str, Any]:
+        """The constructor arguments, as plain JSON values."""
         return {}
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Solver:
+        """Rebuilds the solver from ``get_config``'s output."""
         return cls(**config)
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
         return f"{type(self).__name__}({args})"
-
-
-def check_positive_int(name, value, allow_none=False):
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(
-            f"Argument `{name}` must be a positive integer. Received: {name}={value!r}"
-        )
-    return int(value)
-
-
-def check_positive_float(name, value, allow_none=False):
-    if value is None and allow_none:
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = float("nan")
-    if not math.isfinite(number) or number <= 0:
-        raise ValueError(
-            f"Argument `{name}` must be a positive finite number. Received: {name}={value!r}"
-        )
-    return number

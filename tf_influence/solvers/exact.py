@@ -10,7 +10,11 @@ from tf_influence.solvers.base import (
     Diagnostics,
     Solver,
     nice_ceil,
+    silent_progress,
 )
+
+# Where the factor is kept on the operator (one spelling: here).
+_CHOLESKY = "exact.cholesky"
 
 # Below this ratio of smallest to largest Cholesky pivot (squared), the matrix is
 # treated as numerically singular and its spectrum is checked.
@@ -54,7 +58,7 @@ class Exact(Solver):
                 _raise_not_positive_definite(matrix, operator.damping)
             return chol
 
-        return operator.cached("exact.cholesky", make)
+        return operator.cached(_CHOLESKY, make)
 
     def spectrum(self, operator) -> dict:
         """Estimated extreme eigenvalues and condition number of ``H + damping*I``.
@@ -98,9 +102,26 @@ class Exact(Solver):
             )
         return spectrum
 
-    def prepare(self, operator) -> None:
+    def prepare(self, operator, progress=silent_progress) -> None:
+        """Assembles the dense matrix (with a progress bar), factorises it, checks it."""
+        bar = progress(
+            operator.num_dense_chunks,
+            f"Building the {operator.num_params}x{operator.num_params} Hessian",
+        )
+        operator.dense(progress=bar.update)
+        bar.done()
         self._factor(operator)
         self.check_conditioning(operator)
+
+    def get_state(self, operator) -> dict[str, np.ndarray]:
+        """The Cholesky factor of ``H + damping*I`` (float64, lower triangular)."""
+        return {"cholesky": self._factor(operator).numpy()}
+
+    def set_state(self, operator, arrays) -> None:
+        """Restores the factor, so that ``load`` does not factorise again."""
+        if "cholesky" in arrays:
+            factor = tf.constant(arrays["cholesky"], tf.float64)
+            operator.cached(_CHOLESKY, lambda: factor)
 
     def solve(self, operator, rhs):
         chol = self._factor(operator)
@@ -118,11 +139,11 @@ class Exact(Solver):
         )
         return tf.cast(solution64, operator.dtype), diagnostics
 
-    def self_products(self, operator, vectors) -> tf.Tensor:
+    def self_products(self, operator, vectors):
         """``vectors[:, j] . inv(H) . vectors[:, j]`` for each column, via the factor."""
         chol = self._factor(operator)
         half = tf.linalg.triangular_solve(chol, tf.cast(vectors, tf.float64), lower=True)
-        return tf.reduce_sum(half**2, axis=0)
+        return tf.reduce_sum(half**2, axis=0), None
 
 
 def _power(apply, size) -> float:

@@ -1,0 +1,461 @@
+"""``FittedState``: everything ``fit`` prepared, and the one object feature modules use.
+
+It owns the training data, the curvature operator, the per-example gradients,
+the solver's prepared state, the influence index of a low-rank solver, the cache
+of inverse-HVP solutions and the fingerprints of the weights and the data.
+``InfluenceModel.fit``, ``InfluenceModel.load`` and ``InfluenceCallback`` all
+make one the same way (``FittedState(...)`` runs the checks of
+``tf_influence.engine.checks`` and builds the curvature), and every feature
+(groups, neighbours, perturbation, export, saving, evaluation, callbacks) works
+through its public methods.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from tf_influence._cache import SolutionCache, batch_key
+from tf_influence._errors import raise_at_first_nonfinite, user_stacklevel
+from tf_influence._fingerprint import data_fingerprint, weights_fingerprint
+from tf_influence._progress import Progress
+from tf_influence.distribute import check_workers_agree
+from tf_influence.engine import checks
+from tf_influence.engine.curvature import HessianOperator
+from tf_influence.engine.data import ExampleData
+from tf_influence.engine.gradients import PerExampleGradients
+from tf_influence.engine.objective import Objective
+from tf_influence.engine.settings import Settings
+from tf_influence.solvers.base import Diagnostics, LowRankInverse
+
+NONFINITE_TRAINING = (
+    "The loss gradient is NaN or inf at training example {index}. Check that example and "
+    "its label, then call `fit` again."
+)
+
+
+class FittedState:
+    """The training data and everything computed from it for one set of weights.
+
+    Args:
+        objective: the per-example loss, regularisation and parameters.
+        settings: the ``Settings`` record of ``compile``.
+        data: the training examples, in the order of the score columns.
+        strategy: None, or the ``tf.distribute.Strategy`` to shard products over.
+        verbose: resolved verbosity (0, 1 or 2) of the work done now.
+        data_fingerprint: the training data's fingerprint when already known
+            (``load`` read it from the file).
+        solver_state: arrays from ``Solver.get_state`` to restore instead of
+            recomputing them (``load``).
+
+    Attributes:
+        objective, settings, data, strategy: as given.
+        solver: ``settings.solver``.
+        gradients: the ``PerExampleGradients`` used for every score.
+        operator: the curvature operator ``v -> (H + damping*I) v``.
+        solutions: the cache of inverse-HVP vectors of test batches.
+        index: ``(n_train, r)`` training gradients projected on a low-rank
+            solver's basis (the influence index), or None.
+        weights_fingerprint: sha256 of the weights the state was built for.
+        diagnostics: the ``Diagnostics`` of the last solve (None before one).
+    """
+
+    def __init__(
+        self,
+        objective: Objective,
+        settings: Settings,
+        data: ExampleData,
+        strategy: tf.distribute.Strategy | None = None,
+        verbose: int = 0,
+        data_fingerprint: str | None = None,
+        solver_state: dict[str, np.ndarray] | None = None,
+    ):
+        self.objective = objective
+        self.settings = settings
+        self.data = data
+        self.strategy = strategy
+        self.gradients = PerExampleGradients(objective, settings.scoring, settings.jit_compile)
+        self.solutions = SolutionCache()
+        self.diagnostics: Diagnostics | None = None
+        self.operator: HessianOperator | None = None
+        self.index: tf.Tensor | None = None
+        self.weights_fingerprint: str | None = None
+        self._data_fingerprint = data_fingerprint
+        self._outputs: int | None = None
+        self._relative: dict | None = None
+        self._features: dict = {}
+        checks.check_weights(objective, strategy)
+        self._outputs = checks.num_outputs(objective, data.first_batch()[0])
+        checks.check_targets(objective, data, "y", self._outputs)
+        checks.check_batch(objective, data.first_batch(), "x", "y", check_gradients=True)
+        self.gradients.check_factored(*data.first_batch()[:2])
+        if strategy is not None:
+            check_workers_agree(
+                strategy,
+                {
+                    "weights": weights_fingerprint(objective.model.weights),
+                    "training data": self.training_fingerprint(),
+                },
+            )
+        self._build(verbose, solver_state)
+
+    # -- building -----------------------------------------------------------------------
+    @property
+    def solver(self):
+        return self.settings.solver
+
+    @property
+    def num_train(self) -> int:
+        return self.data.num_examples
+
+    @property
+    def num_params(self) -> int:
+        return self.objective.num_params
+
+    @property
+    def batch_size(self) -> int:
+        return self.data.batch_size
+
+    def _build(self, verbose: int, solver_state=None, reuse: bool = False) -> None:
+        if reuse and self.operator is not None:
+            self.operator.clear_cache()  # the traced functions are kept
+        else:
+            s = self.settings
+            self.operator = HessianOperator(
+                self.objective, self.data, s.damping, s.hvp, s.jit_compile, self.strategy
+            )
+        self.solutions.clear()
+        self._relative = None
+        self._features = {}
+        self.weights_fingerprint = weights_fingerprint(self.objective.model.weights)
+        if solver_state:
+            self.solver.set_state(self.operator, solver_state)
+        self.solver.prepare(self.operator, lambda total, label: Progress(total, verbose, label))
+        self.index = None
+        low_rank = self.low_rank()
+        if low_rank is not None:
+            self.index = self._build_index(low_rank.basis, verbose)
+
+    def refresh(self, verbose: int = 0) -> None:
+        """Rebuilds the curvature for the model's current weights (same data, same traces).
+
+        For repeated analyses of one training run (``InfluenceCallback``): the
+        weights are checked again, everything computed from the old ones is
+        dropped, and the compiled functions are kept.
+        """
+        checks.check_weights(self.objective, self.strategy)
+        self._build(verbose, reuse=True)
+
+    def low_rank(self) -> LowRankInverse | None:
+        """The solver's ``LowRankInverse`` on this curvature, or None."""
+        return self.solver.low_rank(self.operator)
+
+    def solver_state(self) -> dict[str, np.ndarray]:
+        """The arrays the solver keeps (``Solver.get_state``), for ``save``."""
+        return self.solver.get_state(self.operator)
+
+    def _build_index(self, basis: tf.Tensor, verbose: int) -> tf.Tensor:
+        """``basis^T grad L(z_j)`` for every training example, ``(n_train, r)``, one pass.
+
+        Then ``score_ij = -(basis^T s_i) . (basis^T g_j)`` for any solution ``s_i`` in
+        the span of ``basis`` (which every low-rank solution is).
+        """
+        progress = Progress(self.data.num_batches(), verbose, "Influence index")
+        rows = []
+        for step, (_, block, _) in enumerate(self.training_blocks(basis), start=1):
+            rows.append(-tf.transpose(block))  # block = -(basis^T g), (r, b)
+            progress.update(step)
+        progress.done()
+        return tf.concat(rows, axis=0)
+
+    # -- checks -------------------------------------------------------------------------
+    def training_fingerprint(self) -> str:
+        """sha256 of the training examples, in order (one pass, then cached)."""
+        if self._data_fingerprint is None:
+            self._data_fingerprint = data_fingerprint(self.data)
+        return self._data_fingerprint
+
+    def require_current(self, what: str) -> None:
+        """Refuses to mix the curvature of ``fit`` with weights that changed since."""
+        if weights_fingerprint(self.objective.model.weights) != self.weights_fingerprint:
+            raise RuntimeError(
+                f"`{what}` refused: the model's weights changed since `fit` (training went on, "
+                "or weights were loaded), so the stored curvature and cached solutions "
+                "describe another model. Call `fit(x_train, y_train)` again."
+            )
+
+    def param_indices(self) -> list[int]:
+        """Positions of the analysed variables in ``model.trainable_variables``."""
+        position = {id(v): i for i, v in enumerate(self.objective.model.trainable_variables)}
+        return [position[id(v)] for v in self.objective.variables]
+
+    def fingerprints(self, tests: ExampleData, options: dict[str, Any]) -> dict[str, str]:
+        """Digests of everything a score matrix depends on, for resuming it safely."""
+        settings = {
+            **self.settings.to_config(),
+            "batch_size": self.batch_size,
+            "params": self.param_indices(),
+            "loss": self.objective.loss_name,
+        }
+        return {
+            "weights": self.weights_fingerprint,
+            "training data": self.training_fingerprint(),
+            "solver settings": _digest(settings),
+            "test points": data_fingerprint(tests),
+            "options": _digest(options),
+        }
+
+    # -- test points --------------------------------------------------------------------
+    def test_data(self, x_test, y_test=None, batch_size: int | None = None) -> ExampleData:
+        """Test points as ``ExampleData`` (``y_test`` may be None: the predicted class)."""
+        return ExampleData(
+            x_test, y_test, batch_size, x_name="x_test", y_name="y_test", require_y=False
+        )
+
+    def targets(self, batch: tuple) -> tuple:
+        """``(x, y)`` of a test batch; without labels, ``y`` is the predicted class."""
+        x = batch[0]
+        if len(batch) > 1:
+            return x, batch[1]
+        return x, self.objective.predicted_labels(x)
+
+    def test_gradients(
+        self, batch: tuple, target: Callable | None = None, check: bool = False, offset: int = 0
+    ) -> tuple[str, Callable[[], tf.Tensor]]:
+        """``(cache key, () -> (b, p) gradients)`` of the test loss, or of ``target``."""
+        if target is None:
+            x, y = self.targets(batch)
+            if len(batch) > 1:
+                checks.check_test_targets(self.objective, y, self._outputs, offset)
+            if check:
+                checks.check_batch(self.objective, (x, y), "x_test", "y_test")
+            return batch_key(x, y), lambda: self.gradients(x, y)
+        x = batch[0]
+        if check:
+            checks.check_target_function(target, self.objective, x)
+        key = f"{batch_key(x, ())}|target:{id(target)}"
+        return key, lambda: self.gradients.target_gradients(target, x)
+
+    def test_gradient_matrix(self, x_test, y_test=None, batch_size=None, target=None) -> tf.Tensor:
+        """``(n_test, p)`` gradients of the test losses (or of ``target``)."""
+        tests = self.test_data(x_test, y_test, batch_size)
+        parts, offset = [], 0
+        for step, batch in enumerate(tests.batches()):
+            grads = self.test_gradients(batch, target, check=step == 0, offset=offset)[1]()
+            parts.append(grads)
+            offset += int(grads.shape[0])
+        return tf.concat(parts, axis=0)
+
+    # -- solves -------------------------------------------------------------------------
+    def solve(self, rhs: tf.Tensor, what: str) -> tf.Tensor:
+        """``inv(H + damping*I) @ rhs`` for ``(p, k)`` columns; warns if it did not converge."""
+        solution, diagnostics = self.solver.solve(self.operator, rhs)
+        self.diagnostics = diagnostics
+        self.warn_if_unconverged(diagnostics, what)
+        return solution
+
+    def inverse_hvp_tests(
+        self, x_test, y_test=None, batch_size=None, verbose: int = 0, target=None
+    ) -> tf.Tensor:
+        """``inv(H) @ grad L(z_test_i)`` for every test point, ``(num_params, n_test)``.
+
+        Solutions are cached per test batch (up to 512 MiB), so explaining the
+        same test points again does not solve again.
+        """
+        tests = self.test_data(x_test, y_test, batch_size)
+        solutions, diagnostics = [], []
+        progress = Progress(tests.num_batches(), verbose, "Solving for test points")
+        offset = 0
+        for step, batch in enumerate(tests.batches(), start=1):
+            key, gradients = self.test_gradients(batch, target, check=step == 1, offset=offset)
+            cached = self.solutions.get(key)
+            if cached is None:
+                grads = gradients()
+                raise_at_first_nonfinite(
+                    np.isfinite(grads.numpy()).all(axis=1),
+                    offset,
+                    f"The {'loss' if target is None else 'target'} gradient is NaN or inf at "
+                    "test example {index} of `x_test`. Check that example and its target.",
+                )
+                cached = self.solver.solve(self.operator, tf.transpose(grads))
+                self.solutions.put(key, *cached)
+            solution, diag = cached
+            solutions.append(solution)
+            diagnostics.append(diag)
+            offset += int(solution.shape[1])
+            progress.update(step)
+        progress.done()
+        self.diagnostics = merge_diagnostics(diagnostics)
+        self.warn_if_unconverged(self.diagnostics, "test points")
+        return tf.concat(solutions, axis=1)
+
+    def warn_if_unconverged(self, diagnostics: Diagnostics | None, what: str) -> None:
+        """One ``RuntimeWarning`` naming the knobs, when some solve did not converge."""
+        if diagnostics is None or diagnostics.all_converged:
+            return
+        bad = int(np.sum(~diagnostics.converged))
+        worst = float(np.max(diagnostics.residual_norm))
+        warnings.warn(
+            f"Solver {self.solver!r} did not converge for {bad} of "
+            f"{diagnostics.converged.size} {what} (largest relative residual {worst:.2e} after "
+            f"{diagnostics.iterations} iterations). Scores may be inaccurate: raise max_iter "
+            "(CG) or recursion_depth (LiSSA), or add damping in `compile`.",
+            RuntimeWarning,
+            stacklevel=user_stacklevel(),
+        )
+
+    # -- training side ------------------------------------------------------------------
+    def batches(self, rows: int | None = None) -> Iterator[tuple]:
+        """The training batches ``(x, y)``, in order (``rows`` examples each)."""
+        return self.data.batches(rows)
+
+    def rows_per_pass(self, num_tests: int) -> int:
+        """Training examples per scoring pass (several batches when factored scoring allows)."""
+        self._check_factored()
+        if self.operator.replicas is not None:
+            return self.batch_size  # the global batches of the distributed dataset
+        return self.gradients.rows_per_pass(num_tests, self.batch_size)
+
+    def _check_factored(self) -> None:
+        """Runs the factored-gradient check on the first training batch, once per compile."""
+        if self.gradients.factored_unchecked:
+            self.gradients.check_factored(*self.data.first_batch()[:2])
+
+    def training_blocks(
+        self, solutions: tf.Tensor, start: int = 0, rows: int | None = None
+    ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """Yields ``(offset, scores (k, m), finite (m,))`` over the training set, in order.
+
+        ``scores = -solutions^T grad L(z_j)`` for the ``m`` examples of a pass of
+        ``rows`` examples (default: the batch size of ``fit``). On a strategy,
+        each replica scores its shard and the columns are put back in the order of
+        ``fit``. Passes wholly before ``start`` are skipped (a resumed ``explain``).
+        """
+        replicas = self.operator.replicas
+        if replicas is not None:
+            self._check_factored()
+            yield from replicas.score_blocks(self.gradients, solutions, start)
+            return
+        offset = 0
+        for batch in self.data.batches(rows):
+            size = int(tf.shape(tf.nest.flatten(batch[1])[0])[0])
+            if offset + size <= start:
+                offset += size
+                continue
+            block, finite = self.gradients.scores(batch[0], batch[1], solutions)
+            block = block.numpy()
+            yield offset, block, finite.numpy()
+            offset += block.shape[1]
+
+    def score_training(self, solutions, verbose: int, sink, divisors=None, start: int = 0):
+        """Writes ``-solutions^T grad L(z_j)`` for every training example into ``sink``."""
+        if self.index is not None:
+            return self._score_from_index(solutions, sink, divisors, start)
+        rows = self.rows_per_pass(int(solutions.shape[1]))
+        progress = Progress(self.data.num_batches(rows), verbose, "Scoring training examples")
+        blocks = self.training_blocks(solutions, start, rows)
+        for step, (offset, block, finite) in enumerate(blocks, start=1):
+            raise_at_first_nonfinite(finite, offset, NONFINITE_TRAINING)
+            if divisors is not None:
+                block = block / divisors[offset : offset + block.shape[1]]
+            sink.write(offset, block)
+            progress.update(step)
+        progress.done()
+        return sink.result()
+
+    def _score_from_index(self, solutions, sink, divisors, first: int = 0):
+        basis = self.low_rank().basis
+        coefficients = tf.matmul(basis, solutions, transpose_a=True)  # (r, k)
+        step = self.batch_size
+        for start in range(first - first % step, self.num_train, step):
+            rows = self.index[start : start + step]  # (b, r)
+            block = -tf.matmul(coefficients, rows, transpose_a=True, transpose_b=True).numpy()
+            raise_at_first_nonfinite(np.isfinite(block).all(axis=0), start, NONFINITE_TRAINING)
+            if divisors is not None:
+                block = block / divisors[start : start + block.shape[1]]
+            sink.write(start, block)
+        return sink.result()
+
+    def self_influence(self, verbose: int = 0) -> np.ndarray:
+        """``grad L(z_j)^T @ inv(H) @ grad L(z_j)`` for every training example, ``(n_train,)``."""
+        dtype = self.objective.dtype.as_numpy_dtype
+        if self.index is not None:  # sum_r (basis^T g_j)_r^2 * inverse_values_r
+            weights = self.low_rank().inverse_values
+            return tf.reduce_sum(self.index**2 * weights[None, :], axis=1).numpy().astype(dtype)
+        values, diagnostics = [], []
+        progress = Progress(self.data.num_batches(), verbose, "Self-influence")
+        for step, batch in enumerate(self.data.batches(), start=1):
+            grads = tf.transpose(self.gradients(batch[0], batch[1]))  # (p, b)
+            products, diag = self.solver.self_products(self.operator, grads)
+            values.append(products.numpy())
+            if diag is not None:
+                diagnostics.append(diag)
+            progress.update(step)
+        progress.done()
+        if diagnostics:
+            self.diagnostics = merge_diagnostics(diagnostics)
+            self.warn_if_unconverged(self.diagnostics, "training points")
+        result = np.concatenate(values).astype(dtype)
+        raise_at_first_nonfinite(
+            np.isfinite(result),
+            0,
+            "Self-influence is NaN or inf at training example {index}. Check that example and "
+            "its label, and the damping.",
+        )
+        return result
+
+    def relative_divisors(self, kind: str, verbose: int = 0) -> np.ndarray:
+        """``|inv(H) g_j|`` ("theta") or ``sqrt(g_j^T inv(H) g_j)`` ("loss"), cached."""
+        if self._relative is None:
+            theta, loss, diagnostics = [], [], []
+            progress = Progress(self.data.num_batches(), verbose, "RelatIF normalisers")
+            for step, batch in enumerate(self.data.batches(), start=1):
+                grads = tf.transpose(self.gradients(batch[0], batch[1]))  # (p, b)
+                solution, diag = self.solver.solve(self.operator, grads)
+                diagnostics.append(diag)
+                theta.append(tf.norm(solution, axis=0).numpy())
+                loss.append(tf.reduce_sum(grads * solution, axis=0).numpy())
+                progress.update(step)
+            progress.done()
+            self.warn_if_unconverged(merge_diagnostics(diagnostics), "training points")
+            loss = np.concatenate(loss)
+            if np.any(loss < 0):
+                raise ValueError(
+                    "relative='loss' needs g_j^T inv(H) g_j >= 0, but it is negative at "
+                    f"training example {int(np.flatnonzero(loss < 0)[0])}: H + damping*I is "
+                    "not positive definite. Add damping in `compile`."
+                )
+            self._relative = {"theta": np.concatenate(theta), "loss": np.sqrt(loss)}
+        divisors = self._relative[kind]
+        # An example with zero gradient has zero influence: leave its scores at 0.
+        return np.where(divisors > 0, divisors, 1.0)
+
+    def feature_index(self, key: Any, make: Callable[[], Any]) -> Any:
+        """A nearest-neighbour index of the training data, built once per ``key``."""
+        if key not in self._features:
+            self._features[key] = make()
+        return self._features[key]
+
+
+def merge_diagnostics(parts: list[Diagnostics]) -> Diagnostics | None:
+    """One ``Diagnostics`` for several solves (columns concatenated)."""
+    if not parts:
+        return None
+    return Diagnostics(
+        solver=parts[0].solver,
+        iterations=max(p.iterations for p in parts),
+        residual_norm=np.concatenate([p.residual_norm for p in parts]),
+        converged=np.concatenate([p.converged for p in parts]),
+        info=parts[-1].info,
+    )
+
+
+def _digest(value) -> str:
+    text = json.dumps(value, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
