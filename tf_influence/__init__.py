@@ -11,13 +11,12 @@ example j is harmful to test point i, negative means helpful.
 """
 
 from tf_influence import callbacks, distribute, engine, evaluation, solvers
+from tf_influence._version import __version__
 from tf_influence.influence_model import InfluenceModel
 from tf_influence.neighbors import Candidates
 from tf_influence.outputs import TopK
 from tf_influence.serving import load_served_model
 from tf_influence.tracin import TracIn
-
-__version__ = "0.1.0"
 
 __all__ = [
     "Candidates",
