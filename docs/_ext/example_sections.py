@@ -16,6 +16,6 @@ _TITLE = re.compile(r"^(\s*)Example:\s*$", re.M)
 class ExampleSections(griffe.Extension):
     """Renames ``Example:`` section titles to ``Examples:`` in every docstring."""
 
-    def on_object(self, *, obj, loader, **kwargs) -> None:  # noqa: ARG002
+    def on_object(self, *, obj, loader, **kwargs) -> None:
         if obj.docstring is not None:
             obj.docstring.value = _TITLE.sub(r"\1Examples:", obj.docstring.value)
