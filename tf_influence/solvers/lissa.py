@@ -11,6 +11,7 @@ from tf_influence.solvers.base import (
     Solver,
     nice_ceil,
     relative_residual,
+    silent_progress,
 )
 
 # A run is called diverged when |h_t| exceeds this many times (t + 1) |v|, the
@@ -125,7 +126,7 @@ class LiSSA(Solver):
 
         return operator.cached(("lissa.scale", self.seed, self._batch_size(operator)), make)
 
-    def prepare(self, operator, progress=None) -> None:
+    def prepare(self, operator, progress=silent_progress) -> None:
         """Estimates the scale (power iteration) unless one was given."""
         if self.scale is None:
             self.estimate_scale(operator)
