@@ -21,9 +21,16 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import keras
+
+    from tf_influence.outputs import TopK
 
 #: L2 strength of the Keras regularizers on kernel and bias (``l2 * sum(w**2)``).
 L2 = 1e-2
@@ -33,7 +40,7 @@ NUM_RETRAINED = 10
 NUM_SHOWN = 3
 
 
-def load_data(seed: int = 0, test_size: float = 0.25):
+def load_data(seed: int = 0, test_size: float = 0.25) -> dict[str, np.ndarray]:
     """The 8x8 digits, split and standardised with the training mean and spread.
 
     Returns:
@@ -66,7 +73,7 @@ def load_data(seed: int = 0, test_size: float = 0.25):
 
 
 @contextlib.contextmanager
-def float64():
+def float64() -> Iterator[None]:
     """Keras's float type set to float64 for the duration (restored afterwards).
 
     Keras 3 sums the compiled loss and the regularization losses in ``floatx()``,
@@ -82,7 +89,9 @@ def float64():
         keras.config.set_floatx(previous)
 
 
-def build_model(num_inputs: int = 64, num_classes: int = 10, l2: float = L2, seed: int = 0):
+def build_model(
+    num_inputs: int = 64, num_classes: int = 10, l2: float = L2, seed: int = 0
+) -> keras.Model:
     """A float64 softmax regression on logits with L2 on kernel and bias (convex)."""
     import keras
 
@@ -121,7 +130,7 @@ class NewtonRefiner:
         x, y: the training inputs and targets.
     """
 
-    def __init__(self, model, x, y):
+    def __init__(self, model: keras.Model, x: np.ndarray, y: np.ndarray):
         import tensorflow as tf
 
         self.model = model
@@ -161,11 +170,11 @@ class NewtonRefiner:
         self._ones = np.ones(len(y), dtype=dtype.as_numpy_dtype)
         self._inverse = None  # inverse Hessian from the last refresh, reused while it works
 
-    def get_weights(self) -> list:
+    def get_weights(self) -> list[np.ndarray]:
         """Copies of the current values of the trainable variables."""
         return [v.numpy().copy() for v in self.variables]
 
-    def set_weights(self, values) -> None:
+    def set_weights(self, values: Sequence[np.ndarray]) -> None:
         """Assigns values (as from ``get_weights``) to the trainable variables."""
         for variable, value in zip(self.variables, values, strict=True):
             variable.assign(value)
@@ -178,7 +187,9 @@ class NewtonRefiner:
             offset += size
         return parts
 
-    def minimize(self, removed=(), tol: float = 1e-11, max_steps: int = 50) -> int:
+    def minimize(
+        self, removed: Sequence[int] | np.ndarray = (), tol: float = 1e-11, max_steps: int = 50
+    ) -> int:
         """Runs Newton steps until ``|grad| <= tol``; returns the number of steps.
 
         The inverse Hessian is kept from step to step (and from call to call) while
@@ -213,7 +224,7 @@ class NewtonRefiner:
         return max_steps
 
 
-def per_example_loss(model, x, y) -> np.ndarray:
+def per_example_loss(model: keras.Model, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """The model's compiled loss for each example, without reduction."""
     config = dict(model.loss.get_config())
     config["reduction"] = None
@@ -221,7 +232,15 @@ def per_example_loss(model, x, y) -> np.ndarray:
     return np.asarray(loss(y, model(x, training=False)), dtype="float64")
 
 
-def leave_one_out(model, x_train, y_train, x_test, y_test, removed, refiner=None):
+def leave_one_out(
+    model: keras.Model,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    removed: Sequence[int] | np.ndarray,
+    refiner: NewtonRefiner | None = None,
+) -> np.ndarray:
     """Actual change in test loss when each training example is removed and the model retrained.
 
     Each retraining is warm-started at the current (optimal) weights and run to a
@@ -232,6 +251,8 @@ def leave_one_out(model, x_train, y_train, x_test, y_test, removed, refiner=None
         x_train, y_train: its training data.
         x_test, y_test: test points whose loss is tracked.
         removed: training indices, removed one at a time.
+        refiner: the ``NewtonRefiner`` of ``model`` on this training data, if one
+            exists already (its inverse Hessian is reused); None makes one.
 
     Returns:
         ``np.ndarray`` of shape ``(len(x_test), len(removed))``:
@@ -252,7 +273,7 @@ def leave_one_out(model, x_train, y_train, x_test, y_test, removed, refiner=None
     return changes
 
 
-def choose_test_points(model, x_test, y_test) -> np.ndarray:
+def choose_test_points(model: keras.Model, x_test: np.ndarray, y_test: np.ndarray) -> np.ndarray:
     """Three test digits worth explaining: a typical correct one (median loss), the least
     confident correct one, and the worst mistake (or the next least confident if none)."""
     losses = per_example_loss(model, x_test, y_test)
@@ -267,16 +288,16 @@ def choose_test_points(model, x_test, y_test) -> np.ndarray:
 
 
 def plot_grid(
-    path,
-    test_images,
-    test_labels,
-    test_predicted,
-    test_indices,
-    train_images,
-    train_labels,
-    top,
-    num_shown=NUM_SHOWN,
-):
+    path: str | os.PathLike,
+    test_images: np.ndarray,
+    test_labels: np.ndarray,
+    test_predicted: np.ndarray,
+    test_indices: Sequence[int],
+    train_images: np.ndarray,
+    train_labels: np.ndarray,
+    top: TopK,
+    num_shown: int = NUM_SHOWN,
+) -> str | os.PathLike:
     """Saves a PNG: one row per test digit, then its most helpful and most harmful
     training digits, each titled with its index, label and score."""
     # The object-oriented API with the Agg canvas: no pyplot, no global backend change.
@@ -330,7 +351,9 @@ def plot_grid(
     return path
 
 
-def run_demo(output_dir="demo_output", seed: int = 0, verbose: int = 1) -> dict:
+def run_demo(
+    output_dir: str | os.PathLike = "demo_output", seed: int = 0, verbose: int = 1
+) -> dict[str, Any]:
     """Trains a digits classifier, explains three test digits, draws and checks them.
 
     Args:

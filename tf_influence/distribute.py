@@ -24,11 +24,21 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import tensorflow as tf
 
 from tf_influence._errors import describe
+
+if TYPE_CHECKING:
+    import keras
+
+    from tf_influence.engine.data import ExampleData
+    from tf_influence.engine.gradients import PerExampleGradients
+
+_Method = TypeVar("_Method", bound=Callable[..., Any])
 
 __all__ = ["ReplicaData", "WorkerError", "num_workers", "resolve_strategy", "strategy_name"]
 
@@ -46,13 +56,15 @@ class WorkerError(RuntimeError):
     """A worker (or device) of the distribution strategy failed during a computation."""
 
 
-def is_default(strategy) -> bool:
+def is_default(strategy: tf.distribute.Strategy) -> bool:
     """True for TensorFlow's default (no-op) strategy."""
     with strategy.scope():
         return not tf.distribute.has_strategy()
 
 
-def resolve_strategy(model, strategy):
+def resolve_strategy(
+    model: keras.Model, strategy: tf.distribute.Strategy | None
+) -> tf.distribute.Strategy | None:
     """The strategy to analyse ``model`` with, or None for the default strategy.
 
     ``strategy=None`` takes ``model.distribute_strategy`` (the scope the model was built
@@ -79,13 +91,13 @@ def resolve_strategy(model, strategy):
     return None if is_default(strategy) else strategy
 
 
-def strategy_name(strategy) -> str:
+def strategy_name(strategy: tf.distribute.Strategy) -> str:
     """The public name of ``strategy``'s class (MultiWorkerMirroredStrategy, not its alias)."""
     name = type(strategy).__name__
     return "MultiWorkerMirroredStrategy" if name == "CollectiveAllReduceStrategy" else name
 
 
-def num_workers(strategy) -> int:
+def num_workers(strategy: tf.distribute.Strategy) -> int:
     """Worker processes taking part in ``strategy`` (1 on one machine)."""
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is None:
@@ -94,7 +106,7 @@ def num_workers(strategy) -> int:
     return max(1, len(spec.get("worker", [])) + len(spec.get("chief", [])))
 
 
-def translate_worker_errors(method):
+def translate_worker_errors(method: _Method) -> _Method:
     """Turns a collective failure in a distributed ``InfluenceModel`` call into ``WorkerError``."""
 
     @functools.wraps(method)
@@ -129,7 +141,9 @@ def translate_worker_errors(method):
     return wrapper
 
 
-def check_replicas_in_sync(variables, name_of) -> None:
+def check_replicas_in_sync(
+    variables: Sequence[tf.Variable], name_of: Callable[[tf.Variable], str]
+) -> None:
     """Refuses mirrored variables whose copies on this worker's replicas differ.
 
     Each replica computes its products with its own copy; copies that drifted apart
@@ -154,7 +168,7 @@ def check_replicas_in_sync(variables, name_of) -> None:
                 )
 
 
-def check_workers_agree(strategy, fingerprints: dict[str, str]) -> None:
+def check_workers_agree(strategy: tf.distribute.Strategy, fingerprints: dict[str, str]) -> None:
     """Refuses to go on if workers hold different weights or data.
 
     Every worker must give ``fit`` the same training data in the same order and hold
@@ -203,7 +217,7 @@ class ReplicaData:
         strategy: the ``tf.distribute.Strategy`` to spread them over.
     """
 
-    def __init__(self, data, strategy):
+    def __init__(self, data: ExampleData, strategy: tf.distribute.Strategy):
         self.data = data
         self.strategy = strategy
         self.num_replicas = int(strategy.num_replicas_in_sync)
@@ -217,7 +231,9 @@ class ReplicaData:
         self._score_steps: dict = {}
 
     # -- products (called while tracing, in cross-replica context) ----------------------
-    def fold_sum(self, replica_fn, initial):
+    def fold_sum(
+        self, replica_fn: Callable[[Any, Any], tf.Tensor], initial: tf.Tensor
+    ) -> tf.Tensor:
         """``initial + sum over global batches of all-reduced replica_fn(x, y)``."""
         total = initial
         for batch in self.dataset:
@@ -228,7 +244,9 @@ class ReplicaData:
             total += tf.ensure_shape(reduced, initial.shape)
         return total
 
-    def split_sum(self, replica_fn, x, y, like):
+    def split_sum(
+        self, replica_fn: Callable[[Any, Any], tf.Tensor], x: Any, y: Any, like: tf.Tensor
+    ) -> tf.Tensor:
         """All-reduced sum of ``replica_fn`` over the replicas' slices of one batch.
 
         The batch is the same on every replica (and worker); replica ``r`` of ``R`` takes
@@ -276,7 +294,9 @@ class ReplicaData:
             self._score_steps[key] = (impl, step)
         return self._score_steps[key][1]
 
-    def score_blocks(self, gradients, solutions, start: int = 0):
+    def score_blocks(
+        self, gradients: PerExampleGradients, solutions: tf.Tensor | np.ndarray, start: int = 0
+    ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         """Yields ``(start, scores (k, m), finite (m,))`` for consecutive training examples.
 
         Each replica scores its shard; the gathered columns are put back in global

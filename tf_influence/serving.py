@@ -8,7 +8,7 @@ import keras
 import tensorflow as tf
 
 
-def resolve_version_dir(path) -> str:
+def resolve_version_dir(path: str | os.PathLike) -> str:
     """``models/name/`` -> its highest numeric version ``models/name/<v>/``, as TF Serving
     picks; a directory holding ``saved_model.pb`` is returned as it is."""
     path = os.fspath(path)
@@ -29,7 +29,7 @@ def resolve_version_dir(path) -> str:
     return resolve_version_dir(os.path.join(path, max(versions, key=int)))
 
 
-def load_served_model(path, endpoint: str = "serve") -> keras.Model:
+def load_served_model(path: str | os.PathLike, endpoint: str = "serve") -> keras.Model:
     """A ``keras.Model`` over a SavedModel's endpoint, with its variables trainable.
 
     For a model exported with ``model.export(path)`` (TF Serving layout, e.g.

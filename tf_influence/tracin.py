@@ -17,7 +17,11 @@ that training took on each example. Scores use the sign convention of
 from __future__ import annotations
 
 import contextlib
+import os
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -25,8 +29,11 @@ from tf_influence._errors import describe, raise_at_first_nonfinite
 from tf_influence._progress import Progress, resolve_verbose
 from tf_influence.engine.data import ExampleData
 from tf_influence.engine.gradients import PerExampleGradients
-from tf_influence.engine.objective import Objective
+from tf_influence.engine.objective import LossLike, Objective, ParamsLike
 from tf_influence.outputs import TopK, check_sink_args, make_sink
+
+if TYPE_CHECKING:
+    from tf_influence.callbacks.tracin_checkpoints import TracInCheckpoints
 
 
 class TracIn:
@@ -51,7 +58,13 @@ class TracIn:
         Tracing Gradient Descent", NeurIPS 2020.
     """
 
-    def __init__(self, model, checkpoints, loss=None, params=None):
+    def __init__(
+        self,
+        model: keras.Model,
+        checkpoints: TracInCheckpoints | Sequence[tuple[Sequence[np.ndarray], float]],
+        loss: LossLike | None = None,
+        params: ParamsLike | None = None,
+    ):
         self.model = model
         self.objective = Objective(model, loss=loss, params=params)
         self._checkpoints = _resolve_checkpoints(checkpoints, model)
@@ -60,19 +73,23 @@ class TracIn:
 
     @property
     def num_checkpoints(self) -> int:
+        """The number of checkpoints summed over."""
         return len(self._checkpoints)
 
     @property
     def num_train(self) -> int:
+        """The number of training examples given to ``fit`` (0 before it)."""
         return self._data.num_examples if self._data is not None else 0
 
-    def fit(self, x, y=None, batch_size: int | None = None, verbose="auto") -> TracIn:
+    def fit(
+        self, x: Any, y: Any = None, batch_size: int | None = None, verbose: str | int = "auto"
+    ) -> TracIn:
         """Takes the training data (see ``InfluenceModel.fit``); returns self."""
         del verbose  # nothing slow happens here
         self._data = ExampleData(x, y, batch_size, x_name="x", y_name="y")
         return self
 
-    def _require_fit(self, what):
+    def _require_fit(self, what: str) -> None:
         if self._data is None:
             raise RuntimeError(
                 f"`{what}` needs the training data. Call `fit(x_train, y_train)` on the "
@@ -80,7 +97,7 @@ class TracIn:
             )
 
     @contextlib.contextmanager
-    def _restoring_weights(self):
+    def _restoring_weights(self) -> Iterator[None]:
         saved = [tf.identity(w) for w in self.model.weights]
         try:
             yield
@@ -88,14 +105,20 @@ class TracIn:
             for variable, value in zip(self.model.weights, saved, strict=True):
                 variable.assign(value)
 
-    def _load_checkpoint(self, index):
+    def _load_checkpoint(self, index: int) -> float:
         for variable, value in zip(self.model.weights, self._checkpoints[index][0], strict=True):
             variable.assign(value)
         return self._checkpoints[index][1]
 
     def explain(
-        self, x_test, y_test=None, batch_size=None, verbose="auto", top_k=None, output=None
-    ):
+        self,
+        x_test: Any,
+        y_test: Any = None,
+        batch_size: int | None = None,
+        verbose: str | int = "auto",
+        top_k: int | None = None,
+        output: str | os.PathLike | None = None,
+    ) -> np.ndarray | TopK:
         """TracIn scores of every training example on every test point.
 
         ``scores[i, j] = -sum_t lr_t * grad L(z_test_i; theta_t) . grad L(z_j; theta_t)``
@@ -142,7 +165,7 @@ class TracIn:
         progress.done()
         return sink.result()
 
-    def self_influence(self, verbose="auto") -> np.ndarray:
+    def self_influence(self, verbose: str | int = "auto") -> np.ndarray:
         """``sum_t lr_t * |grad L(z_j; theta_t)|^2`` for every training example, ``(n_train,)``.
 
         High values flag examples that training kept pushing on (often mislabelled).
@@ -165,12 +188,19 @@ class TracIn:
         _check_finite(result[None, :], 0)
         return result
 
-    def top_k(self, x_test, y_test=None, k: int = 10, batch_size=None, verbose="auto") -> TopK:
+    def top_k(
+        self,
+        x_test: Any,
+        y_test: Any = None,
+        k: int = 10,
+        batch_size: int | None = None,
+        verbose: str | int = "auto",
+    ) -> TopK:
         """The ``k`` most helpful (most negative) and most harmful training examples."""
         return self.explain(x_test, y_test, batch_size=batch_size, verbose=verbose, top_k=k)
 
 
-def _check_finite(block, offset):
+def _check_finite(block: np.ndarray, offset: int) -> None:
     raise_at_first_nonfinite(
         np.isfinite(block).all(axis=0),
         offset,
@@ -180,7 +210,9 @@ def _check_finite(block, offset):
     )
 
 
-def _resolve_checkpoints(checkpoints, model) -> list:
+def _resolve_checkpoints(
+    checkpoints: Any, model: keras.Model
+) -> list[tuple[list[tf.Tensor], float]]:
     if hasattr(checkpoints, "checkpoints"):  # a TracInCheckpoints callback
         checkpoints = checkpoints.checkpoints
     try:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import glob
 import os
+from collections.abc import Sequence
+from typing import Any
 
 import keras
 import numpy as np
@@ -36,7 +38,12 @@ class TracInCheckpoints(keras.callbacks.Callback):
         >>> scores = tfi.TracIn(model, ckpts).fit(x, y).explain(x_test, y_test)
     """
 
-    def __init__(self, every_n_epochs: int = 1, epochs=None, directory=None):
+    def __init__(
+        self,
+        every_n_epochs: int = 1,
+        epochs: Sequence[int] | None = None,
+        directory: str | os.PathLike | None = None,
+    ):
         super().__init__()
         self.every_n_epochs = check_every_n_epochs(every_n_epochs, allow_none=False)
         self.epochs = check_epochs(epochs)
@@ -49,7 +56,8 @@ class TracInCheckpoints(keras.callbacks.Callback):
         self._files: list[str] = []
         self.epochs_recorded: list[int] = []
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
+        """The constructor arguments, as in Keras."""
         return {
             "every_n_epochs": self.every_n_epochs,
             "epochs": self.epochs,
@@ -57,11 +65,12 @@ class TracInCheckpoints(keras.callbacks.Callback):
         }
 
     @classmethod
-    def from_config(cls, config):
+    def from_config(cls, config: dict[str, Any]) -> TracInCheckpoints:
+        """Rebuilds the callback from ``get_config``'s output."""
         return cls(**config)
 
     @classmethod
-    def from_directory(cls, directory) -> TracInCheckpoints:
+    def from_directory(cls, directory: str | os.PathLike) -> TracInCheckpoints:
         """Checkpoints written by a run with ``directory=...``, in epoch order."""
         files = sorted(glob.glob(os.path.join(os.fspath(directory), "checkpoint_*.npz")))
         if not files:
@@ -79,7 +88,7 @@ class TracInCheckpoints(keras.callbacks.Callback):
             return epoch in self.epochs
         return epoch % self.every_n_epochs == 0
 
-    def on_epoch_end(self, epoch, logs=None):
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         epoch += 1  # 1-based, as Keras prints it
         if not self._wanted(epoch):
             return
@@ -98,7 +107,8 @@ class TracInCheckpoints(keras.callbacks.Callback):
         self.epochs_recorded.append(epoch)
 
     @property
-    def checkpoints(self) -> list:
+    def checkpoints(self) -> list[tuple[list[np.ndarray], float]]:
+        """``(weights, learning_rate)`` per recorded epoch (read from disk with ``directory``)."""
         if self.directory is None:
             return list(self._in_memory)
         result = []

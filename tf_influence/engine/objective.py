@@ -11,7 +11,8 @@ Dropout and BatchNormalization behave as at prediction time.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import keras
 import numpy as np
@@ -31,8 +32,16 @@ _ONE_HOT_LOSSES = {
 _BINARY_LOSSES = {"binary_crossentropy", "binary_focal_crossentropy"}
 _SIGNED_BINARY_LOSSES = {"hinge", "squared_hinge"}
 
+# What ``loss=`` accepts: a keras loss object, a loss name, or a callable
+# ``(y_true, y_pred)`` returning one value per example.
+LossLike = keras.losses.Loss | str | Callable[..., tf.Tensor]
+# One item of ``params=``: a layer, a layer's name, or a variable of the model.
+ParamLike = keras.layers.Layer | str | keras.Variable | tf.Variable
+# What ``params=`` accepts: one item or a sequence of them.
+ParamsLike = ParamLike | Sequence[ParamLike]
 
-def check_model(model) -> None:
+
+def check_model(model: keras.Model) -> None:
     """Raises a clear error if ``model`` cannot be analysed."""
     if keras.backend.backend() != "tensorflow":
         raise RuntimeError(
@@ -62,7 +71,9 @@ def check_model(model) -> None:
             )
 
 
-def resolve_loss(loss, model, dtype=None) -> tuple[Callable, str, bool]:
+def resolve_loss(
+    loss: LossLike | None, model: keras.Model, dtype: tf.DType | str | None = None
+) -> tuple[Callable[..., tf.Tensor], str, bool]:
     """Turns ``loss`` (or the compiled ``model.loss``) into a per-example loss function.
 
     Returns:
@@ -133,7 +144,7 @@ def _dtype_text(values: np.ndarray) -> str:
     return str(values.dtype)
 
 
-def check_numeric_targets(y, name: str) -> None:
+def check_numeric_targets(y: Any, name: str) -> None:
     """Refuses targets that are not numbers (strings, bytes, other objects).
 
     A loss needs numbers; string labels would otherwise fail with a raw ``TypeError``
@@ -178,7 +189,7 @@ def _canonical(name: str) -> str:
     return aliases.get(name, name)
 
 
-def resolve_params(model, params) -> list:
+def resolve_params(model: keras.Model, params: ParamsLike | None) -> list[keras.Variable]:
     """The trainable variables to differentiate with respect to.
 
     Args:
@@ -245,13 +256,14 @@ def _keras_version() -> tuple[int, int]:
     return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
 
 
-def _is_mixed(policy) -> bool:
+def _is_mixed(policy: Any) -> bool:
     compute = getattr(policy, "compute_dtype", None)
     variable = getattr(policy, "variable_dtype", None)
     return compute is not None and variable is not None and compute != variable
 
 
-def variable_name(variable) -> str:
+def variable_name(variable: keras.Variable | tf.Variable) -> str:
+    """The variable's path in the model (its name on older Keras)."""
     return getattr(variable, "path", None) or variable.name
 
 
@@ -265,10 +277,15 @@ class Objective:
         params: ``None`` for all trainable weights, or layers / layer names / variables.
     """
 
-    def __init__(self, model, loss=None, params=None):
+    def __init__(
+        self,
+        model: keras.Model,
+        loss: LossLike | None = None,
+        params: ParamsLike | None = None,
+    ):
         check_model(model)
         self.model = model
-        self.variables: Sequence = resolve_params(model, params)
+        self.variables: Sequence[keras.Variable] = resolve_params(model, params)
         self.layout = ParamLayout(self.variables)
         self.dtype = tf.as_dtype(self.variables[0].dtype)
         if not self.dtype.is_floating:
@@ -300,13 +317,13 @@ class Objective:
         """True if the model has a mixed-precision policy (computed in float32 here)."""
         return bool(self._low_precision_layers)
 
-    def predict(self, x):
+    def predict(self, x: Any) -> tf.Tensor:
         """The model's output on ``x`` in inference mode, in full precision."""
         with self._full_precision():
             return self.model(x, training=False)
 
     @contextlib.contextmanager
-    def _full_precision(self):
+    def _full_precision(self) -> Iterator[None]:
         if not self._low_precision_layers:
             yield
             return
@@ -321,9 +338,10 @@ class Objective:
 
     @property
     def num_params(self) -> int:
+        """The number of scalar parameters, ``p``."""
         return self.layout.num_params
 
-    def per_example_loss(self, x, y) -> tf.Tensor:
+    def per_example_loss(self, x: Any, y: Any) -> tf.Tensor:
         """``L(z_j, theta)`` for each example of a batch, shape ``(batch,)``, in ``self.dtype``."""
         y_pred = self.predict(x)
         if (
@@ -356,11 +374,12 @@ class Objective:
         return total
 
     def has_regularization(self) -> bool:
+        """True if a trainable variable has a weight regularizer (``Omega`` is not 0)."""
         return any(
             getattr(v, "regularizer", None) is not None for v in self.model.trainable_variables
         )
 
-    def predicted_labels(self, x) -> tf.Tensor:
+    def predicted_labels(self, x: Any) -> tf.Tensor:
         """Labels equal to the model's own prediction, in the format the loss expects.
 
         Raises:
@@ -383,7 +402,7 @@ class Objective:
             "targets to explain with `y_test=`."
         )
 
-    def check_targets(self, y, num_outputs: int | None, name: str, offset: int = 0) -> None:
+    def check_targets(self, y: Any, num_outputs: int | None, name: str, offset: int = 0) -> None:
         """Refuses targets outside what the loss accepts, naming the first bad example.
 
         Targets must be numbers for every loss (strings are refused, see
