@@ -35,6 +35,7 @@ ANNOTATED = [
     "tf_influence.distribute",
     "tf_influence.logs",
     "tf_influence.serving",
+    "tf_influence.outputs",
     "tf_influence.tracin",
     "tf_influence.callbacks.tracin_checkpoints",
     "tf_influence.demo",

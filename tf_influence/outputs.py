@@ -11,6 +11,7 @@ import os
 from typing import NamedTuple
 
 import numpy as np
+import numpy.typing as npt
 
 from tf_influence._validation import check_positive_int
 
@@ -32,7 +33,13 @@ class TopK(NamedTuple):
 class DenseSink:
     """Keeps the whole ``(n_test, n_train)`` matrix in memory (or in a memmap)."""
 
-    def __init__(self, num_tests: int, num_train: int, dtype, output=None):
+    def __init__(
+        self,
+        num_tests: int,
+        num_train: int,
+        dtype: npt.DTypeLike,
+        output: str | os.PathLike | None = None,
+    ):
         self.output = None if output is None else os.fspath(output)
         if self.output is None:
             self.scores = np.empty((num_tests, num_train), dtype=dtype)
@@ -49,7 +56,8 @@ class DenseSink:
     def write(self, start: int, block: np.ndarray) -> None:
         self.scores[:, start : start + block.shape[1]] = block
 
-    def result(self):
+    def result(self) -> np.ndarray:
+        """The matrix, or the ``.npy`` file opened read-only with ``mmap_mode="r"``."""
         if self.output is None:
             return self.scores
         self.scores.flush()
@@ -60,7 +68,7 @@ class DenseSink:
 class TopKSink:
     """Keeps only the ``k`` most negative and ``k`` most positive scores per test point."""
 
-    def __init__(self, num_tests: int, num_train: int, k: int, dtype):
+    def __init__(self, num_tests: int, num_train: int, k: int, dtype: npt.DTypeLike):
         self.k = min(int(k), num_train)
         self.low_scores = np.empty((num_tests, 0), dtype)
         self.low_index = np.empty((num_tests, 0), np.int64)
@@ -68,7 +76,9 @@ class TopKSink:
         self.high_index = np.empty((num_tests, 0), np.int64)
 
     @staticmethod
-    def _keep(scores, index, k, largest):
+    def _keep(
+        scores: np.ndarray, index: np.ndarray, k: int, largest: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
         if scores.shape[1] <= k:
             return scores, index
         key = -scores if largest else scores
@@ -102,12 +112,12 @@ class TopKSink:
         )
 
 
-def check_k(k, name: str) -> None:
+def check_k(k: int, name: str) -> None:
     """Raises unless ``k`` is a positive integer (``name`` is the argument's name)."""
     check_positive_int(name, k)
 
 
-def check_sink_args(top_k, output) -> None:
+def check_sink_args(top_k: int | None, output: str | os.PathLike | None) -> None:
     """Checks ``explain``'s ``top_k`` / ``output`` before any work is done."""
     if top_k is not None:
         check_k(top_k, "top_k")
@@ -118,7 +128,13 @@ def check_sink_args(top_k, output) -> None:
             )
 
 
-def make_sink(num_tests: int, num_train: int, dtype, top_k=None, output=None):
+def make_sink(
+    num_tests: int,
+    num_train: int,
+    dtype: npt.DTypeLike,
+    top_k: int | None = None,
+    output: str | os.PathLike | None = None,
+) -> DenseSink | TopKSink:
     """``TopKSink`` with ``top_k``, else ``DenseSink`` (in memory, or ``output`` memmap)."""
     if top_k is not None:
         return TopKSink(num_tests, num_train, int(top_k), dtype)
