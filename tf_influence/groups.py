@@ -27,6 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_influence._errors import check_training_indices, describe
+from tf_influence._validation import check_bool
 from tf_influence.engine.compile import GraphFunction
 
 
@@ -127,10 +128,7 @@ def predict_removal(state, groups, x_test, y_test, order, renormalize, batch_siz
     groups = check_groups(groups, state.num_train)
     if order not in (1, 2) or isinstance(order, bool):
         raise ValueError(f"Argument `order` must be 1 or 2. Received: order={order!r}")
-    if not isinstance(renormalize, bool):
-        raise ValueError(
-            f"Argument `renormalize` must be True or False. Received: renormalize={renormalize!r}"
-        )
+    renormalize = check_bool("renormalize", renormalize)
     objective = state.objective
     n = state.num_train
     dtype = objective.dtype

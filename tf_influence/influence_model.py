@@ -3,12 +3,14 @@
 It checks arguments and delegates: the settings record is ``engine.settings``,
 everything ``fit`` prepares lives in ``engine.state.FittedState``, and the
 features (groups, neighbours, perturbation, export, saving, resume) are their
-own modules working through the fitted state's public methods.
+own modules working through the fitted state's public methods. The methods
+beyond a score matrix (``predict_removal``, ``explain_perturbation``, ``export``,
+``save``) are in ``tf_influence.analyses``, as Keras keeps ``fit`` in its trainer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import keras
@@ -17,6 +19,7 @@ import tensorflow as tf
 
 from tf_influence import solvers as solvers_lib
 from tf_influence._progress import resolve_verbose
+from tf_influence.analyses import Analyses
 from tf_influence.distribute import resolve_strategy, translate_worker_errors
 from tf_influence.engine.checks import check_explain_options
 from tf_influence.engine.curvature import HessianOperator
@@ -24,19 +27,16 @@ from tf_influence.engine.data import ExampleData
 from tf_influence.engine.objective import Objective
 from tf_influence.engine.settings import Settings, check_damping
 from tf_influence.engine.state import FittedState
-from tf_influence.export import export_model
-from tf_influence.groups import predict_removal
 from tf_influence.neighbors import Candidates, score_candidates, top_k_of
 from tf_influence.outputs import TopK, check_k, make_sink
-from tf_influence.perturbation import explain_perturbation
 from tf_influence.resume import describe_function, explain_to_file
-from tf_influence.saving import read_state, save_state
+from tf_influence.saving import read_state
 from tf_influence.solvers.base import Diagnostics
 
 __all__ = ["InfluenceModel", "check_damping"]
 
 
-class InfluenceModel:
+class InfluenceModel(Analyses):
     """Influence functions for a trained Keras model (Koh & Liang, 2017).
 
     The objective is the one ``model.fit`` minimised,
@@ -392,135 +392,7 @@ class InfluenceModel:
             feature_layer=feature_layer,
         )
 
-    # -- perturbation ------------------------------------------------------------------
-    @translate_worker_errors
-    def explain_perturbation(
-        self,
-        x_train_indices: Sequence[int] | np.ndarray,
-        x_test: Any,
-        y_test: Any = None,
-        batch_size: int | None = None,
-        verbose: str | int = "auto",
-        target: Callable | None = None,
-    ) -> np.ndarray | dict | tuple:
-        """How each test loss responds to moving chosen training inputs (I_pert,loss).
-
-        ``result[i, r] = -grad L(z_test_i)^T @ inv(H) @ grad_x grad_theta L(z_j)`` for
-        ``j = x_train_indices[r]``, shaped like ``x_j``: perturbing training input
-        ``x_j`` by a small ``delta`` (keeping its label) and refitting changes test
-        loss ``i`` by about ``sum(result[i, r] * delta) / n_train``. Its sign shows
-        which pixels/features of a training example to change to raise (or lower)
-        a test loss: the training-set attack of Koh & Liang (2017, section 5.2).
-
-        Args:
-            x_train_indices: training indices (as in ``fit``'s order) to perturb.
-            x_test, y_test: test points (``y_test=None``: the predicted class).
-            batch_size, verbose: as in ``explain``.
-            target: optional ``fn(model, x)`` replacing the test loss (see ``explain``).
-
-        Returns:
-            ``np.ndarray`` of shape ``(n_test, len(x_train_indices), *input_shape)``
-            (a matching dict/tuple of them for several inputs).
-        """
-        state = self._current("explain_perturbation")
-        return explain_perturbation(
-            state, x_train_indices, x_test, y_test, batch_size, resolve_verbose(verbose), target
-        )
-
-    # -- groups ------------------------------------------------------------------------
-    @translate_worker_errors
-    def predict_removal(
-        self,
-        groups: Sequence[Sequence[int] | np.ndarray],
-        x_test: Any,
-        y_test: Any = None,
-        order: int = 1,
-        renormalize: bool = False,
-        batch_size: int | None = None,
-        verbose: str | int = "auto",
-        target: Callable | None = None,
-    ) -> np.ndarray:
-        """Predicted change of each test loss when each group is removed and the model refit.
-
-        Order 1 is the sum of single-point influences (Koh et al. 2019): for a
-        group of one it is ``-explain(...)[:, j] / n``. Order 2 adds the correction
-        of Basu, You & Feizi (2020) for interactions inside the group, which matters
-        for large groups. ``tf_influence.groups`` gives the derivation and what
-        ``renormalize`` adds.
-
-        Args:
-            groups: a list of groups, each a list/array of training indices (as in
-                ``fit``'s order); groups may overlap.
-            x_test, y_test: test points (``y_test=None``: the predicted class).
-            order: 1 or 2.
-            renormalize: also account for ``model.fit`` averaging over the ``n - m``
-                remaining examples; False predicts refitting with the removed
-                examples' weights set to zero and everything else unchanged.
-            batch_size: test points per batch.
-            verbose: "auto", 0, 1 or 2.
-            target: optional ``fn(model, x)``, predicted instead of the test loss
-                (see ``explain``).
-
-        Returns:
-            ``np.ndarray`` of shape ``(n_test, n_groups)``: positive means removing
-            the group raises that test loss (or ``target``).
-
-        References:
-            Koh, Ang, Teo & Liang, "On the Accuracy of Influence Functions for
-            Measuring Group Effects", NeurIPS 2019. Basu, You & Feizi, "On
-            Second-Order Group Influence Functions for Black-Box Predictions",
-            ICML 2020.
-        """
-        state = self._current("predict_removal")
-        resolve_verbose(verbose)  # checked; the work is a few passes, no bar
-        return predict_removal(
-            state, groups, x_test, y_test, order, renormalize, batch_size, target
-        )
-
-    # -- serving and saved state --------------------------------------------------------
-    def export(self, path: str, top_k: int = 10, include_scores: bool = False) -> None:
-        """Writes a SavedModel for TF Serving: the model plus an ``explain`` signature.
-
-        Needs a solver with a low-rank inverse (``tfi.solvers.Arnoldi(...)``, or
-        any solver whose ``low_rank`` hook returns one): the SavedModel stores the
-        model's variables and the influence index (basis, inverse eigenvalues and
-        projected training gradients), never a raw training example, plus the
-        settings record (``get_compile_config``, as ``assets.extra/compile_config.json``).
-        Signatures: ``serving_default``
-        (the model's output), ``explain`` (inputs as the model's plus ``labels``;
-        outputs ``top_helpful_indices``, ``top_helpful_scores``,
-        ``top_harmful_indices``, ``top_harmful_scores`` of shape ``(batch, top_k)``,
-        and ``scores`` of shape ``(batch, n_train)`` with ``include_scores=True``)
-        and, for classification losses, ``explain_prediction`` (no labels: the
-        predicted class). Scores are those of ``explain`` with this solver.
-
-        Args:
-            path: a new or empty directory, e.g. ``models/name/1`` for TF Serving.
-            top_k: examples per list.
-            include_scores: also output every training example's score.
-        """
-        export_model(
-            self._current("export"), self.get_compile_config(), path, top_k, include_scores
-        )
-
-    def save(self, path: str, include_data: bool = False) -> None:
-        """Writes the fitted state to one ``.npz`` file (no pickle), atomically.
-
-        Saved: the solver and its config, damping, hvp, scoring, jit_compile, the
-        batch size, which parameters, the cached inverse-HVP vectors (so explaining
-        the same test points after ``load`` does not solve again), the Exact
-        solver's Cholesky factor, fingerprints of the weights and the training data,
-        and, only if asked (``include_data=True``, arrays only), the training data. The
-        Keras model is not saved: save it with ``model.save`` as usual.
-
-        Args:
-            path: file to write (replaced if it exists).
-            include_data: store the training arrays, so that ``load(path, model)``
-                needs no data. A ``tf.data.Dataset`` is never stored: pass it to
-                ``load`` again.
-        """
-        save_state(self._current("save"), self.get_compile_config(), path, include_data)
-
+    # -- saved state ------------------------------------------------------------------
     @classmethod
     def load(
         cls,

@@ -14,6 +14,7 @@ import math
 from typing import Any
 
 from tf_influence import solvers as solvers_lib
+from tf_influence._validation import check_bool
 from tf_influence.engine.curvature import check_hvp_mode
 from tf_influence.engine.gradients import check_scoring_mode
 
@@ -56,11 +57,7 @@ class Settings:
         object.__setattr__(self, "damping", check_damping(self.damping))
         check_hvp_mode(self.hvp)
         check_scoring_mode(self.scoring)
-        if not isinstance(self.jit_compile, bool):
-            raise ValueError(
-                "Argument `jit_compile` must be True or False. Received: "
-                f"jit_compile={self.jit_compile!r}"
-            )
+        object.__setattr__(self, "jit_compile", check_bool("jit_compile", self.jit_compile))
 
     def to_config(self) -> dict[str, Any]:
         """Plain JSON values: the solver as ``{"class_name", "config"}``."""

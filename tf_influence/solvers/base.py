@@ -108,13 +108,18 @@ class CurvatureOperator(Protocol):
         num_examples: n, the number of training examples.
         dtype: dtype of the vectors it acts on.
         damping: the non-negative number on the diagonal.
-        data: the training data (``ExampleData``); stochastic solvers draw
-            minibatches with ``data.sampler(batch_size, seed)``.
+        data: the training data (``ExampleData``): ``data.batch_size``,
+            ``data.first_batch()``, and ``data.sampler(batch_size, seed)``, which
+            stochastic solvers draw minibatches from.
+        objective: the per-example loss (``Objective``); ``CG(recycle="auto")``
+            traces ``objective.per_example_loss`` once to count a forward pass's
+            flops.
         num_dense_chunks: how many products ``dense`` needs (for a progress bar).
     """
 
     num_params: int
     num_dense_chunks: int
+    objective: Any
     num_examples: int
     dtype: tf.DType
     damping: float
