@@ -163,6 +163,8 @@ def plot(session, results, factors, iterations):
         axes.plot([dense["n_train"]], [dense["seconds"]], "s", label="explain, dense (20, n)")
     axes.set_xscale("log")
     axes.set_yscale("log")
+    axes.set_xticks(sizes, [f"{n:,}" for n in sizes])
+    axes.minorticks_off()
     axes.set_xlabel("training examples n")
     axes.set_ylabel("seconds")
     axes.set_title(
@@ -170,7 +172,7 @@ def plot(session, results, factors, iterations):
         fontsize=9,
     )
     axes.legend(fontsize=8)
-    axes.grid(True, which="both", alpha=0.3)
+    axes.grid(True, alpha=0.3)
     save_figure(figure, session.args.plot_dir, PLOT)
 
 
