@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import tensorflow as tf
 
 from tf_influence._validation import check_int, check_positive_int
 from tf_influence.solvers.base import (
     CurvatureError,
+    CurvatureOperator,
     Diagnostics,
     LowRankInverse,
+    ProgressFactory,
     Solver,
     nice_ceil,
     silent_progress,
@@ -62,10 +66,10 @@ class Arnoldi(Solver):
             )
         self.seed = check_int("seed", seed)
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         return {"rank": self.rank, "iterations": self.iterations, "seed": self.seed}
 
-    def eigenpairs(self, operator) -> tuple[tf.Tensor, tf.Tensor]:
+    def eigenpairs(self, operator: CurvatureOperator) -> tuple[tf.Tensor, tf.Tensor]:
         """``(eigenvalues (r,), eigenvectors (p, r))`` of ``H + damping*I``, largest first."""
 
         def make():
@@ -87,24 +91,26 @@ class Arnoldi(Solver):
         return operator.cached(self._key, make)
 
     @property
-    def _key(self):
+    def _key(self) -> tuple[str, int, int | None, int]:
         return ("arnoldi", self.rank, self.iterations, self.seed)
 
-    def prepare(self, operator, progress=silent_progress) -> None:
+    def prepare(
+        self, operator: CurvatureOperator, progress: ProgressFactory = silent_progress
+    ) -> None:
         """Finds the eigenpairs (one ``tf.function``, no progress to report)."""
         self.eigenpairs(operator)
 
-    def low_rank(self, operator) -> LowRankInverse:
+    def low_rank(self, operator: CurvatureOperator) -> LowRankInverse | None:
         """``V diag(1/lambda) V^T``: the influence index and ``export`` use it."""
         values, vectors = self.eigenpairs(operator)
         return LowRankInverse(basis=vectors, inverse_values=1.0 / values)
 
-    def get_state(self, operator) -> dict[str, np.ndarray]:
+    def get_state(self, operator: CurvatureOperator) -> dict[str, np.ndarray]:
         """The kept eigenvalues ``(r,)`` and eigenvectors ``(p, r)``."""
         values, vectors = self.eigenpairs(operator)
         return {"eigenvalues": values.numpy(), "eigenvectors": vectors.numpy()}
 
-    def set_state(self, operator, arrays) -> None:
+    def set_state(self, operator: CurvatureOperator, arrays: dict[str, np.ndarray]) -> None:
         """Restores the eigenpairs, so that ``load`` runs no Arnoldi iteration."""
         if "eigenvalues" in arrays and "eigenvectors" in arrays:
             pair = (
@@ -113,7 +119,7 @@ class Arnoldi(Solver):
             )
             operator.cached(self._key, lambda: pair)
 
-    def solve(self, operator, rhs):
+    def solve(self, operator: CurvatureOperator, rhs: tf.Tensor) -> tuple[tf.Tensor, Diagnostics]:
         values, vectors = self.eigenpairs(operator)
         rhs = tf.convert_to_tensor(rhs, operator.dtype)
         coefficients = tf.matmul(vectors, rhs, transpose_a=True) / values[:, None]
@@ -135,7 +141,7 @@ class Arnoldi(Solver):
         return solution, diagnostics
 
 
-def _arnoldi(operator, steps: int, seed: int):
+def _arnoldi(operator: CurvatureOperator, steps: int, seed: int) -> tuple[tf.Tensor, tf.Tensor]:
     """Top Ritz pairs after ``steps`` Arnoldi steps; numpy-free, one ``tf.function``."""
     graph = operator.cached(
         ("arnoldi.graph", steps, seed), lambda: tf.function(_arnoldi_graph, autograph=False)

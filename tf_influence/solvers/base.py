@@ -62,6 +62,7 @@ class Diagnostics:
 
     @property
     def all_converged(self) -> bool:
+        """Whether every right-hand side converged."""
         return bool(np.all(self.converged))
 
 
@@ -155,7 +156,9 @@ class LowRankInverse:
     inverse_values: tf.Tensor
 
 
-def relative_residual(operator, solution, rhs) -> tf.Tensor:
+def relative_residual(
+    operator: CurvatureOperator, solution: tf.Tensor, rhs: tf.Tensor
+) -> tf.Tensor:
     """``|A x - b| / |b|`` per column (0 where ``b`` is 0)."""
     residual = operator.matvec(solution) - rhs
     rhs_norm = tf.norm(rhs, axis=0)

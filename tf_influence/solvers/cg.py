@@ -9,6 +9,7 @@ in ``recycling.py``.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -19,7 +20,13 @@ from tf_influence._validation import (
     check_positive_float,
     check_positive_int,
 )
-from tf_influence.solvers.base import CurvatureError, Diagnostics, Solver, nice_ceil
+from tf_influence.solvers.base import (
+    CurvatureError,
+    CurvatureOperator,
+    Diagnostics,
+    Solver,
+    nice_ceil,
+)
 
 # The kernels and recycling helpers that tests and benchmarks reach as tfi.solvers.cg.*
 # are re-exported (``name as name``); krylov.py and recycling.py are their homes.
@@ -126,7 +133,7 @@ class CG(Solver):
             )
         self.recycle = recycle if recycle == "auto" else int(recycle)
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         return {
             "tol": self.tol,
             "max_iter": self.max_iter,
@@ -136,20 +143,20 @@ class CG(Solver):
             "recycle": self.recycle,
         }
 
-    def _max_iter(self, operator):
+    def _max_iter(self, operator: CurvatureOperator) -> int:
         return self.max_iter or min(operator.num_params, 1000)
 
-    def _recycle_capacity(self, operator) -> int:
+    def _recycle_capacity(self, operator: CurvatureOperator) -> int:
         return recycle_capacity(operator, self.recycle, RECYCLE_BUDGET)
 
-    def _recycled(self, operator, k):
+    def _recycled(self, operator: CurvatureOperator, k: int) -> RecycledSpace | None:
         """The operator's recycled space, or None if this solve does not recycle."""
         capacity = self._recycle_capacity(operator)
         if not self.block or capacity < 1 or k > operator.num_params - capacity:
             return None
         return operator.cached(("cg.recycled", capacity), lambda: RecycledSpace(capacity))
 
-    def solve(self, operator, rhs):
+    def solve(self, operator: CurvatureOperator, rhs: tf.Tensor) -> tuple[tf.Tensor, Diagnostics]:
         if self.hessian_sample_size is not None:
             operator = operator.subsample(self.hessian_sample_size, self.seed)
         rhs = tf.convert_to_tensor(rhs, operator.dtype)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import tensorflow as tf
 
 from tf_influence.solvers.base import (
     CurvatureError,
+    CurvatureOperator,
     Diagnostics,
+    ProgressFactory,
     Solver,
     nice_ceil,
     silent_progress,
@@ -45,7 +49,7 @@ class Exact(Solver):
 
     name = "exact"
 
-    def _factor(self, operator):
+    def _factor(self, operator: CurvatureOperator) -> tf.Tensor:
         def make():
             matrix = operator.dense()
             chol = tf.linalg.cholesky(matrix)
@@ -60,7 +64,7 @@ class Exact(Solver):
 
         return operator.cached(_CHOLESKY, make)
 
-    def spectrum(self, operator) -> dict:
+    def spectrum(self, operator: CurvatureOperator) -> dict[str, float]:
         """Estimated extreme eigenvalues and condition number of ``H + damping*I``.
 
         Power iteration on the dense matrix (largest) and on its inverse through the
@@ -80,7 +84,7 @@ class Exact(Solver):
 
         return operator.cached("exact.spectrum", make)
 
-    def check_conditioning(self, operator) -> dict:
+    def check_conditioning(self, operator: CurvatureOperator) -> dict[str, float]:
         """Refuses a near-singular ``H`` without damping; returns ``spectrum``.
 
         Near-singular: ``condition_number * eps(dtype) > 1e-2``, i.e. solutions may
@@ -102,7 +106,9 @@ class Exact(Solver):
             )
         return spectrum
 
-    def prepare(self, operator, progress=silent_progress) -> None:
+    def prepare(
+        self, operator: CurvatureOperator, progress: ProgressFactory = silent_progress
+    ) -> None:
         """Assembles the dense matrix (with a progress bar), factorises it, checks it."""
         bar = progress(
             operator.num_dense_chunks,
@@ -113,17 +119,17 @@ class Exact(Solver):
         self._factor(operator)
         self.check_conditioning(operator)
 
-    def get_state(self, operator) -> dict[str, np.ndarray]:
+    def get_state(self, operator: CurvatureOperator) -> dict[str, np.ndarray]:
         """The Cholesky factor of ``H + damping*I`` (float64, lower triangular)."""
         return {"cholesky": self._factor(operator).numpy()}
 
-    def set_state(self, operator, arrays) -> None:
+    def set_state(self, operator: CurvatureOperator, arrays: dict[str, np.ndarray]) -> None:
         """Restores the factor, so that ``load`` does not factorise again."""
         if "cholesky" in arrays:
             factor = tf.constant(arrays["cholesky"], tf.float64)
             operator.cached(_CHOLESKY, lambda: factor)
 
-    def solve(self, operator, rhs):
+    def solve(self, operator: CurvatureOperator, rhs: tf.Tensor) -> tuple[tf.Tensor, Diagnostics]:
         chol = self._factor(operator)
         rhs64 = tf.cast(rhs, tf.float64)
         solution64 = tf.linalg.cholesky_solve(chol, rhs64)
@@ -139,14 +145,16 @@ class Exact(Solver):
         )
         return tf.cast(solution64, operator.dtype), diagnostics
 
-    def self_products(self, operator, vectors):
+    def self_products(
+        self, operator: CurvatureOperator, vectors: tf.Tensor
+    ) -> tuple[tf.Tensor, Diagnostics | None]:
         """``vectors[:, j] . inv(H) . vectors[:, j]`` for each column, via the factor."""
         chol = self._factor(operator)
         half = tf.linalg.triangular_solve(chol, tf.cast(vectors, tf.float64), lower=True)
         return tf.reduce_sum(half**2, axis=0), None
 
 
-def _power(apply, size) -> float:
+def _power(apply: Callable[[tf.Tensor], tf.Tensor], size: int) -> float:
     """Largest eigenvalue of a symmetric positive operator by power iteration (float64)."""
     vector = tf.random.stateless_normal([size, 1], seed=[17, 0], dtype=tf.float64)
     value = 0.0
@@ -158,7 +166,7 @@ def _power(apply, size) -> float:
     return value
 
 
-def _raise_not_positive_definite(matrix, damping):
+def _raise_not_positive_definite(matrix: tf.Tensor, damping: float) -> None:
     eigenvalues = np.linalg.eigvalsh(matrix.numpy())
     smallest, largest = float(eigenvalues[0]), float(eigenvalues[-1])
     suggestion = nice_ceil(damping + max(-smallest, 0.0) + 1e-3 * max(abs(largest), 1e-8))

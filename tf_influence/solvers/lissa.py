@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import tensorflow as tf
 
 from tf_influence._validation import check_int, check_positive_float, check_positive_int
 from tf_influence.solvers.base import (
     CurvatureError,
+    CurvatureOperator,
     Diagnostics,
+    ProgressFactory,
     Solver,
     nice_ceil,
     relative_residual,
@@ -19,13 +24,21 @@ from tf_influence.solvers.base import (
 _GROWTH_SLACK = 2.0
 
 
-def power_iteration(matvec, num_params, dtype, iterations=30, seed=0):
+def power_iteration(
+    matvec: Callable[[tf.Tensor], tf.Tensor],
+    num_params: int,
+    dtype: tf.DType,
+    iterations: int = 30,
+    seed: int = 0,
+) -> tf.Tensor:
     """Largest eigenvalue (in absolute value) of a symmetric operator, by power iteration.
 
     Args:
         matvec: ``(p, 1) -> (p, 1)`` product with the operator (a callable).
         num_params: p.
+        dtype: dtype of the start vector (that of the operator's vectors).
         iterations: power steps.
+        seed: seed of the random start vector.
 
     Returns:
         A scalar tensor, the Rayleigh quotient of the last iterate.
@@ -93,7 +106,7 @@ class LiSSA(Solver):
         self.seed = check_int("seed", seed)
         self.tol = check_positive_float("tol", tol)
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         return {
             "recursion_depth": self.recursion_depth,
             "scale": self.scale,
@@ -103,10 +116,10 @@ class LiSSA(Solver):
             "tol": self.tol,
         }
 
-    def _batch_size(self, operator):
+    def _batch_size(self, operator: CurvatureOperator) -> int:
         return self.batch_size or operator.data.batch_size
 
-    def estimate_scale(self, operator) -> float:
+    def estimate_scale(self, operator: CurvatureOperator) -> float:
         """1.5x the largest eigenvalue seen over the full operator and a few batches."""
 
         def make():
@@ -126,12 +139,14 @@ class LiSSA(Solver):
 
         return operator.cached(("lissa.scale", self.seed, self._batch_size(operator)), make)
 
-    def prepare(self, operator, progress=silent_progress) -> None:
+    def prepare(
+        self, operator: CurvatureOperator, progress: ProgressFactory = silent_progress
+    ) -> None:
         """Estimates the scale (power iteration) unless one was given."""
         if self.scale is None:
             self.estimate_scale(operator)
 
-    def _graph(self, operator, scale):
+    def _graph(self, operator: CurvatureOperator, scale: float) -> Callable:
         depth, repeats = self.recursion_depth, self.num_repeats
 
         def run(rhs):
@@ -164,7 +179,7 @@ class LiSSA(Solver):
         # single-vector product.
         return tf.function(run)
 
-    def solve(self, operator, rhs):
+    def solve(self, operator: CurvatureOperator, rhs: tf.Tensor) -> tuple[tf.Tensor, Diagnostics]:
         scale = self.scale if self.scale is not None else self.estimate_scale(operator)
         key = ("lissa",) + tuple(self.get_config().values()) + (scale,)
         graph = operator.cached(key, lambda: self._graph(operator, scale))
