@@ -13,12 +13,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import tensorflow as tf
 
 from tf_influence._errors import describe
+
+if TYPE_CHECKING:
+    import keras
+
+    from tf_influence.engine.state import FittedState
+    from tf_influence.influence_model import InfluenceModel
 
 __all__ = ["LooCheck", "MislabelCurve", "loo_check", "mislabel_curve"]
 
@@ -44,7 +50,12 @@ class MislabelCurve(NamedTuple):
         return float(np.mean(np.interp(grid, self.inspected, self.found)))
 
 
-def mislabel_curve(scores_or_ranking, flipped_mask, fractions=None, kind="scores"):
+def mislabel_curve(
+    scores_or_ranking: np.ndarray,
+    flipped_mask: np.ndarray,
+    fractions: np.ndarray | None = None,
+    kind: str = "scores",
+) -> MislabelCurve:
     """How many flipped labels an inspection order finds, per fraction inspected.
 
     Args:
@@ -134,7 +145,7 @@ class LooCheck(NamedTuple):
     seconds: float
 
 
-def _ranks(values):
+def _ranks(values: np.ndarray) -> np.ndarray:
     order = np.argsort(values, kind="stable")
     ranks = np.empty(len(values))
     ranks[order] = np.arange(len(values))
@@ -145,22 +156,22 @@ def _ranks(values):
     return ranks
 
 
-def _pearson(a, b) -> float:
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a - a.mean(), b - b.mean()
     denominator = np.sqrt((a**2).sum() * (b**2).sum())
     return float((a * b).sum() / denominator) if denominator > 0 else float("nan")
 
 
 def loo_check(
-    im,
-    x_test,
-    y_test=None,
+    im: InfluenceModel,
+    x_test: Any,
+    y_test: Any = None,
     n_points: int = 20,
-    retrain: Callable | None = None,
+    retrain: Callable[[keras.Model, Any, Any], object] | None = None,
     seed: int = 0,
     tolerance: float | None = None,
     max_iterations: int = 1000,
-    verbose="auto",
+    verbose: str | int = "auto",
 ) -> LooCheck:
     """Retrains without chosen training points and compares with the prediction.
 
@@ -247,7 +258,7 @@ def loo_check(
     run = _LbfgsRetraining(state, tolerance, max_iterations) if retrain is None else None
     arrays = tf.nest.map_structure(lambda t: t.numpy(), data.elements)
 
-    def retrained_loss(removed) -> float:
+    def retrained_loss(removed: int | None) -> float:
         for variable, value in zip(variables, saved, strict=True):
             variable.assign(value)
         if run is not None:
@@ -285,7 +296,7 @@ def loo_check(
     )
 
 
-def _choose(predicted, n_points, seed) -> np.ndarray:
+def _choose(predicted: np.ndarray, n_points: int, seed: int) -> np.ndarray:
     order = np.argsort(-np.abs(predicted), kind="stable")
     top = order[: (n_points + 1) // 2]
     rest = order[(n_points + 1) // 2 :]
@@ -301,7 +312,7 @@ class _LbfgsRetraining:
     weights are its argument), looping over the training batches in the graph.
     """
 
-    def __init__(self, state, tolerance, max_iterations):
+    def __init__(self, state: FittedState, tolerance: float | None, max_iterations: int) -> None:
         import tensorflow_probability as tfp
 
         self._lbfgs = tfp.optimizer.lbfgs_minimize
@@ -320,13 +331,15 @@ class _LbfgsRetraining:
         self._minimize = tf.function(self._minimize_impl)
         self.last = None
 
-    def _assign(self, theta):
+    def _assign(self, theta: tf.Tensor) -> None:
         for variable, value in zip(
             self.objective.variables, self.layout.unflatten(theta), strict=True
         ):
             variable.assign(tf.cast(value, variable.dtype))
 
-    def _value_and_gradient(self, theta, weights):
+    def _value_and_gradient(
+        self, theta: tf.Tensor, weights: tf.Tensor
+    ) -> tuple[tf.Tensor, tf.Tensor]:
         self._assign(theta)
         variables = self.objective.variables
         size, n = self.data.batch_size, self.data.num_examples
@@ -346,7 +359,7 @@ class _LbfgsRetraining:
         total += 0.5 * self.damping * tf.reduce_sum(shift**2)
         return total, gradient + self.damping * shift
 
-    def _minimize_impl(self, weights):
+    def _minimize_impl(self, weights: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         result = self._lbfgs(
             lambda theta: self._value_and_gradient(theta, weights),
             initial_position=self.theta_hat,
@@ -360,7 +373,7 @@ class _LbfgsRetraining:
             tf.reduce_max(tf.abs(result.objective_gradient)),
         )
 
-    def __call__(self, removed):
+    def __call__(self, removed: int | None) -> None:
         n = self.data.num_examples
         weights = np.full(n, 1.0 / n)
         if removed is not None:

@@ -24,7 +24,7 @@ from tf_influence.distribute import resolve_strategy, translate_worker_errors
 from tf_influence.engine.checks import check_explain_options
 from tf_influence.engine.curvature import HessianOperator
 from tf_influence.engine.data import ExampleData
-from tf_influence.engine.objective import Objective
+from tf_influence.engine.objective import LossLike, Objective, ParamsLike
 from tf_influence.engine.settings import Settings, check_damping
 from tf_influence.engine.state import FittedState
 from tf_influence.neighbors import Candidates, score_candidates, top_k_of
@@ -76,8 +76,8 @@ class InfluenceModel(Analyses):
     def __init__(
         self,
         model: keras.Model,
-        loss: Any = None,
-        params: Any = None,
+        loss: LossLike | None = None,
+        params: ParamsLike | None = None,
         strategy: tf.distribute.Strategy | None = None,
     ):
         self.model = model
@@ -400,7 +400,7 @@ class InfluenceModel(Analyses):
         model: keras.Model,
         x: Any = None,
         y: Any = None,
-        loss: Any = None,
+        loss: LossLike | None = None,
         verbose: str | int = "auto",
     ) -> InfluenceModel:
         """Rebuilds an ``InfluenceModel`` saved by ``save``, for ``model``.
