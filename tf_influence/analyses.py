@@ -40,7 +40,7 @@ class Analyses:
         batch_size: int | None = None,
         verbose: str | int = "auto",
         target: Callable | None = None,
-    ) -> np.ndarray | dict | tuple:
+    ) -> np.ndarray | dict[str, np.ndarray] | tuple[np.ndarray, ...]:
         """How each test loss responds to moving chosen training inputs (I_pert,loss).
 
         ``result[i, r] = -grad L(z_test_i)^T @ inv(H) @ grad_x grad_theta L(z_j)`` for
@@ -52,8 +52,10 @@ class Analyses:
 
         Args:
             x_train_indices: training indices (as in ``fit``'s order) to perturb.
-            x_test, y_test: test points (``y_test=None``: the predicted class).
-            batch_size, verbose: as in ``explain``.
+            x_test: test inputs.
+            y_test: test targets (None: the predicted class).
+            batch_size: test points per batch, as in ``explain``.
+            verbose: "auto", 0, 1 or 2.
             target: optional ``fn(model, x)`` replacing the test loss (see ``explain``).
 
         Returns:
@@ -88,7 +90,8 @@ class Analyses:
         Args:
             groups: a list of groups, each a list/array of training indices (as in
                 ``fit``'s order); groups may overlap.
-            x_test, y_test: test points (``y_test=None``: the predicted class).
+            x_test: test inputs.
+            y_test: test targets (None: the predicted class).
             order: 1 or 2.
             renormalize: also account for ``model.fit`` averaging over the ``n - m``
                 remaining examples; False predicts refitting with the removed

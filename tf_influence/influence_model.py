@@ -408,8 +408,9 @@ class InfluenceModel(Analyses):
         Args:
             path: the file ``save`` wrote.
             model: the Keras model the state was computed for (same weights).
-            x, y: the training data, needed when it was not stored (a dataset, or
-                ``include_data=False``); if given, it must be the data of ``fit``.
+            x: the training inputs, needed when they were not stored (a dataset,
+                or ``include_data=False``); if given, they must be those of ``fit``.
+            y: the training targets, with ``x``.
             loss: the loss, if the model was not compiled with the same one.
             verbose: "auto", 0, 1 or 2.
 
