@@ -41,6 +41,21 @@ ANNOTATED = [
     "tf_influence.demo",
     "tf_influence.__main__",
     "tf_influence.engine.objective",
+    "tf_influence.engine.state",
+    "tf_influence.engine.checks",
+    "tf_influence.engine.settings",
+    "tf_influence.evaluation",
+    "tf_influence.analyses",
+    "tf_influence.influence_model",
+    "tf_influence.callbacks.influence_callback",
+    "tf_influence.solvers.base",
+    "tf_influence.solvers.exact",
+    "tf_influence.solvers.cg",
+    "tf_influence.solvers.krylov",
+    "tf_influence.solvers.recycling",
+    "tf_influence.solvers.lissa",
+    "tf_influence.solvers.arnoldi",
+    "tf_influence.solvers",
 ]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from typing import Any
 
 import keras
 import numpy as np
@@ -14,6 +15,7 @@ from tf_influence import solvers as solvers_lib
 from tf_influence._validation import check_positive_int
 from tf_influence.callbacks._checks import check_every_n_epochs
 from tf_influence.engine.data import ExampleData
+from tf_influence.engine.objective import LossLike, ParamsLike
 from tf_influence.engine.settings import check_damping
 from tf_influence.influence_model import InfluenceModel
 from tf_influence.solvers.base import CurvatureError
@@ -59,16 +61,16 @@ class InfluenceCallback(keras.callbacks.Callback):
 
     def __init__(
         self,
-        x,
-        y=None,
-        solver="cg",
+        x: Any,
+        y: Any = None,
+        solver: str | solvers_lib.Solver = "cg",
         damping: float = 0.0,
         every_n_epochs: int | None = None,
         top_k: int = 10,
-        log_dir=None,
+        log_dir: str | os.PathLike | None = None,
         batch_size: int | None = None,
-        loss=None,
-        params=None,
+        loss: LossLike | None = None,
+        params: ParamsLike | None = None,
         verbose: int = 0,
     ):
         super().__init__()
@@ -92,13 +94,13 @@ class InfluenceCallback(keras.callbacks.Callback):
         self._params = params  # `params` is Keras's own attribute of callbacks
         self.influence_model: InfluenceModel | None = None
         self.self_influence_: np.ndarray | None = None
-        self.history: dict = _empty_history()
+        self.history: dict[str, list] = _empty_history()
         self._writer = None
         self._im: InfluenceModel | None = None
         self._last_epoch = 0
         self._analysed_epoch = None
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         """Everything but the data (and ``loss``/``params``, which may be objects)."""
         return {
             "solver": solvers_lib.serialize(self.solver),
@@ -111,7 +113,14 @@ class InfluenceCallback(keras.callbacks.Callback):
         }
 
     @classmethod
-    def from_config(cls, config, x=None, y=None, loss=None, params=None):
+    def from_config(
+        cls,
+        config: dict[str, Any],
+        x: Any = None,
+        y: Any = None,
+        loss: LossLike | None = None,
+        params: ParamsLike | None = None,
+    ) -> InfluenceCallback:
         """Rebuilds the callback; the training data ``x`` (and ``y``) must be given again."""
         if x is None:
             raise ValueError(
@@ -123,17 +132,17 @@ class InfluenceCallback(keras.callbacks.Callback):
         return cls(x, y, loss=loss, params=params, **config)
 
     # -- hooks --------------------------------------------------------------------------
-    def on_train_begin(self, logs=None):
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         self._analysed_epoch = None
         if self.log_dir is not None and self._writer is None:
             self._writer = tf.summary.create_file_writer(os.path.join(self.log_dir, "influence"))
 
-    def on_epoch_end(self, epoch, logs=None):
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self._last_epoch = epoch + 1
         if self.every_n_epochs and (epoch + 1) % self.every_n_epochs == 0:
             self._analyse(epoch + 1)
 
-    def on_train_end(self, logs=None):
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         if self._analysed_epoch != self._last_epoch:
             self._analyse(self._last_epoch)
         if self._writer is not None:
@@ -185,7 +194,7 @@ class InfluenceCallback(keras.callbacks.Callback):
             self._im.state.refresh()
         return self._im
 
-    def _log(self, epoch, values, order):
+    def _log(self, epoch: int, values: np.ndarray, order: np.ndarray) -> None:
         if self._writer is None:
             return
         rows = "\n".join(f"| {i} | {values[i]:.4g} |" for i in order)
@@ -196,7 +205,7 @@ class InfluenceCallback(keras.callbacks.Callback):
             _write("suspicious_examples", f"| index | self-influence |\n|---|---|\n{rows}", "text")
 
 
-def _write(tag, value, plugin):
+def _write(tag: str, value: Any, plugin: str) -> None:
     """``tf.summary.write`` with the metadata TensorBoard's plugins read.
 
     The same records ``tf.summary.scalar`` / ``histogram`` / ``text`` write, without
@@ -208,13 +217,13 @@ def _write(tag, value, plugin):
     tf.summary.write(tag, tf.constant(value), metadata=metadata)
 
 
-def _histogram(values, bins: int = 30) -> np.ndarray:
+def _histogram(values: np.ndarray, bins: int = 30) -> np.ndarray:
     """``(bins, 3)`` rows ``[left, right, count]``, TensorBoard's histogram layout."""
     counts, edges = np.histogram(values, bins=bins)
     return np.stack([edges[:-1], edges[1:], counts.astype(np.float64)], axis=1)
 
 
-def _empty_history() -> dict:
+def _empty_history() -> dict[str, list]:
     return {
         "epoch": [],
         "suspicious_indices": [],

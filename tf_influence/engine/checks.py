@@ -8,9 +8,11 @@ attach training data through ``FittedState``, which runs the same checks.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -140,7 +142,13 @@ def check_target_function(target: Callable, objective: Objective, x: Any) -> Non
         )
 
 
-def check_explain_options(top_k, output, relative, candidates, feature_layer) -> None:
+def check_explain_options(
+    top_k: int | None,
+    output: str | os.PathLike | None,
+    relative: str | None,
+    candidates: int | None,
+    feature_layer: str | keras.layers.Layer | Callable | None,
+) -> None:
     """The options of ``explain`` that exclude or need each other."""
     check_sink_args(top_k, output)
     if relative not in (None, "theta", "loss"):

@@ -52,7 +52,7 @@ class Settings:
     scoring: str = "auto"
     jit_compile: bool = False
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         object.__setattr__(self, "solver", solvers_lib.get(self.solver))
         object.__setattr__(self, "damping", check_damping(self.damping))
         check_hvp_mode(self.hvp)

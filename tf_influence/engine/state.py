@@ -16,7 +16,7 @@ import hashlib
 import json
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import tensorflow as tf
@@ -32,7 +32,25 @@ from tf_influence.engine.data import ExampleData
 from tf_influence.engine.gradients import PerExampleGradients
 from tf_influence.engine.objective import Objective
 from tf_influence.engine.settings import Settings
-from tf_influence.solvers.base import Diagnostics, LowRankInverse
+from tf_influence.solvers.base import Diagnostics, LowRankInverse, Solver
+
+_Result = TypeVar("_Result", covariant=True)
+
+
+class ScoreSink(Protocol[_Result]):
+    """Where ``FittedState.score_training`` writes the scores, block by block.
+
+    ``tf_influence.outputs.DenseSink`` (the matrix, in memory or memory-mapped),
+    ``TopKSink`` (the ``top_k`` per test point) and the resumable ``.npy`` file of
+    ``explain(output=)`` implement it.
+    """
+
+    def write(self, start: int, block: np.ndarray) -> None:
+        """Takes the ``(k, m)`` scores of training examples ``start .. start + m - 1``."""
+
+    def result(self) -> _Result:
+        """What ``explain`` returns, once every block was written."""
+
 
 NONFINITE_TRAINING = (
     "The loss gradient is NaN or inf at training example {index}. Check that example and "
@@ -107,7 +125,7 @@ class FittedState:
 
     # -- building -----------------------------------------------------------------------
     @property
-    def solver(self):
+    def solver(self) -> Solver:
         return self.settings.solver
 
     @property
@@ -122,7 +140,12 @@ class FittedState:
     def batch_size(self) -> int:
         return self.data.batch_size
 
-    def _build(self, verbose: int, solver_state=None, reuse: bool = False) -> None:
+    def _build(
+        self,
+        verbose: int,
+        solver_state: dict[str, np.ndarray] | None = None,
+        reuse: bool = False,
+    ) -> None:
         if reuse and self.operator is not None:
             self.operator.clear_cache()  # the traced functions are kept
         else:
@@ -212,7 +235,9 @@ class FittedState:
         }
 
     # -- test points --------------------------------------------------------------------
-    def test_data(self, x_test, y_test=None, batch_size: int | None = None) -> ExampleData:
+    def test_data(
+        self, x_test: Any, y_test: Any = None, batch_size: int | None = None
+    ) -> ExampleData:
         """Test points as ``ExampleData`` (``y_test`` may be None: the predicted class)."""
         return ExampleData(
             x_test, y_test, batch_size, x_name="x_test", y_name="y_test", require_y=False
@@ -242,7 +267,13 @@ class FittedState:
         key = f"{batch_key(x, ())}|target:{id(target)}"
         return key, lambda: self.gradients.target_gradients(target, x)
 
-    def test_gradient_matrix(self, x_test, y_test=None, batch_size=None, target=None) -> tf.Tensor:
+    def test_gradient_matrix(
+        self,
+        x_test: Any,
+        y_test: Any = None,
+        batch_size: int | None = None,
+        target: Callable | None = None,
+    ) -> tf.Tensor:
         """``(n_test, p)`` gradients of the test losses (or of ``target``)."""
         tests = self.test_data(x_test, y_test, batch_size)
         parts, offset = [], 0
@@ -261,7 +292,12 @@ class FittedState:
         return solution
 
     def inverse_hvp_tests(
-        self, x_test, y_test=None, batch_size=None, verbose: int = 0, target=None
+        self,
+        x_test: Any,
+        y_test: Any = None,
+        batch_size: int | None = None,
+        verbose: int = 0,
+        target: Callable | None = None,
     ) -> tf.Tensor:
         """``inv(H) @ grad L(z_test_i)`` for every test point, ``(num_params, n_test)``.
 
@@ -353,7 +389,14 @@ class FittedState:
             yield offset, block, finite.numpy()
             offset += block.shape[1]
 
-    def score_training(self, solutions, verbose: int, sink, divisors=None, start: int = 0):
+    def score_training(
+        self,
+        solutions: tf.Tensor,
+        verbose: int,
+        sink: ScoreSink[_Result],
+        divisors: np.ndarray | None = None,
+        start: int = 0,
+    ) -> _Result:
         """Writes ``-solutions^T grad L(z_j)`` for every training example into ``sink``."""
         if self.index is not None:
             return self._score_from_index(solutions, sink, divisors, start)
@@ -369,7 +412,13 @@ class FittedState:
         progress.done()
         return sink.result()
 
-    def _score_from_index(self, solutions, sink, divisors, first: int = 0):
+    def _score_from_index(
+        self,
+        solutions: tf.Tensor,
+        sink: ScoreSink[_Result],
+        divisors: np.ndarray | None,
+        first: int = 0,
+    ) -> _Result:
         basis = self.low_rank().basis
         coefficients = tf.matmul(basis, solutions, transpose_a=True)  # (r, k)
         step = self.batch_size
@@ -456,6 +505,6 @@ def merge_diagnostics(parts: list[Diagnostics]) -> Diagnostics | None:
     )
 
 
-def _digest(value) -> str:
+def _digest(value: Any) -> str:
     text = json.dumps(value, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()

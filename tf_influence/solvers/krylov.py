@@ -11,10 +11,22 @@ orthonormal.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import tensorflow as tf
 
+if TYPE_CHECKING:
+    from tf_influence.solvers.base import CurvatureOperator
 
-def solve_graph(operator, tol: float, max_iter: int, block: bool):
+# What the compiled solves return: (x, iterations, relative residual, bad, rayleigh),
+# plus (directions, products) for a deflated solve.
+CGResults = tuple[tf.Tensor, ...]
+
+
+def solve_graph(
+    operator: CurvatureOperator, tol: float, max_iter: int, block: bool
+) -> Callable[[tf.Tensor], CGResults]:
     """``rhs -> (x, iterations, relative residual, bad, rayleigh)``, as a ``tf.function``.
 
     Block CG when ``block`` and the rhs has between 2 and ``num_params`` columns
@@ -23,7 +35,7 @@ def solve_graph(operator, tol: float, max_iter: int, block: bool):
     cheaper single-vector product.
     """
 
-    def run(rhs):
+    def run(rhs: tf.Tensor) -> CGResults:
         k = rhs.shape[1]
         if block and k is not None and 1 < k <= operator.num_params:
             return block_cg(operator, rhs, tol, max_iter)
@@ -34,7 +46,9 @@ def solve_graph(operator, tol: float, max_iter: int, block: bool):
     return tf.function(run, autograph=False)
 
 
-def deflated_solve_graph(operator, k: int, tol: float, max_iter: int):
+def deflated_solve_graph(
+    operator: CurvatureOperator, k: int, tol: float, max_iter: int
+) -> Callable[..., CGResults]:
     """Deflated block CG for ``k`` columns, traced once for any width of the kept space.
 
     The function takes ``(rhs (p, k), w (p, m), aw (p, m), e_inv (m, m), record)`` and
@@ -53,19 +67,21 @@ def deflated_solve_graph(operator, k: int, tol: float, max_iter: int):
             tf.TensorSpec([], tf.int32),
         ],
     )
-    def run(rhs, w, aw, e_inv, record):
+    def run(
+        rhs: tf.Tensor, w: tf.Tensor, aw: tf.Tensor, e_inv: tf.Tensor, record: tf.Tensor
+    ) -> CGResults:
         return block_cg(operator, rhs, tol, max_iter, space=(w, aw, e_inv), record=record)
 
     return run
 
 
-def positive_inverse(values, vectors):
+def positive_inverse(values: tf.Tensor, vectors: tf.Tensor) -> tf.Tensor:
     """The inverse of ``vectors @ diag(values) @ vectors^T`` on its positive eigenvalues."""
     safe = tf.where(values > 0, values, tf.ones_like(values))
     return tf.matmul(vectors / safe, vectors, transpose_b=True)
 
 
-def orthonormal_columns(a):
+def orthonormal_columns(a: tf.Tensor) -> tf.Tensor:
     """An orthonormal basis of ``a``'s columns (the Q of a thin QR).
 
     Shifted Cholesky QR (Fukaya et al. 2020), twice, in float64 on columns scaled
@@ -90,7 +106,7 @@ def orthonormal_columns(a):
     return tf.cond(good, lambda: tf.cast(q, dtype), lambda: tf.linalg.qr(a).q)
 
 
-def column_cg(operator, rhs, tol, max_iter):
+def column_cg(operator: CurvatureOperator, rhs: tf.Tensor, tol: float, max_iter: int) -> CGResults:
     """One CG recursion per column, sharing the batched product.
 
     Returns ``(x, iterations, relative residual, bad, rayleigh)``; ``bad`` flags columns
@@ -136,7 +152,14 @@ def column_cg(operator, rhs, tol, max_iter):
     return x, i, residual, bad, rayleigh
 
 
-def block_cg(operator, rhs, tol, max_iter, space=None, record=None):
+def block_cg(
+    operator: CurvatureOperator,
+    rhs: tf.Tensor,
+    tol: float,
+    max_iter: int,
+    space: tuple[tf.Tensor, tf.Tensor, tf.Tensor] | None = None,
+    record: tf.Tensor | int | None = None,
+) -> CGResults:
     """Block CG: all columns share one Krylov space (same returns as ``column_cg``).
 
     The search block is re-orthonormalised every iteration, which keeps

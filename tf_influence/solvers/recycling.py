@@ -12,10 +12,15 @@ and its small helpers, each compiled once per dtype.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import tensorflow as tf
 
 from tf_influence.solvers.krylov import positive_inverse
+
+if TYPE_CHECKING:
+    from tf_influence.solvers.base import CurvatureOperator
 
 # A new direction joins the recycled space only if at least this fraction of its
 # norm lies outside the space (bounds how much rounding in A W is amplified).
@@ -31,7 +36,7 @@ RECYCLE_PER_FLOP = 0.09
 RECYCLE_FALLBACK = 256
 
 
-def recycle_capacity(operator, recycle: int | str, budget: int) -> int:
+def recycle_capacity(operator: CurvatureOperator, recycle: int | str, budget: int) -> int:
     """How many directions to keep on ``operator``.
 
     Args:
@@ -56,14 +61,14 @@ def recycle_capacity(operator, recycle: int | str, budget: int) -> int:
     return min(wanted, budget // (2 * p), p // 2)
 
 
-def forward_flops(operator) -> float | None:
+def forward_flops(operator: CurvatureOperator) -> float | None:
     """Flops of the per-example loss on one training example, or None if not countable.
 
     Counted by TensorFlow's profiler on the graph of one example (matrix products
     and convolutions; elementwise work is left out). Cached on the operator.
     """
 
-    def count():
+    def count() -> float | None:
         try:
             first = operator.data.first_batch()
             one = tf.nest.map_structure(lambda t: tf.convert_to_tensor(t)[:1], tuple(first))
@@ -99,21 +104,23 @@ class RecycledSpace:
     the products always belong to the current Hessian.
     """
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.w = self.aw = self.e = self.e_inv = None
 
     @property
     def width(self) -> int:
+        """How many directions the space holds now."""
         return 0 if self.w is None else int(self.w.shape[1])
 
-    def tensors(self, operator):
+    def tensors(self, operator: CurvatureOperator) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """``(w, aw, e_inv)``, empty ``(p, 0)``/``(0, 0)`` tensors before any solve."""
         if self.w is None:
             empty = tf.zeros([operator.num_params, 0], operator.dtype)
             return empty, empty, tf.zeros([0, 0], operator.dtype)
         return self.w, self.aw, self.e_inv
 
-    def extend(self, directions, products):
+    def extend(self, directions: tf.Tensor, products: tf.Tensor) -> None:
         """Adds a solve's search directions until the space is full.
 
         When they would overflow it, the Ritz vectors of the largest values are
@@ -136,7 +143,9 @@ class RecycledSpace:
             self.w = self.aw = self.e = self.e_inv = None
 
 
-def append_directions(w, aw, e, directions, products):
+def append_directions(
+    w: tf.Tensor, aw: tf.Tensor, e: tf.Tensor, directions: tf.Tensor, products: tf.Tensor
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """``[w, new]``, ``[aw, A new]`` and ``[w, new]^T A [w, new]`` (float64).
 
     New directions are made orthogonal to ``w`` and orthonormal; any with less than
@@ -161,14 +170,16 @@ def append_directions(w, aw, e, directions, products):
     return tf.concat([w, new], axis=1), tf.concat([aw, a_new], axis=1), e
 
 
-def keep_largest(w, aw, e, capacity):
+def keep_largest(
+    w: tf.Tensor, aw: tf.Tensor, e: tf.Tensor, capacity: tf.Tensor
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """Rayleigh-Ritz: the ``capacity`` Ritz vectors of ``w`` with the largest values."""
     ritz, rotation = tf.linalg.eigh(e)  # ascending
     ritz, rotation = ritz[-capacity:], tf.cast(rotation[:, -capacity:], w.dtype)
     return tf.matmul(w, rotation), tf.matmul(aw, rotation), tf.linalg.diag(ritz)
 
 
-def inverse_if_positive(e):
+def inverse_if_positive(e: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """``(inv(e), ok)``: ``ok`` is False unless ``e`` is positive definite."""
     values, vectors = tf.linalg.eigh(e)
     ok = tf.logical_and(
@@ -185,11 +196,11 @@ class _AnySize:
     and the second trace would land on the second ``explain``.
     """
 
-    def __init__(self, fn):
+    def __init__(self, fn: Callable[..., Any]) -> None:
         self._function = tf.function(fn, autograph=False)
         self._concrete = {}
 
-    def __call__(self, *args):
+    def __call__(self, *args: tf.Tensor) -> Any:
         args = [tf.convert_to_tensor(a) for a in args]
         key = tuple((a.dtype, a.shape.rank) for a in args)
         if key not in self._concrete:
@@ -206,6 +217,6 @@ _keep_largest = _AnySize(keep_largest)
 _inverse_if_positive = _AnySize(inverse_if_positive)
 
 
-def _symmetric64(matrix):
+def _symmetric64(matrix: tf.Tensor) -> tf.Tensor:
     matrix = tf.cast(matrix, tf.float64)
     return 0.5 * (matrix + tf.transpose(matrix))
