@@ -106,7 +106,7 @@ def test_stochastic_cg_and_groups_under_strategy(strategy):
     """Subsampled curvature and group removal run on the strategy too."""
     x, y = _data()
     plain, mirrored = _models(strategy)
-    solver = lambda: tfi.solvers.CG(hessian_sample_size=30, seed=2)  # noqa: E731
+    solver = lambda: tfi.solvers.CG(hessian_sample_size=30, seed=2)
     im, reference = _run(mirrored, solver(), x, y, 8), _run(plain, solver(), x, y, 8)
     _close(im.explain(x[:2], y[:2], verbose=0), reference.explain(x[:2], y[:2], verbose=0))
     groups = [[0, 1, 2], list(range(10, 30))]

@@ -14,10 +14,10 @@ from conftest import make_mlp
 import tf_influence as tfi
 
 apis = pytest.importorskip("tensorflow_serving.apis.prediction_log_pb2")  # the serving extra
-from tensorflow_serving.apis import classification_pb2, predict_pb2  # noqa: E402
+from tensorflow_serving.apis import classification_pb2, predict_pb2
 
-from tf_influence.__main__ import main  # noqa: E402
-from tf_influence.logs import explain_logs, load_training_arrays  # noqa: E402
+from tf_influence.__main__ import main
+from tf_influence.logs import explain_logs, load_training_arrays
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 

@@ -132,7 +132,7 @@ def run_ours(work, out_dir, b_exact=False, tag="", batch_size=None, only=None):
                 im.compile(solver=solver.split("-")[0], damping=work.damping)
                 im.fit(work.x_train, work.y_train, batch_size=batch_size, verbose=0)
                 scores = im.explain(work.x_test, work.y_test, verbose=0)
-        except Exception as error:  # noqa: BLE001 - recorded in the JSON
+        except Exception as error:  # recorded in the JSON
             results.fail_run(workload, solver, error)
             continue
         diag = im.diagnostics

@@ -172,7 +172,7 @@ def main(argv=None):
             continue
         try:
             run(ctx, workload, solver, start, last)
-        except Exception as error:  # noqa: BLE001 - recorded in the JSON
+        except Exception as error:  # recorded in the JSON
             results.fail_run(workload, solver, error)
 
 

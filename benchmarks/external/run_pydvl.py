@@ -191,7 +191,7 @@ def main(argv=None):
                 notes="" if k == work.n_test else f"CG capped: first {k} test points only",
                 stages={"fit": fit.seconds, "solve": solve.seconds, "score": score.seconds},
             )
-        except Exception as error:  # noqa: BLE001 - recorded in the JSON
+        except Exception as error:  # recorded in the JSON
             results.fail_run(workload, solver, error)
 
 

@@ -142,7 +142,7 @@ def main(argv=None):
                     "regularisation": "train_regularization = l2 * sum(kernel**2), damp=1e-3",
                 },
             )
-        except Exception as error:  # noqa: BLE001 - recorded in the JSON
+        except Exception as error:  # recorded in the JSON
             results.fail_run(workload, solver, error)
 
 
