@@ -12,23 +12,19 @@ import json
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-# The strategy must exist before any other TensorFlow op runs.
-strategy = tf.distribute.MultiWorkerMirroredStrategy()
-
-import keras  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import make_mlp  # noqa: E402
-
-import tf_influence as tfi  # noqa: E402
-
 
 def main(problem_path, out_path, die_after_fit):
+    import tensorflow as tf
+
+    # The strategy must exist before any other TensorFlow op runs.
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+
+    import keras
+    import numpy as np
+    from conftest import make_mlp  # conftest.py sits beside this script
+
+    import tf_influence as tfi
+
     task = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
     problem = np.load(problem_path, allow_pickle=False)
     with strategy.scope():
@@ -57,4 +53,5 @@ def main(problem_path, out_path, die_after_fit):
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     main(sys.argv[1], sys.argv[2], "--die-after-fit" in sys.argv)

@@ -10,19 +10,14 @@ import os
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import make_mlp  # noqa: E402
-
-import tf_influence as tfi  # noqa: E402
-from tf_influence import resume  # noqa: E402
-
 
 def build(problem):
+    """The fitted ``InfluenceModel`` of PROBLEM.npz's weights and data (also used by the test)."""
+    import keras
+    from conftest import make_mlp  # conftest.py sits beside this file
+
+    import tf_influence as tfi
+
     model = make_mlp()
     model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.set_weights([problem[f"w{i}"] for i in range(len(model.weights))])
@@ -34,6 +29,10 @@ def build(problem):
 
 
 def main(problem_path, out, blocks):
+    import numpy as np
+
+    from tf_influence import resume
+
     problem = np.load(problem_path)
     im = build(problem)
     resume.CHECKPOINT_SECONDS = 0  # record progress after every block
@@ -52,4 +51,5 @@ def main(problem_path, out, blocks):
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
