@@ -1,7 +1,15 @@
-"""Compiling per-batch functions once per input structure, with a free batch axis."""
+"""Compiling functions once per input structure, and sharing traces between owners.
+
+Every ``InfluenceModel`` builds its own operator and gradients, but on the same
+Keras model with the same configuration they would trace the same graphs. The
+functions compiled here are keyed by the model (weakly: a model that is no longer
+used is freed with its traces) and by everything else the trace depends on
+(``objective_key``), and bound to their caller only for the duration of a call.
+"""
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 
 import tensorflow as tf
@@ -85,4 +93,228 @@ class BatchFunction:
 
     def tracing_count(self) -> int:
         """Total traces over every input structure seen so far."""
+        return sum(f.experimental_get_tracing_count() for f in self._compiled.values())
+
+
+# -- traces shared between owners of the same configuration -----------------------------
+class _Same:
+    """A key part equal only for the very same live object, held by a weak reference.
+
+    An object that cannot be weakly referenced is equal only to this key part itself,
+    so nothing keyed on it is ever shared (never wrong, never kept alive).
+    """
+
+    __slots__ = ("_id", "_ref")
+
+    def __init__(self, obj):
+        self._id = id(obj)
+        try:
+            self._ref = weakref.ref(obj)
+        except TypeError:
+            self._ref = None
+
+    def __eq__(self, other):
+        if self is other:
+            return True
+        if not isinstance(other, _Same) or self._ref is None or other._ref is None:
+            return False
+        target = self._ref()
+        return target is not None and target is other._ref()
+
+    def __hash__(self):
+        return self._id
+
+
+def _config_key(obj):
+    """``(class, config)`` of a built-in Keras object, else the object's identity.
+
+    A built-in loss or regulariser rebuilt from the same config computes the same
+    thing; anything else (a custom class, a plain function) is only itself.
+    """
+    kind = type(obj)
+    if kind.__module__.startswith("keras.") and hasattr(obj, "get_config"):
+        try:
+            config = repr(sorted(obj.get_config().items()))
+        except Exception:  # noqa: BLE001 - an unreadable config only means "not shared"
+            return _Same(obj)
+        inner = getattr(obj, "fn", None)
+        extra = repr(getattr(obj, "_fn_kwargs", None)), repr(getattr(obj, "dtype", None))
+        return (kind, config, extra, None if inner is None else _Same(inner))
+    return _Same(obj)
+
+
+def objective_key(objective) -> tuple:
+    """What a trace of ``objective``'s loss, regularisation and parameters depends on.
+
+    Never the ``Objective`` instance (every ``InfluenceModel`` makes its own): the
+    chosen variables, the loss (class and config of a built-in Keras loss, else the
+    very function), every regulariser of a trainable variable, and the layers run in
+    full precision. Weights are read live from the variables, so they are not part
+    of it. Only meaningful together with the model (see ``shared_function``).
+    """
+    model = objective.model
+    variables = tuple(
+        (_Same(v), tuple(v.shape), str(v.dtype), getattr(v, "path", None) or v.name)
+        for v in objective.variables
+    )
+    regularizers = tuple(
+        (_Same(v), _config_key(v.regularizer))
+        for v in model.trainable_variables
+        if getattr(v, "regularizer", None) is not None
+    )
+    precision = tuple(
+        (_Same(layer), str(getattr(layer.dtype_policy, "name", layer.dtype_policy)))
+        for layer in getattr(objective, "_low_precision_layers", ())
+    )
+    return (variables, _config_key(objective.loss_fn), regularizers, precision)
+
+
+_SHARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_TRACES = [0]
+
+
+def tracing_count() -> int:
+    """How many times a shared function's Python body ran (traces, in this process)."""
+    return _TRACES[0]
+
+
+class SharedFunction:
+    """A compiled method, traced once for every owner with the same configuration.
+
+    ``compile(body)`` builds the compiled callable (a ``GraphFunction``,
+    ``BatchFunction`` or ``SpecFunction``) of ``body``, a Python function that runs
+    the method ``name`` of whichever owner is calling. The owner is bound only for
+    the duration of a call, so the function keeps no reference to it (or to its
+    model) and can live in a cache keyed weakly by the model.
+
+    Args:
+        name: the owner's method that the traced body runs.
+        compile: ``body -> compiled callable``.
+    """
+
+    def __init__(self, name: str, compile: Callable):
+        self.name = name
+        self._owner = None
+
+        def body(*args):
+            _TRACES[0] += 1
+            return getattr(self._owner, name)(*args)
+
+        self.function = compile(body)
+
+    def __call__(self, owner, *args):
+        previous, self._owner = self._owner, owner
+        try:
+            return self.function(*args)
+        finally:
+            self._owner = previous
+
+    def tracing_count(self) -> int:
+        counter = getattr(self.function, "tracing_count", None)
+        if counter is None:
+            counter = self.function.experimental_get_tracing_count
+        return counter()
+
+
+class BoundFunction:
+    """A ``SharedFunction`` called on one owner: ``f(*args)`` is ``shared(owner, *args)``."""
+
+    def __init__(self, shared: SharedFunction, owner):
+        self.shared = shared
+        self._owner = weakref.ref(owner)
+
+    def __call__(self, *args):
+        return self.shared(self._owner(), *args)
+
+    @property
+    def autograph(self) -> bool:
+        """Whether the compiled function converts with autograph (see ``GraphFunction``)."""
+        return bool(getattr(self.shared.function, "autograph", False))
+
+    def tracing_count(self) -> int:
+        """Traces of the shared function, by this owner and every other one."""
+        return self.shared.tracing_count()
+
+    experimental_get_tracing_count = tracing_count
+
+
+def shared_function(owner, model, key, name: str, compile: Callable) -> BoundFunction:
+    """``owner``'s method ``name`` compiled once per ``(model, key)`` and bound to ``owner``.
+
+    The cache is keyed weakly by the model: once the model is garbage, so are its
+    traces. ``key`` must hold everything the trace depends on besides the argument
+    shapes (see ``objective_key``); ``key=None`` compiles for ``owner`` alone.
+
+    Args:
+        owner: the object whose method the trace runs (an operator, gradients).
+        model: the Keras model the trace reads the variables of.
+        key: hashable configuration, or None not to share.
+        name: the method of ``owner`` to compile.
+        compile: ``body -> compiled callable`` (e.g. ``lambda f: GraphFunction(f)``).
+    """
+    if key is None:
+        return BoundFunction(SharedFunction(name, compile), owner)
+    try:
+        entries = _SHARED.setdefault(model, {})
+    except TypeError:  # a model that cannot be weakly referenced: traces of its own
+        return BoundFunction(SharedFunction(name, compile), owner)
+    full_key = (name, key)
+    shared = entries.get(full_key)
+    if shared is None:
+        shared = entries[full_key] = SharedFunction(name, compile)
+    return BoundFunction(shared, owner)
+
+
+def _spec(value, relaxed: bool):
+    if isinstance(value, tf.data.Dataset):
+        return tf.type_spec_from_value(value)
+    return _relaxed_spec(value) if relaxed else tf.TensorSpec.from_tensor(value)
+
+
+class SpecFunction:
+    """A ``GraphFunction`` per argument structure, shape and dtype, some axes left free.
+
+    Arguments at the positions in ``relaxed`` get an unknown leading axis on every
+    tensor leaf (so a training set of another size reuses the trace); the others keep
+    their static shapes. Datasets pass as they are (their ``element_spec`` keys it).
+
+    Args:
+        fn: the Python function to compile.
+        relaxed: positions of the arguments whose leading axis is free.
+        autograph, jit_compile: as for ``GraphFunction``.
+    """
+
+    def __init__(self, fn: Callable, relaxed=(), autograph=False, jit_compile=False):
+        self._fn = fn
+        self._relaxed = set(relaxed)
+        self._autograph = bool(autograph)
+        self._jit_compile = bool(jit_compile)
+        self._compiled: dict[str, GraphFunction] = {}
+
+    def __call__(self, *args):
+        args = [
+            tf.nest.map_structure(
+                lambda t: t if isinstance(t, tf.data.Dataset) else tf.convert_to_tensor(t), a
+            )
+            for a in args
+        ]
+        specs = [
+            tf.nest.map_structure(lambda t, r=i in self._relaxed: _spec(t, r), a)
+            for i, a in enumerate(args)
+        ]
+        key = repr(specs)
+        if key not in self._compiled:
+            self._compiled[key] = GraphFunction(
+                self._fn,
+                autograph=self._autograph,
+                input_signature=specs,
+                jit_compile=self._jit_compile or None,
+            )
+        return self._compiled[key](*args)
+
+    @property
+    def autograph(self) -> bool:
+        return self._autograph or any(f.autograph for f in self._compiled.values())
+
+    def tracing_count(self) -> int:
         return sum(f.experimental_get_tracing_count() for f in self._compiled.values())

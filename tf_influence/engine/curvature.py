@@ -13,6 +13,15 @@ Two ways to form the product, both exact:
 Several vectors are handled at once (vectorised with pfor), and the sum over the
 training set is accumulated batch by batch inside the graph, so memory is
 bounded by the batch size, never by ``n_train``.
+
+The compiled product is shared by every operator on the same Keras model with the
+same parameters, loss, regularisers, ``hvp``, ``jit_compile`` and batch size
+(``tf_influence/engine/compile.py``): the training data, its size and the damping
+are arguments of the trace, not constants in it, so a second ``InfluenceModel``
+(on these or other training arrays of the same structure) does not trace again.
+Every batch has the same static shape (the last one is padded with examples that
+weigh zero), so a product is traced once, not once for full batches and once more
+for a short last batch.
 """
 
 from __future__ import annotations
@@ -22,8 +31,14 @@ from collections.abc import Callable, Hashable
 import tensorflow as tf
 
 from tf_influence.distribute import ReplicaData
-from tf_influence.engine.compile import BatchFunction, GraphFunction
-from tf_influence.engine.data import ExampleData
+from tf_influence.engine.compile import (
+    BatchFunction,
+    GraphFunction,
+    SpecFunction,
+    objective_key,
+    shared_function,
+)
+from tf_influence.engine.data import ExampleData, fold_inputs
 from tf_influence.engine.objective import Objective
 
 # Columns per matvec when the dense Hessian is assembled from Hessian-vector products.
@@ -91,24 +106,45 @@ class HessianOperator:
         self.damping = float(damping)
         self.hvp_mode = check_hvp_mode(hvp)
         self.jit_compile = bool(jit_compile)
-        self._batch_hvp = (
-            GraphFunction(self._hvp_parts, jit_compile=True)
-            if self.jit_compile
-            else self._hvp_parts
-        )
         self.num_params = objective.num_params
         self.num_examples = data.num_examples
         self.dtype = objective.dtype
         self._cache: dict = {}
+        # Everything the traces depend on besides argument shapes (the data, its size
+        # and the damping are arguments). Distributed operators keep traces of their own.
+        self.trace_key = (
+            None
+            if self.replicas is not None
+            else (
+                "hessian",
+                objective_key(objective),
+                self.hvp_mode,
+                self.jit_compile,
+                data.fold_batch_size,
+            )
+        )
+
+        def share(name, compile):
+            return shared_function(self, objective.model, self.trace_key, name, compile)
+
+        self._batch_hvp = (
+            share("_hvp_parts", lambda fn: GraphFunction(fn, jit_compile=True))
+            if self.jit_compile
+            else self._hvp_parts
+        )
         spec = tf.TensorSpec([self.num_params, None], self.dtype)
+        scalar = tf.TensorSpec([], self.dtype)
         # Traced once per number of columns: a static k lets one vector take the
         # plain-gradient path instead of the vectorised one. Without autograph unless
         # needed (see GraphFunction): 0.7 s less on the first trace on the digits MLP.
-        # The distributed sum loops over a distributed dataset, which needs it.
+        # The distributed sum loops over a distributed dataset, which needs it. The
+        # training tensors (argument 3) get a free leading axis: any number of examples.
         autograph = self.replicas is not None
-        self._matvec = GraphFunction(self._matvec_impl, autograph=autograph)
-        self._batch_matvec = BatchFunction(
-            lambda x, y, vectors: self._batch_matvec_impl(vectors, x, y), [spec]
+        self._matvec = share(
+            "_matvec_impl", lambda fn: SpecFunction(fn, relaxed=(3,), autograph=autograph)
+        )
+        self._batch_matvec = share(
+            "_batch_matvec_impl", lambda fn: BatchFunction(fn, [spec, scalar])
         )
 
     @property
@@ -136,7 +172,8 @@ class HessianOperator:
     def _objective_value(self, x, y, loss_weight, regularization_weight):
         total = tf.zeros([], self.dtype)
         if x is not None:
-            total += loss_weight * tf.reduce_sum(self.objective.per_example_loss(x, y))
+            # loss_weight: a number, or one weight per example (0 on padding).
+            total += tf.reduce_sum(loss_weight * self.objective.per_example_loss(x, y))
         if regularization_weight:
             total += regularization_weight * self.objective.regularization()
         return total
@@ -163,7 +200,9 @@ class HessianOperator:
         return tf.transpose(layout.flatten_batched(parts, k, self.dtype))
 
     def _hvp_parts(self, x, y, tangents, loss_weight, regularization_weight):
-        """``hessian(loss_weight * sum_batch L + regularization_weight * Omega) @ v``, per variable.
+        """``hessian(sum_batch loss_weight * L + regularization_weight * Omega) @ v``, per variable.
+
+        ``loss_weight`` is a number or a ``(batch,)`` tensor of per-example weights.
 
         ``tangents`` and the result are shaped as ``_tangents`` gives them; the sum over
         batches is accumulated in this form and flattened once per product.
@@ -235,17 +274,16 @@ class HessianOperator:
         parts = self._hvp_parts(x, y, self._tangents(vectors), loss_weight, regularization_weight)
         return self._flat_columns(parts, vectors.shape[1] or tf.shape(vectors)[1])
 
-    def _matvec_impl(self, vectors):
+    def _matvec_impl(self, vectors, damping, num_examples, inputs):
+        """``(H + damping * I) @ vectors`` over the examples ``inputs`` (``fold_inputs``)."""
         if vectors.shape.rank == 1:
             # Reshaped inside the graph: two eager slices cost 0.4 ms, 8% of a product.
-            return self._matvec_impl(vectors[:, None])[:, 0]
-        n = tf.cast(self.num_examples, self.dtype)
+            return self._matvec_impl(vectors[:, None], damping, num_examples, inputs)[:, 0]
         k = vectors.shape[1] or tf.shape(vectors)[1]
-        omega_pending = self.objective.has_regularization()
         if self.replicas is not None:
             total = self.replicas.fold_sum(
                 lambda x, y: self._flat_columns(
-                    self._batch_hvp(x, y, self._tangents(vectors), 1.0 / n, 0.0), k
+                    self._batch_hvp(x, y, self._tangents(vectors), 1.0 / num_examples, 0.0), k
                 ),
                 tf.zeros_like(vectors),
             )
@@ -253,24 +291,25 @@ class HessianOperator:
             # Accumulate per variable, flatten once: per batch this saves a concat, a
             # split and a (p, k) add, which is 15-20% of a one-vector product at B=128.
             tangents = self._tangents(vectors)
-            regularized = omega_pending
 
-            def add(acc, batch, last=False):
-                # Omega's product rides on the last, shorter batch when there is one
-                # (it runs once, outside the loop): one pair of tapes fewer.
-                weight = 1.0 if (last and regularized) else 0.0
-                parts = self._batch_hvp(batch[0], batch[1], tangents, 1.0 / n, weight)
+            def add(acc, batch, mask):
+                # Examples an earlier batch took (the padding of the last batch) weigh 0.
+                weights = 1.0 / num_examples
+                if mask is not None:
+                    weights = tf.cast(mask, self.dtype) * weights
+                parts = self._batch_hvp(batch[0], batch[1], tangents, weights, 0.0)
                 return tuple(a + b for a, b in zip(acc, parts, strict=True))
 
             # A tuple: Dataset.reduce would stack a list state into one tensor.
-            parts = self.data.fold(add, tuple(tf.zeros_like(t) for t in tangents))
+            initial = tuple(tf.zeros_like(t) for t in tangents)
+            parts = fold_inputs(inputs, self.data.fold_batch_size, add, initial)
             total = self._flat_columns(parts, k)
-            omega_pending = regularized and not self.data.folds_last_separately
-        if omega_pending:
+        if self.objective.has_regularization():
+            # One small pair of tapes on Omega alone, once per product.
             total += self._hvp(None, None, vectors, 0.0, 1.0)
-        return total + self.damping * vectors
+        return total + damping * vectors
 
-    def _batch_matvec_impl(self, vectors, x, y):
+    def _batch_matvec_impl(self, x, y, vectors, damping):
         size = tf.cast(tf.shape(tf.nest.flatten(x)[0])[0], self.dtype)
         k = vectors.shape[1] or tf.shape(vectors)[1]
         if self.replicas is not None:
@@ -288,7 +327,7 @@ class HessianOperator:
             )
         if self.objective.has_regularization():
             result += self._hvp(None, None, vectors, 0.0, 1.0)
-        return result + self.damping * vectors
+        return result + damping * vectors
 
     def matvec(self, vectors: tf.Tensor) -> tf.Tensor:
         """``(H + damping * I) @ vectors`` over the whole training set.
@@ -299,14 +338,24 @@ class HessianOperator:
         Returns:
             A tensor of the same shape as ``vectors``.
         """
-        return self._matvec(tf.convert_to_tensor(vectors, self.dtype))
+        return self._matvec(
+            tf.convert_to_tensor(vectors, self.dtype),
+            tf.constant(self.damping, self.dtype),
+            tf.constant(self.num_examples, self.dtype),
+            self.data.graph_inputs(),
+        )
 
     def batch_matvec(self, vectors: tf.Tensor, batch) -> tf.Tensor:
         """An unbiased estimate of ``(H + damping * I) @ vectors`` from one batch ``(x, y)``.
 
         Uses ``(1/b) sum_{j in batch} hessian(L_j) + hessian(Omega) + damping * I``.
         """
-        return self._batch_matvec(batch[0], batch[1], tf.convert_to_tensor(vectors, self.dtype))
+        return self._batch_matvec(
+            batch[0],
+            batch[1],
+            tf.convert_to_tensor(vectors, self.dtype),
+            tf.constant(self.damping, self.dtype),
+        )
 
     def subsample(self, size: int, seed: int = 0) -> HessianOperator:
         """The same operator over a fixed random subset of ``size`` training examples.
@@ -343,7 +392,7 @@ class HessianOperator:
             eye = tf.eye(p, dtype=self.dtype)
             chunks = []
             for start in range(0, p, DENSE_CHUNK):
-                chunks.append(self._matvec(eye[:, start : start + DENSE_CHUNK]))
+                chunks.append(self.matvec(eye[:, start : start + DENSE_CHUNK]))
                 if progress is not None:
                     progress(len(chunks))
             matrix = tf.cast(tf.concat(chunks, axis=1), tf.float64)

@@ -251,6 +251,19 @@ class ExampleData:
             return self._batched
         return self._unbatched.batch(batch_size)
 
+    @property
+    def fold_batch_size(self) -> int:
+        """The static batch size of ``fold_inputs``: the batch size, at most ``num_examples``."""
+        return min(self.batch_size, self.num_examples)
+
+    def graph_inputs(self):
+        """What ``fold_inputs`` folds: the ``(x, y)`` tensors, or the batched dataset.
+
+        Passed to a compiled function as an argument (rather than captured), so that
+        the trace serves any training set of the same structure.
+        """
+        return self._tensors if self.in_memory else self._batched
+
     def fold(self, fn, initial):
         """``acc = fn(acc, batch)`` over all batches in order; traceable inside ``tf.function``.
 
@@ -363,3 +376,42 @@ class ExampleData:
 
     def first_batch(self):
         return next(iter(self.batches()))
+
+
+def fold_inputs(inputs, batch_size: int, fn, initial):
+    """``acc = fn(acc, batch, mask)`` over every batch of ``inputs``; traceable, no autograph.
+
+    For tensors ``(x, y)`` (``ExampleData.graph_inputs``) every batch has the static
+    size ``batch_size`` (at most the number of examples), so one trace serves all of
+    them: the last batch is the last ``batch_size`` examples, and ``mask`` (a
+    ``(batch_size,)`` boolean) is False on those an earlier batch already took. The
+    number of examples is read from the tensors, so it may be unknown while tracing.
+    A dataset is folded by ``Dataset.reduce`` with ``mask=None`` (every example counts).
+
+    Args:
+        inputs: a tuple of tensors with one leading example axis, or a dataset.
+        batch_size: a Python int, the static batch size.
+        fn: ``(acc, batch, mask) -> acc``.
+        initial: the first ``acc`` (a tuple of tensors, not a list).
+    """
+    if isinstance(inputs, tf.data.Dataset):
+        return inputs.reduce(initial, lambda acc, batch: fn(acc, batch, None))
+    first = tf.nest.flatten(inputs)[0]
+    n = tf.shape(first)[0]
+    count = (n + batch_size - 1) // batch_size
+    offsets = tf.range(batch_size)
+
+    def body(index, acc):
+        wanted = index * batch_size
+        start = tf.minimum(wanted, n - batch_size)
+        batch = tf.nest.map_structure(lambda t: _slice_at(t, start, batch_size), inputs)
+        mask = start + offsets >= wanted
+        return index + 1, fn(acc, batch, mask)
+
+    _, acc = tf.while_loop(lambda index, acc: index < count, body, (tf.constant(0), initial))
+    return acc
+
+
+def _slice_at(tensor, start, size):
+    begin = tf.concat([[start], tf.zeros([tensor.shape.rank - 1], tf.int32)], axis=0)
+    return tf.slice(tensor, begin, [size] + tensor.shape.as_list()[1:])

@@ -22,13 +22,19 @@ in one batched pass (``tf_influence/factored.py``), once a check on a real batch
 has shown that these add up to the batch gradient; the other parameters go
 through pfor. Then a pass may take several batches at once, up to
 ``SCORING_BUDGET`` values of intermediate results.
+
+The compiled functions take every batch as an argument and are shared by all
+``PerExampleGradients`` on the same Keras model with the same parameters, loss,
+regularisers and ``jit_compile`` (``tf_influence/engine/compile.py``), so a second
+``InfluenceModel`` reuses the traces of the first. The batch axis is left free: a
+short last batch does not trace again.
 """
 
 from __future__ import annotations
 
 import tensorflow as tf
 
-from tf_influence.engine.compile import BatchFunction
+from tf_influence.engine.compile import BatchFunction, objective_key, shared_function
 from tf_influence.engine.curvature import tf_variable
 from tf_influence.engine.factored import FactoredGradients, FactoredUnavailable, find_layers
 from tf_influence.engine.objective import Objective
@@ -69,14 +75,22 @@ class PerExampleGradients:
     def __init__(self, objective: Objective, scoring: str = "auto", jit_compile: bool = False):
         self.objective = objective
         self.scoring = check_scoring_mode(scoring)
-        self._gradients = BatchFunction(self._gradients_impl, jit_compile=jit_compile)
         self._jit_compile = jit_compile
+        # Everything the traces depend on besides the shapes of their arguments.
+        self.trace_key = ("gradients", objective_key(objective), bool(jit_compile))
+
+        def share(name, *args):
+            return shared_function(
+                self, objective.model, self.trace_key, name, lambda fn: BatchFunction(fn, *args)
+            )
+
+        self._gradients = share("_gradients_impl", (), jit_compile)
         self._target_functions: dict = {}
         self._jvp_unavailable = False
         solutions = tf.TensorSpec([objective.num_params, None], objective.dtype)
         self._scores = {
-            "jacobian": BatchFunction(self._jacobian_scores, [solutions], jit_compile),
-            "jvp": BatchFunction(self._jvp_scores, [solutions], jit_compile),
+            "jacobian": share("_jacobian_scores", [solutions], jit_compile),
+            "jvp": share("_jvp_scores", [solutions], jit_compile),
         }
         layers = find_layers(objective)
         self._factored = FactoredGradients(objective, layers) if layers else None
@@ -84,9 +98,9 @@ class PerExampleGradients:
         self._factored_state = "unchecked" if layers else "off"
         factored = set(self._factored.indices) if layers else set()
         self._pfor_indices = [i for i in range(len(objective.variables)) if i not in factored]
-        self._factored_check = BatchFunction(self._factored_check_impl)
-        self._factored_gradients = BatchFunction(self._factored_gradients_impl, (), jit_compile)
-        self._factored_scores = BatchFunction(self._factored_scores_impl, [solutions], jit_compile)
+        self._factored_check = share("_factored_check_impl")
+        self._factored_gradients = share("_factored_gradients_impl", (), jit_compile)
+        self._factored_scores = share("_factored_scores_impl", [solutions], jit_compile)
 
     def _per_variable_gradients(self, x, y, indices=None):
         """Per-example gradients, one ``(b, size)`` tensor per variable (None: no gradient).

@@ -1,0 +1,153 @@
+"""Traces shared between InfluenceModels: reused when the answer is the same, never otherwise."""
+
+import gc
+import weakref
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import dense_hessian, make_mlp
+
+import tf_influence as tfi
+from tf_influence.engine import compile as compile_lib
+from tf_influence.engine.curvature import HessianOperator
+from tf_influence.engine.data import ExampleData
+
+SPARSE_LOGITS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def reference_scores(model, x, y, x_test, y_test, damping, loss=SPARSE_LOGITS, params=None):
+    """``-g_test @ inv(H + damping*I) @ g_train^T`` from full-batch tapes and a dense solve."""
+    objective = tfi.engine.Objective(model, loss, params)
+
+    def gradients(xs, ys):
+        rows = []
+        for j in range(len(xs)):
+            with tf.GradientTape() as tape:
+                value = tf.reduce_sum(objective.per_example_loss(xs[j : j + 1], ys[j : j + 1]))
+            rows.append(objective.layout.flatten(tape.gradient(value, objective.variables)))
+        return tf.stack(rows).numpy()
+
+    hessian = dense_hessian(objective, x, y) + damping * np.eye(objective.num_params)
+    return -gradients(x_test, y_test) @ np.linalg.solve(hessian, gradients(x, y).T)
+
+
+def explain(model, x, y, x_test, y_test, solver="exact", damping=0.5, batch_size=16, **kwargs):
+    im = tfi.InfluenceModel(model, **kwargs)
+    im.compile(solver=solver, damping=damping)
+    im.fit(x, y, batch_size=batch_size, verbose=0)
+    return im, im.explain(x_test, y_test, verbose=0)
+
+
+def test_second_influence_model_reuses_every_trace(mlp, blobs):
+    """Same model and configuration: fit + explain trace nothing the first one traced."""
+    x, y = blobs
+    first, expected = explain(mlp, x, y, x[:6], y[:6], solver=tfi.solvers.CG(tol=1e-10))
+    count = compile_lib.tracing_count()
+    matvec_count = first.operator._matvec.tracing_count()
+    gradients_count = first.state.gradients.tracing_count()
+    second, scores = explain(mlp, x, y, x[:6], y[:6], solver=tfi.solvers.CG(tol=1e-10))
+    assert compile_lib.tracing_count() == count
+    assert second.operator._matvec.tracing_count() == matvec_count
+    assert second.state.gradients.tracing_count() == gradients_count
+    assert second.operator._matvec.shared is first.operator._matvec.shared
+    np.testing.assert_allclose(scores, expected, rtol=1e-7, atol=1e-12)
+    reference = reference_scores(mlp, x, y, x[:6], y[:6], 0.5)
+    np.testing.assert_allclose(scores, reference, rtol=1e-6, atol=1e-10)
+
+
+def test_other_training_arrays_reuse_the_trace_and_answer_for_their_data(mlp, blobs):
+    """The data and its size are arguments of the traces, not constants in them."""
+    x, y = blobs
+    explain(mlp, x, y, x[:4], y[:4])
+    count = compile_lib.tracing_count()
+    rng = np.random.default_rng(1)
+    for other_x, other_y in (
+        (x[::-1] + 0.1 * rng.normal(size=x.shape), y[::-1]),  # other values, same size
+        (x[:37], y[:37]),  # another size, still a short last batch at B=16
+    ):
+        _, scores = explain(mlp, other_x, other_y, x[:4], y[:4])
+        assert compile_lib.tracing_count() == count
+        reference = reference_scores(mlp, other_x, other_y, x[:4], y[:4], 0.5)
+        np.testing.assert_allclose(scores, reference, rtol=1e-6, atol=1e-10)
+
+
+def _double_loss(y_true, y_pred):
+    return 2.0 * keras.losses.sparse_categorical_crossentropy(y_true, y_pred, from_logits=True)
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["damping", "loss", "loss_config", "params", "regularizer", "batch_size"],
+)
+def test_other_configuration_does_not_reuse_a_wrong_trace(mlp, blobs, change):
+    """After a first model traced everything, each change still gives the dense answer."""
+    x, y = blobs
+    explain(mlp, x, y, x[:4], y[:4])
+    settings = {"damping": 0.5, "loss": SPARSE_LOGITS, "params": None, "batch_size": 16}
+    if change == "damping":
+        settings["damping"] = 2.0
+    elif change == "loss":
+        settings["loss"] = _double_loss
+    elif change == "loss_config":
+        # Same class, other config: class 2 counts for nothing (a different loss).
+        settings["loss"] = keras.losses.SparseCategoricalCrossentropy(
+            from_logits=True, ignore_class=2
+        )
+    elif change == "params":
+        settings["params"] = ["logits"]
+    elif change == "regularizer":
+        mlp.get_layer("hidden").kernel.regularizer = keras.regularizers.L2(0.3)
+    else:
+        settings["batch_size"] = 50  # one batch: another static batch shape
+    _, scores = explain(
+        mlp,
+        x,
+        y,
+        x[:4],
+        y[:4],
+        damping=settings["damping"],
+        batch_size=settings["batch_size"],
+        loss=settings["loss"],
+        params=settings["params"],
+    )
+    reference = reference_scores(
+        mlp, x, y, x[:4], y[:4], settings["damping"], settings["loss"], settings["params"]
+    )
+    np.testing.assert_allclose(scores, reference, rtol=1e-6, atol=1e-10)
+
+
+def test_model_with_cached_traces_is_freed(blobs):
+    """The trace cache holds models weakly: deleting the last reference frees the model."""
+    x, y = blobs
+    model = make_mlp()
+    im, _ = explain(model, x, y, x[:3], y[:3], solver="cg", loss=SPARSE_LOGITS)
+    model_ref = weakref.ref(model)
+    operator_ref = weakref.ref(im.operator)
+    assert any(entry is model for entry in compile_lib._SHARED.keys())
+    del model, im
+    gc.collect()
+    assert model_ref() is None
+    assert operator_ref() is None
+
+
+def test_short_last_batch_is_traced_with_the_full_batches(blobs):
+    """50 examples at B=16: the per-batch product is traced once, and still exact."""
+    x, y = blobs
+    model = make_mlp()
+    objective = tfi.engine.Objective(model, SPARSE_LOGITS)
+    calls = []
+    per_example_loss = objective.per_example_loss
+
+    def counted(xs, ys):
+        calls.append(xs.shape[0])
+        return per_example_loss(xs, ys)
+
+    objective.per_example_loss = counted
+    operator = HessianOperator(objective, ExampleData(x, y, 16), 0.1)
+    vectors = np.random.default_rng(0).normal(size=(objective.num_params, 3))
+    product = operator.matvec(vectors).numpy()
+    assert calls == [16]  # one static batch shape; Omega's product calls no loss
+    reference = dense_hessian(objective, x, y) + 0.1 * np.eye(objective.num_params)
+    np.testing.assert_allclose(product, reference @ vectors, rtol=1e-7, atol=1e-12)
