@@ -41,6 +41,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     import tf_influence as tfi
+    from tf_influence.solvers.cg import RECYCLE_BUDGET
+    from tf_influence.solvers.recycling import recycle_capacity
 
     args = parse_args(argv)
     data = digits.load_data()
@@ -63,7 +65,7 @@ def main(argv=None):
                 verbose=0,
             )
             if keep == "auto":
-                keep = f"auto ({im.solver._recycle_capacity(im.operator)})"
+                keep = f"auto ({recycle_capacity(im.operator, keep, RECYCLE_BUDGET)})"
             cells = []
             for call in range(1, CALLS + 1):
                 part = slice(call * digits.NUM_TESTS, (call + 1) * digits.NUM_TESTS)
