@@ -44,6 +44,8 @@ ANNOTATED = [
     "tf_influence.engine.state",
     "tf_influence.engine.checks",
     "tf_influence.engine.settings",
+    "tf_influence.engine.gradients",
+    "tf_influence.engine",
     "tf_influence.evaluation",
     "tf_influence.analyses",
     "tf_influence.influence_model",
@@ -184,11 +186,6 @@ def test_annotated_modules(name):
     assert not missing, "Public names without type hints:\n" + "\n".join(missing)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="Type hints are still being added to the public API module by module "
-    "(issue 17, part 7); the assertion lists what is left.",
-)
 def test_public_api_annotated():
     missing = unannotated(public_modules())
     assert not missing, f"{len(missing)} public names without type hints:\n" + "\n".join(missing)

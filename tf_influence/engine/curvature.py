@@ -27,6 +27,7 @@ for a short last batch.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
+from typing import Any
 
 import tensorflow as tf
 
@@ -97,7 +98,7 @@ class HessianOperator:
         damping: float = 0.0,
         hvp: str = "auto",
         jit_compile: bool = False,
-        strategy=None,
+        strategy: tf.distribute.Strategy | None = None,
     ):
         self.objective = objective
         self.data = data
@@ -162,7 +163,7 @@ class HessianOperator:
             elif not callable(value):
                 del self._cache[key]
 
-    def cached(self, key: Hashable, make: Callable):
+    def cached(self, key: Hashable, make: Callable[[], Any]) -> Any:
         """Memoises ``make()`` on this operator (until ``clear_cache``)."""
         if key not in self._cache:
             self._cache[key] = make()
@@ -345,7 +346,7 @@ class HessianOperator:
             self.data.graph_inputs(),
         )
 
-    def batch_matvec(self, vectors: tf.Tensor, batch) -> tf.Tensor:
+    def batch_matvec(self, vectors: tf.Tensor, batch: tuple) -> tf.Tensor:
         """An unbiased estimate of ``(H + damping * I) @ vectors`` from one batch ``(x, y)``.
 
         Uses ``(1/b) sum_{j in batch} hessian(L_j) + hessian(Omega) + damping * I``.

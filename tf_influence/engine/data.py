@@ -8,6 +8,8 @@ explicitly seeded sampling stream, which does not affect column order).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -63,7 +65,15 @@ class ExampleData:
         num_examples: n, the number of examples.
     """
 
-    def __init__(self, x, y=None, batch_size=None, x_name="x", y_name="y", require_y=True):
+    def __init__(
+        self,
+        x: Any,
+        y: Any = None,
+        batch_size: int | None = None,
+        x_name: str = "x",
+        y_name: str = "y",
+        require_y: bool = True,
+    ):
         self.x_name, self.y_name = x_name, y_name
         batch_size = check_positive_int("batch_size", batch_size, allow_none=True)
         if _is_dataset(x):
@@ -131,6 +141,7 @@ class ExampleData:
         # Kept as tensors (on the device) and sliced in the graph: much cheaper per
         # batch than iterating a tf.data pipeline inside a tf.function.
         self._tensors = tf.nest.map_structure(tf.convert_to_tensor, elements)
+        self._digest = None  # computed when first asked for (content_key)
         self._unbatched = tf.data.Dataset.from_tensor_slices(elements)
         self._batched = self._unbatched.batch(self.batch_size)
 
@@ -200,6 +211,7 @@ class ExampleData:
             )
         self.num_examples = n
         self.batch_size = int(first_batch)
+        self._digest = digest.hexdigest()
         self._tensors = None
         self._batched = dataset
         self._unbatched = dataset.unbatch()
@@ -239,7 +251,7 @@ class ExampleData:
     def _slice(self, start, size):
         return tf.nest.map_structure(lambda t: t[start : start + size], self._tensors)
 
-    def batches(self, batch_size: int | None = None):
+    def batches(self, batch_size: int | None = None) -> Iterable[tuple]:
         """The examples in their fixed order, in batches of tuples ``(x, y)`` or ``(x,)``.
 
         An iterable for eager Python loops (one step per batch, e.g. with a progress bar).
@@ -252,11 +264,24 @@ class ExampleData:
         return self._unbatched.batch(batch_size)
 
     @property
+    def content_key(self) -> str:
+        """sha256 of the examples in order: equal for equal training sets.
+
+        Arrays are hashed when first asked for; a dataset keeps the digest of the pass
+        that checked its order.
+        """
+        if self._digest is None:
+            digest = hashlib.sha256()
+            _digest_batch(digest, self._tensors)
+            self._digest = digest.hexdigest()
+        return self._digest
+
+    @property
     def fold_batch_size(self) -> int:
         """The static batch size of ``fold_inputs``: the batch size, at most ``num_examples``."""
         return min(self.batch_size, self.num_examples)
 
-    def graph_inputs(self):
+    def graph_inputs(self) -> tuple | tf.data.Dataset:
         """What ``fold_inputs`` folds: the ``(x, y)`` tensors, or the batched dataset.
 
         Passed to a compiled function as an argument (rather than captured), so that
@@ -264,7 +289,7 @@ class ExampleData:
         """
         return self._tensors if self.in_memory else self._batched
 
-    def fold(self, fn, initial):
+    def fold(self, fn: Callable[..., Any], initial: Any) -> Any:
         """``acc = fn(acc, batch)`` over all batches in order; traceable inside ``tf.function``.
 
         For arrays, the full batches run in a ``tf.while_loop`` with a static batch shape
@@ -335,7 +360,7 @@ class ExampleData:
                 return card
         return -(-self.num_examples // size)
 
-    def sampler(self, batch_size: int, seed: int):
+    def sampler(self, batch_size: int, seed: int) -> Callable[[Any], tuple]:
         """A function ``step -> batch`` of random training batches, for stochastic solvers.
 
         Arrays: ``batch_size`` indices drawn uniformly with replacement by a stateless
@@ -374,7 +399,7 @@ class ExampleData:
             elements = self._unbatched.enumerate().map(lambda i, e: (i, *e))
         return elements.batch(self.batch_size)
 
-    def first_batch(self):
+    def first_batch(self) -> tuple:
         return next(iter(self.batches()))
 
 

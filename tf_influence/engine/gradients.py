@@ -32,12 +32,18 @@ short last batch does not trace again.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import keras
 import tensorflow as tf
 
 from tf_influence.engine.compile import BatchFunction, objective_key, shared_function
 from tf_influence.engine.curvature import tf_variable
 from tf_influence.engine.factored import FactoredGradients, FactoredUnavailable, find_layers
 from tf_influence.engine.objective import Objective
+
+_Result = TypeVar("_Result")
 
 SCORING_MODES = ("jacobian", "jvp")
 # "auto" uses forward-mode scoring up to this many test points per pass;
@@ -132,7 +138,7 @@ class PerExampleGradients:
             for g, n in zip(grads, sizes, strict=True)
         ]
 
-    def graph_gradients(self, x, y) -> tf.Tensor:
+    def graph_gradients(self, x: Any, y: Any) -> tf.Tensor:
         """``(b, p)`` per-example loss gradients, traceable inside another ``tf.function``.
 
         For graphs built elsewhere (``export``'s serving signatures); eager callers
@@ -174,7 +180,7 @@ class PerExampleGradients:
         """True until ``check_factored`` has decided on a batch."""
         return self._factored_state == "unchecked"
 
-    def check_factored(self, x, y) -> bool:
+    def check_factored(self, x: Any, y: Any) -> bool:
         """Decides, once, on a batch, whether factored per-example gradients are exact here.
 
         They are used only if their sum equals the batch gradient of every factored
@@ -253,7 +259,9 @@ class PerExampleGradients:
         finite = tf.reduce_all(tf.math.is_finite(scores), axis=0)  # (b,)
         return scores, finite
 
-    def target_gradients(self, target, x) -> tf.Tensor:
+    def target_gradients(
+        self, target: Callable[[keras.Model, Any], tf.Tensor], x: Any
+    ) -> tf.Tensor:
         """``grad_theta target(model, x_i)`` for every example, shape ``(batch, num_params)``.
 
         ``target(model, x)`` returns one scalar per example (shape ``(batch,)`` or
@@ -284,7 +292,7 @@ class PerExampleGradients:
 
         return tf.vectorized_map(one, x)
 
-    def __call__(self, x, y) -> tf.Tensor:
+    def __call__(self, x: Any, y: Any) -> tf.Tensor:
         """Gradients of shape ``(batch, num_params)``."""
         if self._use_factored(x, y):
             try:
@@ -301,7 +309,7 @@ class PerExampleGradients:
             return "jacobian"  # factored throughout: faster than jvp at any k measured
         return "jvp" if num_tests <= JVP_MAX_TESTS else "jacobian"
 
-    def scores(self, x, y, solutions) -> tuple[tf.Tensor, tf.Tensor]:
+    def scores(self, x: Any, y: Any, solutions: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """``-grad L(z_j) . solutions[:, i]`` for the batch.
 
         Args:
@@ -316,7 +324,9 @@ class PerExampleGradients:
         self._use_factored(x, y)
         return self.run_scoring(lambda impl: impl(x, y, solutions), int(solutions.shape[1]))
 
-    def run_scoring(self, call, num_tests: int):
+    def run_scoring(
+        self, call: Callable[[Callable[..., tuple[tf.Tensor, tf.Tensor]]], _Result], num_tests: int
+    ) -> _Result:
         """``call(impl)`` with the scoring function for ``num_tests`` vectors.
 
         ``impl(x, y, solutions) -> (scores, finite)``; if forward mode cannot see
