@@ -42,6 +42,7 @@ from tf_influence.engine.compile import BatchFunction, objective_key, shared_fun
 from tf_influence.engine.curvature import tf_variable
 from tf_influence.engine.factored import FactoredGradients, FactoredUnavailable, find_layers
 from tf_influence.engine.objective import Objective
+from tf_influence.engine.vectorize import vectorized_map
 
 _Result = TypeVar("_Result")
 
@@ -131,7 +132,7 @@ class PerExampleGradients:
             # pfor cannot stack None: mark missing gradients with an empty tensor.
             return [tf.zeros([0], self.objective.dtype) if g is None else g for g in grads]
 
-        grads = tf.vectorized_map(one, (x, y))
+        grads = vectorized_map(one, (x, y))
         size = tf.shape(grads[0])[0] if grads else 0
         return [
             None if g.shape[1:].num_elements() == 0 and n else tf.reshape(g, [size, n])
@@ -255,7 +256,7 @@ class PerExampleGradients:
                 raise ForwardModeUnavailable()
             return jvp
 
-        scores = -tf.vectorized_map(one, tf.transpose(solutions))  # (k, b)
+        scores = -vectorized_map(one, tf.transpose(solutions))  # (k, b)
         finite = tf.reduce_all(tf.math.is_finite(scores), axis=0)  # (b,)
         return scores, finite
 
@@ -290,7 +291,7 @@ class PerExampleGradients:
                     value = tf.reduce_sum(tf.cast(target(self.objective.model, xi), dtype))
             return layout.flatten(tape.gradient(value, variables), dtype)
 
-        return tf.vectorized_map(one, x)
+        return vectorized_map(one, x)
 
     def __call__(self, x: Any, y: Any) -> tf.Tensor:
         """Gradients of shape ``(batch, num_params)``."""
