@@ -192,8 +192,9 @@ def loo_check(
 
     Args:
         im: a fitted ``InfluenceModel`` (training data given as arrays).
-        x_test, y_test: test points; ``y_test=None`` uses the predicted class (at
-            the trained weights, then held fixed).
+        x_test: test inputs.
+        y_test: test targets; None uses the predicted class (at the trained
+            weights, then held fixed).
         n_points: how many training examples to remove (one retraining each).
         retrain: optional ``fn(model, x, y)`` that retrains ``model`` in place,
             starting from the trained weights, on training arrays ``x, y`` with the

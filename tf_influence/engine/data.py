@@ -58,7 +58,8 @@ class ExampleData:
             a batched ``tf.data.Dataset`` yielding ``(x, y)`` in a fixed order.
         y: targets, shape ``(n, ...)``; must be None when ``x`` is a dataset.
         batch_size: examples per batch (default 32, as Keras); must be None for a dataset.
-        x_name, y_name: the argument names used in error messages.
+        x_name: the inputs' argument name, used in error messages.
+        y_name: the targets' argument name, used in error messages.
         require_y: whether targets are required.
 
     Attributes:
