@@ -151,3 +151,40 @@ def test_short_last_batch_is_traced_with_the_full_batches(blobs):
     assert calls == [16]  # one static batch shape; Omega's product calls no loss
     reference = dense_hessian(objective, x, y) + 0.1 * np.eye(objective.num_params)
     np.testing.assert_allclose(product, reference @ vectors, rtol=1e-7, atol=1e-12)
+
+
+def test_second_model_shares_values_only_for_the_same_weights_data_and_damping(
+    mlp, blobs, monkeypatch
+):
+    """With ``share_values``, CG's recycled directions carry over to a second
+    InfluenceModel on the same Hessian; other weights, data or damping start afresh,
+    and every answer is the dense one."""
+    monkeypatch.setattr(HessianOperator, "share_values", True)
+    x, y = blobs
+    solver = tfi.solvers.CG(tol=1e-10)
+    first, _ = explain(mlp, x, y, x[:6], y[:6], solver=solver)
+    assert first.diagnostics.info["recycled_directions"] == 0
+    second, scores = explain(mlp, x, y, x[:6], y[:6], solver=solver)
+    assert second.diagnostics.info["recycled_directions"] > 0
+    reference = reference_scores(mlp, x, y, x[:6], y[:6], 0.5)
+    np.testing.assert_allclose(scores, reference, rtol=1e-6, atol=1e-10)
+    for change in ("damping", "data", "weights"):
+        damping, other_x = 0.5, x
+        if change == "damping":
+            damping = 0.7
+        elif change == "data":
+            other_x = x + 0.01
+        else:
+            mlp.set_weights([w * 1.01 for w in mlp.get_weights()])
+        im, scores = explain(mlp, other_x, y, x[:6], y[:6], solver=solver, damping=damping)
+        assert im.diagnostics.info["recycled_directions"] == 0, change
+        reference = reference_scores(mlp, other_x, y, x[:6], y[:6], damping)
+        np.testing.assert_allclose(scores, reference, rtol=1e-6, atol=1e-10)
+
+
+def test_values_are_not_shared_by_default(mlp, blobs):
+    x, y = blobs
+    solver = tfi.solvers.CG(tol=1e-10)
+    explain(mlp, x, y, x[:6], y[:6], solver=solver)
+    second, _ = explain(mlp, x, y, x[:6], y[:6], solver=solver)
+    assert second.diagnostics.info["recycled_directions"] == 0

@@ -26,11 +26,14 @@ for a short last batch.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Hashable
 from typing import Any
 
+import numpy as np
 import tensorflow as tf
 
+from tf_influence._fingerprint import weights_fingerprint
 from tf_influence.distribute import ReplicaData
 from tf_influence.engine.compile import (
     BatchFunction,
@@ -44,6 +47,12 @@ from tf_influence.engine.objective import Objective
 
 # Columns per matvec when the dense Hessian is assembled from Hessian-vector products.
 DENSE_CHUNK = 128
+
+# Values computed from the weights (a dense H, its factor, CG's recycled directions),
+# shared by operators of one model with the same configuration, training data,
+# damping and weights: {model: {key: {cache key: value}}}, the latest few keys.
+_VALUES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+SHARED_VALUE_SETS = 2
 
 HVP_MODES = ("reverse_over_reverse", "forward_over_reverse")
 # "auto" picks this one: benchmarks/run.py measures both side by side; on the digits
@@ -89,7 +98,15 @@ class HessianOperator:
         num_params: p, the side of the (p, p) operator.
         num_examples: n, the number of training examples.
         dtype: the dtype of vectors it acts on (the parameters' dtype).
+        share_values: a class attribute, False by default. When True, ``cached``
+            shares plain values (a dense H, its factor, CG's recycled directions)
+            between operators of the same model, configuration, training data,
+            damping and weights, so a second ``InfluenceModel`` starts from the
+            first's recycled directions (answers within the solver's tolerance, as a
+            second ``explain`` on one model). Off, every fresh operator starts empty.
     """
+
+    share_values = False
 
     def __init__(
         self,
@@ -111,6 +128,7 @@ class HessianOperator:
         self.num_examples = data.num_examples
         self.dtype = objective.dtype
         self._cache: dict = {}
+        self._values_key = None  # the key of the shared values (see `cached`)
         # Everything the traces depend on besides argument shapes (the data, its size
         # and the damping are arguments). Distributed operators keep traces of their own.
         self.trace_key = (
@@ -157,6 +175,7 @@ class HessianOperator:
 
         Compiled functions (solver graphs) are kept: they read the variables live.
         """
+        self._values_key = None
         for key, value in list(self._cache.items()):
             if isinstance(value, HessianOperator):
                 value.clear_cache()
@@ -164,10 +183,46 @@ class HessianOperator:
                 del self._cache[key]
 
     def cached(self, key: Hashable, make: Callable[[], Any]) -> Any:
-        """Memoises ``make()`` on this operator (until ``clear_cache``)."""
-        if key not in self._cache:
-            self._cache[key] = make()
-        return self._cache[key]
+        """Memoises ``make()`` on this operator (until ``clear_cache``).
+
+        With ``share_values`` on, plain values (tensors, arrays, numbers, and objects
+        made only of those, such as CG's recycled directions) are shared with every
+        operator of the same model, configuration, training data, damping and weights:
+        a second ``InfluenceModel`` on them finds the dense H, its factor or the
+        recycled directions of the first. Functions and operators always stay on this
+        operator (they hold it, and so the model).
+        """
+        if key in self._cache:
+            return self._cache[key]
+        shared = self._shared_values()
+        if shared is not None and key in shared:
+            value = shared[key]
+        else:
+            value = make()
+            if shared is not None and _plain(value):
+                shared[key] = value
+        self._cache[key] = value
+        return value
+
+    def _shared_values(self) -> dict | None:
+        if not self.share_values or self.trace_key is None:
+            return None
+        if self._values_key is None:
+            self._values_key = (
+                self.trace_key,
+                self.damping,
+                self.data.content_key,
+                weights_fingerprint(self.objective.model.weights),
+            )
+        try:
+            sets = _VALUES.setdefault(self.objective.model, {})
+        except TypeError:
+            return None
+        if self._values_key not in sets:
+            while len(sets) >= SHARED_VALUE_SETS:  # older weights: drop the oldest
+                del sets[next(iter(sets))]
+            sets[self._values_key] = {}
+        return sets[self._values_key]
 
     # -- products -------------------------------------------------------------------------
     def _objective_value(self, x, y, loss_weight, regularization_weight):
@@ -400,3 +455,20 @@ class HessianOperator:
             return 0.5 * (matrix + tf.transpose(matrix))
 
         return self.cached("dense", make)
+
+
+def _plain(value, depth: int = 0) -> bool:
+    """Whether ``value`` holds only tensors, arrays, numbers and strings (no references
+    to a model), so that sharing it between operators cannot keep a model alive."""
+    if value is None or isinstance(value, (bool, int, float, str, np.ndarray, np.generic)):
+        return True
+    if isinstance(value, tf.Tensor) and not isinstance(value, tf.Variable):
+        return True
+    if depth > 3 or callable(value) or isinstance(value, (HessianOperator, tf.Variable)):
+        return False
+    if isinstance(value, (tuple, list)):
+        return all(_plain(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return all(_plain(v, depth + 1) for v in value.values())
+    fields = getattr(value, "__dict__", None)
+    return fields is not None and all(_plain(v, depth + 1) for v in fields.values())
