@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Sequence
+from typing import Any
 
+import keras
 import tensorflow as tf
+
+from tf_influence.engine import vectorize
 
 
 def _relaxed_spec(tensor) -> tf.TensorSpec:
@@ -24,7 +28,7 @@ def _relaxed_spec(tensor) -> tf.TensorSpec:
 
 
 class GraphFunction:
-    """``tf.function(fn)`` without autograph, retraced with it if the code needs it.
+    """``tf.function(fn)`` without autograph, retraced with it, or with loops, if needed.
 
     Our own functions write their loops with ``tf.while_loop`` / ``tf.cond``, and
     Keras 3 runs models and losses without autograph in ``fit``, so conversion is
@@ -35,26 +39,87 @@ class GraphFunction:
     function is then compiled again with autograph, once, and keeps it.
     ``autograph=True`` converts from the start (a loop over a distributed dataset
     needs it).
+
+    In the same way, when TensorFlow's pfor cannot vectorise a map of the function
+    (the gradients of a recurrent layer's ``tf.while_loop``), ``vectorized_map``
+    raises ``VectorizationError`` while tracing; the function is compiled again in
+    loop mode (``tf_influence/engine/vectorize.py``), once, keeps it, and warns
+    once per model. pfor can take long to fail (34 s on the backward pass of a
+    3-unit LSTM), so a model known to need loops (``vectorize.needs_loop``: it has a
+    recurrent layer, or pfor already failed on it) loops from the first trace.
+    ``loop=True`` loops from the start.
+
+    Args:
+        fn: the Python function to compile.
+        autograph: convert with autograph from the start.
+        loop: trace in loop mode from the start.
+        model: the Keras model ``fn`` differentiates, named by the loop warning
+            (default: the model of the enclosing ``vectorize.model_scope``).
+        **kwargs: passed to ``tf.function`` (``input_signature``, ``jit_compile``).
     """
 
-    def __init__(self, fn: Callable, autograph=False, **kwargs):
+    def __init__(
+        self,
+        fn: Callable,
+        autograph: bool = False,
+        loop: bool = False,
+        model: keras.Model | None = None,
+        **kwargs: Any,
+    ):
         self._fn = fn
         self._kwargs = kwargs
         self.autograph = bool(autograph)
-        self._function = tf.function(fn, autograph=self.autograph, **kwargs)
+        self.loop = bool(loop)
+        self._model = _weak(model)
+        self._earlier_traces = 0  # traces of the functions replaced by a retrace
+        self._started = False
+        self._function = self._compile()
 
-    def __call__(self, *args, **kwargs):
-        try:
-            return self._function(*args, **kwargs)
-        except tf.errors.OperatorNotAllowedInGraphError:
-            if self.autograph:
-                raise
-            self.autograph = True
-            self._function = tf.function(self._fn, autograph=True, **self._kwargs)
-            return self._function(*args, **kwargs)
+    def _compile(self):
+        fn = self._fn
+        if self.loop:
+            inner = fn
+
+            def fn(*args, **kwargs):
+                with vectorize.loop_mode():
+                    return inner(*args, **kwargs)
+
+        return tf.function(fn, autograph=self.autograph, **self._kwargs)
+
+    def _model_now(self) -> keras.Model | None:
+        model = None if self._model is None else self._model()
+        return vectorize.current_model() if model is None else model
+
+    def _start_looping(self, failed: bool) -> None:
+        self.loop = True
+        model = self._model_now()
+        vectorize.warn_loop_fallback(model, failed=failed)
+        self._earlier_traces += self._function.experimental_get_tracing_count()
+        self._function = self._compile()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not self._started:
+            self._started = True
+            if not self.loop and vectorize.needs_loop(self._model_now()):
+                self._start_looping(failed=False)
+        while True:
+            try:
+                return self._function(*args, **kwargs)
+            except tf.errors.OperatorNotAllowedInGraphError:
+                if self.autograph:
+                    raise
+                self.autograph = True
+            except vectorize.VectorizationError:
+                if self.loop:
+                    raise
+                self._start_looping(failed=True)
+                continue
+            self._earlier_traces += self._function.experimental_get_tracing_count()
+            self._function = self._compile()
 
     def experimental_get_tracing_count(self) -> int:
-        return self._function.experimental_get_tracing_count()
+        """Traces so far, counting those of a replaced (non-looping) function."""
+        return self._earlier_traces + self._function.experimental_get_tracing_count()
 
 
 class BatchFunction:
@@ -64,7 +129,8 @@ class BatchFunction:
     short last batch or a different number of test points does not retrace, while
     ranks stay known (Keras losses need them). ``extra`` arguments get the given
     fixed specs. Each structure gets a ``GraphFunction``: no autograph unless
-    tracing shows the code needs it.
+    tracing shows the code needs it, and no loops unless pfor failed (once one
+    structure loops, the next ones loop from the start).
 
     Args:
         fn: the Python function to compile.
@@ -86,10 +152,16 @@ class BatchFunction:
         if key not in self._compiled:
             self._compiled[key] = GraphFunction(
                 self._fn,
+                loop=self.loop,
                 input_signature=[specs[0], specs[1], *self._extra_specs],
                 jit_compile=self._jit_compile or None,
             )
         return self._compiled[key](x, y, *extra)
+
+    @property
+    def loop(self) -> bool:
+        """Whether the function loops where pfor cannot vectorise (see ``GraphFunction``)."""
+        return any(f.loop for f in self._compiled.values())
 
     def tracing_count(self) -> int:
         """Total traces over every input structure seen so far."""
@@ -170,6 +242,17 @@ def objective_key(objective) -> tuple:
 
 
 _SHARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _weak(obj) -> weakref.ref | None:
+    if obj is None:
+        return None
+    try:
+        return weakref.ref(obj)
+    except TypeError:
+        return None
+
+
 _TRACES = [0]
 
 
@@ -190,11 +273,14 @@ class SharedFunction:
     Args:
         name: the owner's method that the traced body runs.
         compile: ``body -> compiled callable``.
+        model: the Keras model the body differentiates (held weakly), named by the
+            warning if pfor cannot vectorise it (``tf_influence/engine/vectorize.py``).
     """
 
-    def __init__(self, name: str, compile: Callable):
+    def __init__(self, name: str, compile: Callable, model: keras.Model | None = None):
         self.name = name
         self._owner = None
+        self._model = _weak(model)
 
         def body(*args):
             _TRACES[0] += 1
@@ -205,9 +291,15 @@ class SharedFunction:
     def __call__(self, owner, *args):
         previous, self._owner = self._owner, owner
         try:
-            return self.function(*args)
+            with vectorize.model_scope(None if self._model is None else self._model()):
+                return self.function(*args)
         finally:
             self._owner = previous
+
+    @property
+    def loop(self) -> bool:
+        """Whether the compiled function loops where pfor cannot vectorise."""
+        return bool(getattr(self.function, "loop", False))
 
     def tracing_count(self) -> int:
         counter = getattr(self.function, "tracing_count", None)
@@ -231,6 +323,11 @@ class BoundFunction:
         """Whether the compiled function converts with autograph (see ``GraphFunction``)."""
         return bool(getattr(self.shared.function, "autograph", False))
 
+    @property
+    def loop(self) -> bool:
+        """Whether the compiled function loops where pfor cannot vectorise (``GraphFunction``)."""
+        return self.shared.loop
+
     def tracing_count(self) -> int:
         """Traces of the shared function, by this owner and every other one."""
         return self.shared.tracing_count()
@@ -253,15 +350,15 @@ def shared_function(owner, model, key, name: str, compile: Callable) -> BoundFun
         compile: ``body -> compiled callable`` (e.g. ``lambda f: GraphFunction(f)``).
     """
     if key is None:
-        return BoundFunction(SharedFunction(name, compile), owner)
+        return BoundFunction(SharedFunction(name, compile, model), owner)
     try:
         entries = _SHARED.setdefault(model, {})
     except TypeError:  # a model that cannot be weakly referenced: traces of its own
-        return BoundFunction(SharedFunction(name, compile), owner)
+        return BoundFunction(SharedFunction(name, compile, model), owner)
     full_key = (name, key)
     shared = entries.get(full_key)
     if shared is None:
-        shared = entries[full_key] = SharedFunction(name, compile)
+        shared = entries[full_key] = SharedFunction(name, compile, model)
     return BoundFunction(shared, owner)
 
 
@@ -307,6 +404,7 @@ class SpecFunction:
             self._compiled[key] = GraphFunction(
                 self._fn,
                 autograph=self._autograph,
+                loop=self.loop,
                 input_signature=specs,
                 jit_compile=self._jit_compile or None,
             )
@@ -315,6 +413,11 @@ class SpecFunction:
     @property
     def autograph(self) -> bool:
         return self._autograph or any(f.autograph for f in self._compiled.values())
+
+    @property
+    def loop(self) -> bool:
+        """Whether the function loops where pfor cannot vectorise (see ``GraphFunction``)."""
+        return any(f.loop for f in self._compiled.values())
 
     def tracing_count(self) -> int:
         return sum(f.experimental_get_tracing_count() for f in self._compiled.values())

@@ -246,8 +246,16 @@ class PerExampleGradients:
         layout = self.objective.layout
 
         def one(solution):
-            with tf.autodiff.ForwardAccumulator(primals, layout.unflatten(solution)) as acc:
-                losses = self.objective.per_example_loss(x, y)
+            try:
+                with tf.autodiff.ForwardAccumulator(primals, layout.unflatten(solution)) as acc:
+                    losses = self.objective.per_example_loss(x, y)
+            except TypeError as error:
+                # Forward mode through a tf.while_loop in a graph (every Keras recurrent
+                # layer) fails on the loop's TensorList handles: "`dtype` <dtype:
+                # 'variant'> is not compatible with 1 of dtype int64".
+                if "variant" not in str(error):
+                    raise
+                raise ForwardModeUnavailable() from error
             jvp = acc.jvp(losses)
             if jvp is None:
                 # The loss always depends on the parameters, so None means forward

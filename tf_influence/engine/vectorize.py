@@ -1,26 +1,298 @@
-"""Vectorising a function over columns or examples inside the graph.
+"""Vectorising a function over columns or examples inside the graph, or looping.
 
 Every per-column product and per-example gradient of the engine goes through
-``vectorized_map``, so that how the vectorisation is done (TensorFlow's pfor
-today) is decided in one place.
+``vectorized_map``, so that how the vectorisation is done is decided in one place.
+
+By default it is TensorFlow's pfor (``tf.vectorized_map``): one batched graph for
+all slices. pfor cannot convert every op: the backward pass of a ``tf.while_loop``
+(which every Keras recurrent layer runs: ``LSTM``, ``GRU``, ``SimpleRNN``,
+``Bidirectional``) fails in its converter with errors such as
+``ValueError: Required handle data not set`` or ``TypeError: dtype variant is not
+compatible with 0 of dtype int64``, and the half-converted graph it leaves behind
+fails again when it runs. So a failure is never patched over where it happens:
+``vectorized_map`` raises ``VectorizationError`` while tracing, and the compiled
+function (``GraphFunction`` in ``tf_influence/engine/compile.py``) traces itself
+again under ``loop_mode()``, in which ``vectorized_map`` runs an in-graph loop
+(``tf.map_fn``) over the slices: the same results, one slice at a time, with no
+round trip to Python. ``warn_loop_fallback`` says so once per model, naming the
+layers that loop.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import contextvars
+import logging
+import warnings
+import weakref
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import keras
 import tensorflow as tf
+
+_LOOPING: contextvars.ContextVar[bool] = contextvars.ContextVar("tfi_loop_mode", default=False)
+_MODEL: contextvars.ContextVar[Any] = contextvars.ContextVar("tfi_loop_model", default=None)
+# Models already warned about (held weakly: the warning is given once per model).
+_WARNED: weakref.WeakSet = weakref.WeakSet()
+_WARNED_WITHOUT_MODEL = [False]
+# Models on which pfor failed: their other functions loop from the first trace.
+_FAILED: weakref.WeakSet = weakref.WeakSet()
+
+# What pfor's converter raises on an op it cannot vectorise (at trace time).
+_PFOR_ERRORS = (ValueError, TypeError, NotImplementedError, tf.errors.InvalidArgumentError)
+_PFOR_SOURCE = "parallel_for/pfor.py"
+
+
+class VectorizationError(Exception):
+    """Raised while tracing when pfor cannot vectorise a map: trace again in ``loop_mode``.
+
+    The graph being traced already holds the half-converted ops, so only a new trace
+    (``GraphFunction`` does it) gives a graph that runs.
+    """
+
+
+def looping() -> bool:
+    """Whether ``vectorized_map`` loops (inside ``loop_mode``) instead of using pfor."""
+    return _LOOPING.get()
+
+
+@contextlib.contextmanager
+def loop_mode(enabled: bool = True) -> Iterator[None]:
+    """Within this context (while tracing), ``vectorized_map`` runs an in-graph loop.
+
+    Args:
+        enabled: False leaves the current mode as it is.
+    """
+    if not enabled:
+        yield
+        return
+    token = _LOOPING.set(True)
+    try:
+        yield
+    finally:
+        _LOOPING.reset(token)
+
+
+@contextlib.contextmanager
+def model_scope(model: keras.Model | None) -> Iterator[None]:
+    """Names ``model`` as the one being differentiated, for ``warn_loop_fallback``."""
+    token = _MODEL.set(None if model is None else weakref.ref(model))
+    try:
+        yield
+    finally:
+        _MODEL.reset(token)
+
+
+def current_model() -> keras.Model | None:
+    """The model of the innermost ``model_scope``, or None."""
+    ref = _MODEL.get()
+    return None if ref is None else ref()
 
 
 def vectorized_map(fn: Callable[[Any], Any], elems: Any) -> Any:
     """``fn`` applied to every slice of ``elems`` along the first axis, results stacked.
 
+    With pfor (the default), or with an in-graph loop inside ``loop_mode``.
+
     Args:
-        fn: a function of one slice (a nest of tensors without the leading axis).
+        fn: a function of one slice (a nest of tensors without the leading axis). It
+            may return None in place of a tensor (a gradient that does not exist).
         elems: a nest of tensors sharing the leading axis.
 
     Returns:
         The nest ``fn`` returns, each tensor with the leading axis added.
+
+    Raises:
+        VectorizationError: while tracing a graph, when pfor cannot vectorise ``fn``;
+            trace the graph again in ``loop_mode``.
     """
-    return tf.vectorized_map(fn, elems)
+    if looping():
+        return _loop_map(fn, elems)
+    if tf.executing_eagerly():
+        # tf.vectorized_map traces a graph of its own here, so nothing of a failed
+        # attempt is left behind: loop at once.
+        try:
+            with _quiet_pfor_logs():
+                return tf.vectorized_map(fn, elems)
+        except _PFOR_ERRORS as error:
+            if not _raised_by_pfor(error):
+                raise
+        warn_loop_fallback(current_model())
+        return _loop_map(fn, elems)
+    try:
+        with _quiet_pfor_logs():
+            return tf.vectorized_map(fn, elems)
+    except _PFOR_ERRORS as error:
+        if not _raised_by_pfor(error):
+            raise
+        raise VectorizationError(
+            f"TensorFlow's pfor cannot vectorise this function: {type(error).__name__}: "
+            f"{_first_line(error)}"
+        ) from error
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    useful = [line for line in lines if line != "in user code:"]
+    return (useful or [""])[-1][:300]
+
+
+def _raised_by_pfor(error: BaseException) -> bool:
+    """True if ``error`` (or an exception it was raised from) came out of pfor's converter.
+
+    An error of ``fn`` itself (a wrong shape in the loss, say) is raised while pfor
+    traces ``fn`` once, outside its converter, and is not a reason to loop.
+    """
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        frame = error.__traceback__
+        while frame is not None:
+            if frame.tb_frame.f_code.co_filename.replace("\\", "/").endswith(_PFOR_SOURCE):
+                return True
+            frame = frame.tb_next
+        error = error.__cause__ or error.__context__
+    return False
+
+
+class _Held(logging.Filter):
+    """Holds TensorFlow's log records back while pfor tries a conversion."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.records.append(record)
+        return False
+
+
+@contextlib.contextmanager
+def _quiet_pfor_logs() -> Iterator[None]:
+    """pfor logs every op it fails on (pages of ERROR lines) before it raises.
+
+    A failure that ``vectorized_map`` handles is not an error for the user: its
+    records are dropped. Any other outcome (success, or an error passed on) logs
+    them as they were.
+    """
+    logger = tf.get_logger()
+    held = _Held()
+    logger.addFilter(held)
+    handled = False
+    try:
+        yield
+    except _PFOR_ERRORS as error:
+        handled = _raised_by_pfor(error)
+        raise
+    finally:
+        logger.removeFilter(held)
+        if not handled:
+            for record in held.records:
+                logger.handle(record)
+
+
+def _loop_map(fn: Callable[[Any], Any], elems: Any) -> Any:
+    """``vectorized_map`` as a ``tf.map_fn`` loop, ``fn`` traced exactly once.
+
+    ``fn`` is traced into a concrete function first (its outputs give the loop's
+    output signature), so it runs once while tracing, as under pfor: a
+    non-persistent ``GradientTape`` used inside it is used once.
+    """
+    elems = tf.nest.map_structure(tf.convert_to_tensor, elems)
+    specs = tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape[1:], t.dtype), elems)
+    layout: dict[str, Any] = {}
+
+    def flat_fn(elem):
+        result = fn(elem)
+        leaves = tf.nest.flatten(result)
+        layout["structure"] = result
+        layout["missing"] = [leaf is None for leaf in leaves]
+        # An embedding's gradient comes as IndexedSlices; stack it dense, as pfor does.
+        return [tf.convert_to_tensor(leaf) for leaf in leaves if leaf is not None]
+
+    concrete = tf.function(flat_fn, autograph=False).get_concrete_function(specs)
+    signature = [tf.TensorSpec(t.shape, t.dtype) for t in concrete.outputs]
+    if signature:
+        stacked = tf.map_fn(lambda elem: concrete(elem), elems, fn_output_signature=signature)
+    else:
+        stacked = []
+    stacked = list(stacked)
+    leaves = [None if missing else stacked.pop(0) for missing in layout["missing"]]
+    return tf.nest.pack_sequence_as(layout["structure"], leaves)
+
+
+def loop_layers(model: keras.Model | None) -> list[keras.layers.Layer]:
+    """The layers of ``model`` that run a ``tf.while_loop`` (recurrent layers and wrappers).
+
+    A ``Bidirectional`` layer is named rather than the two layers it wraps.
+    """
+    if model is None:
+        return []
+    found: list[keras.layers.Layer] = []
+    inside: set[int] = set()
+    loops = (keras.layers.RNN, keras.layers.Bidirectional)
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if id(layer) in inside or not isinstance(layer, loops):
+            continue
+        if getattr(layer, "unroll", False):
+            continue  # an unrolled RNN has no loop
+        found.append(layer)
+        inside.update(id(sub) for sub in layer._flatten_layers(include_self=False))
+    return found
+
+
+def fallback_message(model: keras.Model | None) -> str:
+    """The warning text for ``model``, naming its looping layers."""
+    tail = (
+        "products and scores for this model loop over columns and examples instead "
+        "(slower, same results)."
+    )
+    layers = loop_layers(model)
+    if not layers:
+        name = "the model" if model is None else f"model '{model.name}'"
+        return f"An op of {name} cannot be vectorised by TensorFlow's pfor; {tail}"
+    names = ", ".join(f"'{layer.name}' ({type(layer).__name__})" for layer in layers)
+    noun = "Layer" if len(layers) == 1 else "Layers"
+    return f"{noun} {names} cannot be vectorised by TensorFlow's pfor; {tail}"
+
+
+def needs_loop(model: keras.Model | None) -> bool:
+    """Whether ``model``'s maps should loop from the first trace, without trying pfor.
+
+    True when the model has a recurrent layer (``loop_layers``), whose gradients pfor
+    cannot vectorise and takes long to fail on, or when pfor already failed on it.
+    """
+    if model is None:
+        return False
+    try:
+        if model in _FAILED:
+            return True
+    except TypeError:
+        return False
+    return bool(loop_layers(model))
+
+
+def warn_loop_fallback(model: keras.Model | None = None, failed: bool = True) -> None:
+    """A ``RuntimeWarning`` that the model's maps now loop, once per model.
+
+    Args:
+        model: the model whose maps loop (None: not known).
+        failed: pfor failed on it (the model's other functions then loop from the
+            start, see ``needs_loop``).
+    """
+    if model is not None and failed:
+        with contextlib.suppress(TypeError):
+            _FAILED.add(model)
+    if model is None:
+        if _WARNED_WITHOUT_MODEL[0]:
+            return
+        _WARNED_WITHOUT_MODEL[0] = True
+    else:
+        try:
+            if model in _WARNED:
+                return
+            _WARNED.add(model)
+        except TypeError:
+            pass
+    warnings.warn(fallback_message(model), RuntimeWarning, stacklevel=2)
