@@ -90,21 +90,27 @@ class InfluenceModel(Analyses):
     def compile(
         self,
         solver: str | solvers_lib.Solver = "cg",
-        damping: float = 0.0,
+        damping: float | str = 0.0,
         hvp: str = "auto",
         scoring: str = "auto",
         jit_compile: bool = False,
+        curvature: str = "hessian",
     ) -> None:
-        """Chooses the inverse-HVP solver, the damping and how products are computed.
+        """Chooses the inverse-HVP solver, the curvature, the damping and how products are formed.
 
-        Optional: without it, ``fit`` uses ``solver="cg", damping=0.0``.
+        Optional: without it, ``fit`` uses ``solver="cg", damping=0.0,
+        curvature="hessian"``.
 
         Args:
             solver: ``"exact"``, ``"cg"``, ``"lissa"``, ``"arnoldi"`` or a
                 ``tfi.solvers`` instance.
-            damping: non-negative number added to the Hessian's diagonal
+            damping: non-negative number added to the curvature's diagonal
                 (``H + damping*I``); needed when H is not positive definite
                 (non-convex models, or parameters the loss does not constrain).
+                ``"auto"`` chooses it at ``fit`` from the curvature's spectrum:
+                ``max(0.01 * mean, -smallest + 0.01 * mean)`` of its eigenvalues,
+                estimated cheaply (see ``tf_influence.engine.damping``); ``damping``
+                then returns the float used.
             hvp: Hessian-vector products by ``"reverse_over_reverse"`` (nested
                 tapes) or ``"forward_over_reverse"``; ``"auto"`` takes nested tapes
                 (the same speed in our benchmarks, and twice as fast to trace).
@@ -113,8 +119,20 @@ class InfluenceModel(Analyses):
                 picks by the number of test points.
             jit_compile: compile the per-batch products and gradients with XLA, as
                 ``keras.Model.compile(jit_compile=True)`` does.
+            curvature: ``"hessian"`` (the exact Hessian of the training objective)
+                or ``"gauss_newton"``: the generalised Gauss-Newton matrix
+                ``(1/n) sum_j J_j^T H_L,j J_j + hessian(Omega)`` (``J_j`` the
+                Jacobian of the model's outputs, ``H_L,j`` the loss Hessian on
+                them), positive semi-definite for a loss convex in the outputs and
+                equal to the Hessian for linear models with canonical losses; the
+                choice for networks in the middle of training, whose Hessian is
+                indefinite.
+
+        Raises:
+            ValueError: an unknown ``solver``, ``hvp``, ``scoring`` or ``curvature``
+                name, or a negative ``damping``.
         """
-        self.settings = Settings(solver, damping, hvp, scoring, jit_compile)
+        self.settings = Settings(solver, damping, hvp, scoring, jit_compile, curvature)
         if self._state is not None:
             self._attach(self._state.data, 0, self._state.training_fingerprint())
 
@@ -126,7 +144,7 @@ class InfluenceModel(Analyses):
 
         Returns:
             ``{"solver": {"class_name", "config"}, "damping", "hvp", "scoring",
-            "jit_compile"}``.
+            "jit_compile"}``, and ``"curvature"`` when it is not ``"hessian"``.
         """
         return self.settings.to_config()
 
@@ -138,7 +156,12 @@ class InfluenceModel(Analyses):
         """
         settings = Settings.from_config(config)
         self.compile(
-            settings.solver, settings.damping, settings.hvp, settings.scoring, settings.jit_compile
+            settings.solver,
+            settings.damping,
+            settings.hvp,
+            settings.scoring,
+            settings.jit_compile,
+            settings.curvature,
         )
 
     @property
@@ -147,9 +170,18 @@ class InfluenceModel(Analyses):
         return self.settings.solver
 
     @property
-    def damping(self) -> float:
-        """The damping of ``compile``, added to the curvature's diagonal."""
-        return self.settings.damping
+    def damping(self) -> float | str:
+        """The damping added to the curvature's diagonal.
+
+        After ``fit``, the float used (``damping="auto"`` resolved); before, what
+        ``compile`` received.
+        """
+        return self.settings.damping if self._state is None else self._state.damping
+
+    @property
+    def curvature(self) -> str:
+        """The curvature of ``compile``: ``"hessian"`` or ``"gauss_newton"``."""
+        return self.settings.curvature
 
     @property
     def hvp(self) -> str:

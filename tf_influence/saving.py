@@ -3,7 +3,8 @@
 One ``.npz`` file (a zip of ``.npy`` arrays, read with ``allow_pickle=False``):
 
 * ``config.json``: format version, the settings record
-  (``InfluenceModel.get_compile_config``), batch size, the analysed variables
+  (``InfluenceModel.get_compile_config``, with ``damping="auto"`` replaced by the
+  float ``fit`` chose, so ``load`` does not estimate it again), batch size, the analysed variables
   (by path), the loss name, and sha256 fingerprints of the model's weights and of
   the training data;
 * ``data/<i>``: the training arrays (when ``fit`` got arrays and
@@ -147,7 +148,8 @@ def save_state(state, compile_config: dict, path, include_data: bool) -> None:
     config = {
         "format": FORMAT,
         "version": VERSION,
-        "compile": compile_config,
+        # The damping that was used: "auto" is resolved once, at `fit`.
+        "compile": {**compile_config, "damping": state.damping},
         "batch_size": state.batch_size,
         "num_train": state.num_train,
         "num_params": state.num_params,

@@ -14,6 +14,7 @@ from tensorflow.core.framework import summary_pb2
 from tf_influence import solvers as solvers_lib
 from tf_influence._validation import check_positive_int
 from tf_influence.callbacks._checks import check_every_n_epochs
+from tf_influence.engine.curvature import check_curvature
 from tf_influence.engine.data import ExampleData
 from tf_influence.engine.objective import LossLike, ParamsLike
 from tf_influence.engine.settings import check_damping
@@ -34,7 +35,8 @@ class InfluenceCallback(keras.callbacks.Callback):
     Args:
         x, y: the training data, as for ``InfluenceModel.fit`` (the same examples
             and order as given to ``model.fit``, so indices match).
-        solver, damping: as for ``InfluenceModel.compile``.
+        solver, damping: as for ``InfluenceModel.compile`` (``damping="auto"`` is
+            chosen again at every analysis, from the curvature at that epoch).
         every_n_epochs: also analyse at epochs N, 2N, ... (1-based); None: only
             at the end of training.
         top_k: how many suspicious indices to record per analysis.
@@ -43,6 +45,8 @@ class InfluenceCallback(keras.callbacks.Callback):
         batch_size: batch size of the analysis (default 32).
         loss, params: as for ``InfluenceModel``.
         verbose: 0 (silent) or 1 (one line per analysis).
+        curvature: ``"hessian"`` or ``"gauss_newton"``, as for
+            ``InfluenceModel.compile``.
 
     Attributes:
         influence_model: the ``InfluenceModel`` of the last analysis (None before).
@@ -64,7 +68,7 @@ class InfluenceCallback(keras.callbacks.Callback):
         x: Any,
         y: Any = None,
         solver: str | solvers_lib.Solver = "cg",
-        damping: float = 0.0,
+        damping: float | str = 0.0,
         every_n_epochs: int | None = None,
         top_k: int = 10,
         log_dir: str | os.PathLike | None = None,
@@ -72,6 +76,7 @@ class InfluenceCallback(keras.callbacks.Callback):
         loss: LossLike | None = None,
         params: ParamsLike | None = None,
         verbose: int = 0,
+        curvature: str = "hessian",
     ):
         super().__init__()
         # Check everything now, before training starts, so no work is lost later.
@@ -80,6 +85,7 @@ class InfluenceCallback(keras.callbacks.Callback):
         self._x, self._y, self._batch_size = x, y, batch_size
         self.solver = solvers_lib.get(solver)
         self.damping = check_damping(damping)
+        self.curvature = check_curvature(curvature)
         self.every_n_epochs = check_every_n_epochs(every_n_epochs)
         self.top_k = check_positive_int("top_k", top_k)
         if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
@@ -110,6 +116,7 @@ class InfluenceCallback(keras.callbacks.Callback):
             "log_dir": self.log_dir,
             "batch_size": self._data_batch_size,
             "verbose": self.verbose,
+            "curvature": self.curvature,
         }
 
     @classmethod
@@ -187,7 +194,7 @@ class InfluenceCallback(keras.callbacks.Callback):
         """The InfluenceModel fitted on the current weights (traced functions kept)."""
         if self._im is None or self._im.model is not self.model or not self._im.num_train:
             im = InfluenceModel(self.model, loss=self._loss, params=self._params)
-            im.compile(solver=self.solver, damping=self.damping)
+            im.compile(solver=self.solver, damping=self.damping, curvature=self.curvature)
             self._im = im
             im.fit(self._x, self._y, batch_size=self._batch_size, verbose=0)
         else:

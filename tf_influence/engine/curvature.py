@@ -44,6 +44,7 @@ from tf_influence.engine.compile import (
 )
 from tf_influence.engine.data import ExampleData, fold_inputs
 from tf_influence.engine.objective import Objective
+from tf_influence.engine.vectorize import vectorized_map
 
 # Columns per matvec when the dense Hessian is assembled from Hessian-vector products.
 DENSE_CHUNK = 128
@@ -107,6 +108,11 @@ class HessianOperator:
     """
 
     share_values = False
+    # The curvature's name in ``compile(curvature=...)`` and in the shared-trace key.
+    kind = "hessian"
+    # Whether the curvature is positive semi-definite by construction (``damping="auto"``
+    # then needs no estimate of the smallest eigenvalue).
+    positive_semidefinite = False
 
     def __init__(
         self,
@@ -135,7 +141,7 @@ class HessianOperator:
             None
             if self.replicas is not None
             else (
-                "hessian",
+                self.kind,
                 objective_key(objective),
                 self.hvp_mode,
                 self.jit_compile,
@@ -181,6 +187,18 @@ class HessianOperator:
                 value.clear_cache()
             elif not callable(value):
                 del self._cache[key]
+
+    def set_damping(self, damping: float) -> None:
+        """Sets the damping (``damping="auto"`` resolved at ``fit``) and drops cached values.
+
+        Cached values depend on the damping (a dense matrix, its factor); subsampled
+        operators take the new damping too.
+        """
+        self.damping = float(damping)
+        self.clear_cache()
+        for value in self._cache.values():
+            if isinstance(value, HessianOperator):
+                value.set_damping(damping)
 
     def cached(self, key: Hashable, make: Callable[[], Any]) -> Any:
         """Memoises ``make()`` on this operator (until ``clear_cache``).
@@ -301,7 +319,7 @@ class HessianOperator:
                     output_gradients=[tf.cast(vectors[i], grads[i].dtype) for i in connected],
                 )
 
-            columns = tf.vectorized_map(vjp, list(tangents))
+            columns = vectorized_map(vjp, list(tangents))
         return [
             tf.zeros_like(t) if c is None else tf.cast(c, self.dtype)
             for c, t in zip(columns, tangents, strict=True)
@@ -323,7 +341,7 @@ class HessianOperator:
 
         if single:
             return one(tangents)
-        return tf.vectorized_map(one, tangents)
+        return vectorized_map(one, tangents)
 
     def _hvp(self, x, y, vectors, loss_weight, regularization_weight):
         """``hessian(loss_weight * sum_batch L + regularization_weight * Omega) @ vectors``."""
@@ -422,7 +440,7 @@ class HessianOperator:
 
         def make():
             data = self.data.subset(size, seed)
-            return HessianOperator(
+            return type(self)(
                 self.objective, data, self.damping, self.hvp_mode, self.jit_compile, self.strategy
             )
 
@@ -455,6 +473,47 @@ class HessianOperator:
             return 0.5 * (matrix + tf.transpose(matrix))
 
         return self.cached("dense", make)
+
+
+# The curvature kinds of ``compile(curvature=...)``: name -> operator class (see ``curvatures``).
+CURVATURE_NAMES = ("hessian", "gauss_newton")
+
+
+def curvatures() -> dict[str, type[HessianOperator]]:
+    """``{name: operator class}`` of every curvature kind ``compile`` accepts."""
+    from tf_influence.engine.gauss_newton import GaussNewtonOperator  # it subclasses ours
+
+    return {"hessian": HessianOperator, "gauss_newton": GaussNewtonOperator}
+
+
+def check_curvature(curvature: Any) -> str:
+    """``curvature`` if it names a curvature kind, else a ValueError listing them."""
+    if not isinstance(curvature, str) or curvature not in CURVATURE_NAMES:
+        raise ValueError(
+            f"Argument `curvature` must be one of {list(CURVATURE_NAMES)}. Received: "
+            f'curvature={curvature!r}. Use "hessian" (exact) or "gauss_newton" '
+            "(positive semi-definite, for models away from a minimum)."
+        )
+    return curvature
+
+
+def make_operator(
+    curvature: str,
+    objective: Objective,
+    data: ExampleData,
+    damping: float = 0.0,
+    hvp: str = "auto",
+    jit_compile: bool = False,
+    strategy: tf.distribute.Strategy | None = None,
+) -> HessianOperator:
+    """The operator ``v -> (C + damping*I) v`` of the curvature kind named ``curvature``.
+
+    Args:
+        curvature: ``"hessian"`` or ``"gauss_newton"``.
+        objective, data, damping, hvp, jit_compile, strategy: as for ``HessianOperator``.
+    """
+    kind = curvatures()[check_curvature(curvature)]
+    return kind(objective, data, damping, hvp, jit_compile, strategy)
 
 
 def _plain(value, depth: int = 0) -> bool:

@@ -15,12 +15,14 @@ from typing import Any
 
 from tf_influence import solvers as solvers_lib
 from tf_influence._validation import check_bool
-from tf_influence.engine.curvature import check_hvp_mode
+from tf_influence.engine.curvature import check_curvature, check_hvp_mode
 from tf_influence.engine.gradients import check_scoring_mode
 
 
-def check_damping(damping: Any) -> float:
-    """``damping`` as a float, or a ValueError that says what is allowed."""
+def check_damping(damping: Any, allow_auto: bool = True) -> float | str:
+    """``damping`` as a float (or ``"auto"``), or a ValueError that says what is allowed."""
+    if allow_auto and isinstance(damping, str) and damping == "auto":
+        return "auto"
     try:
         value = float(damping)
     except (TypeError, ValueError):
@@ -29,7 +31,12 @@ def check_damping(damping: Any) -> float:
         raise ValueError(
             "Argument `damping` must be a finite number >= 0. Received: "
             f"damping={damping!r}. Use 0.0 for a convex model, or a small positive value "
-            "such as 1e-3 otherwise."
+            "such as 1e-3 otherwise"
+            + (
+                ', or "auto" to choose it from the curvature\'s spectrum at `fit`.'
+                if allow_auto
+                else "."
+            )
         )
     return value
 
@@ -40,17 +47,20 @@ class Settings:
 
     Attributes:
         solver: the ``tfi.solvers.Solver`` instance.
-        damping: the float added to the curvature's diagonal.
+        damping: the float added to the curvature's diagonal, or ``"auto"`` (chosen
+            from the curvature's spectrum at ``fit``, see ``tf_influence.engine.damping``).
+        curvature: ``"hessian"`` or ``"gauss_newton"``.
         hvp: ``"auto"``, ``"reverse_over_reverse"`` or ``"forward_over_reverse"``.
         scoring: ``"auto"``, ``"jvp"`` or ``"jacobian"``.
         jit_compile: compile per-batch products and gradients with XLA.
     """
 
     solver: solvers_lib.Solver = dataclasses.field(default_factory=lambda: solvers_lib.get("cg"))
-    damping: float = 0.0
+    damping: float | str = 0.0
     hvp: str = "auto"
     scoring: str = "auto"
     jit_compile: bool = False
+    curvature: str = "hessian"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "solver", solvers_lib.get(self.solver))
@@ -58,16 +68,25 @@ class Settings:
         check_hvp_mode(self.hvp)
         check_scoring_mode(self.scoring)
         object.__setattr__(self, "jit_compile", check_bool("jit_compile", self.jit_compile))
+        check_curvature(self.curvature)
 
     def to_config(self) -> dict[str, Any]:
-        """Plain JSON values: the solver as ``{"class_name", "config"}``."""
-        return {
+        """Plain JSON values: the solver as ``{"class_name", "config"}``.
+
+        ``curvature`` is listed when it is not the default ``"hessian"``, so records
+        written before it existed (saved states, resume fingerprints, exports) read
+        the same.
+        """
+        config = {
             "solver": solvers_lib.serialize(self.solver),
             "damping": self.damping,
             "hvp": self.hvp,
             "scoring": self.scoring,
             "jit_compile": self.jit_compile,
         }
+        if self.curvature != "hessian":
+            config["curvature"] = self.curvature
+        return config
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Settings:

@@ -12,6 +12,7 @@ through its public methods.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import warnings
@@ -27,7 +28,8 @@ from tf_influence._fingerprint import data_fingerprint, weights_fingerprint
 from tf_influence._progress import Progress
 from tf_influence.distribute import check_workers_agree
 from tf_influence.engine import checks
-from tf_influence.engine.curvature import HessianOperator
+from tf_influence.engine import damping as damping_lib
+from tf_influence.engine.curvature import HessianOperator, make_operator
 from tf_influence.engine.data import ExampleData
 from tf_influence.engine.gradients import PerExampleGradients
 from tf_influence.engine.objective import Objective
@@ -73,7 +75,12 @@ class FittedState:
             recomputing them (``load``).
 
     Attributes:
-        objective, settings, data, strategy: as given.
+        objective, data, strategy: as given.
+        settings: the ``Settings`` record with ``damping="auto"`` resolved to the float
+            used (``compile``'s record is ``requested_settings``).
+        damping: the damping the operator and the solver use (a float).
+        curvature: the curvature's name (``"hessian"`` or ``"gauss_newton"``).
+        spectrum: the ``SpectrumEstimate`` behind ``damping="auto"``, or None.
         solver: ``settings.solver``.
         gradients: the ``PerExampleGradients`` used for every score.
         operator: the curvature operator ``v -> (H + damping*I) v``.
@@ -95,7 +102,9 @@ class FittedState:
         solver_state: dict[str, np.ndarray] | None = None,
     ):
         self.objective = objective
+        self.requested_settings = settings
         self.settings = settings
+        self.spectrum: damping_lib.SpectrumEstimate | None = None
         self.data = data
         self.strategy = strategy
         self.gradients = PerExampleGradients(objective, settings.scoring, settings.jit_compile)
@@ -129,6 +138,16 @@ class FittedState:
         return self.settings.solver
 
     @property
+    def damping(self) -> float:
+        """The damping the curvature and the solver use (``"auto"`` resolved at ``fit``)."""
+        return float(self.settings.damping)
+
+    @property
+    def curvature(self) -> str:
+        """The curvature's name: ``"hessian"`` or ``"gauss_newton"``."""
+        return self.settings.curvature
+
+    @property
     def num_train(self) -> int:
         return self.data.num_examples
 
@@ -146,13 +165,25 @@ class FittedState:
         solver_state: dict[str, np.ndarray] | None = None,
         reuse: bool = False,
     ) -> None:
+        requested = self.requested_settings
+        auto = requested.damping == "auto"
         if reuse and self.operator is not None:
             self.operator.clear_cache()  # the traced functions are kept
         else:
-            s = self.settings
-            self.operator = HessianOperator(
-                self.objective, self.data, s.damping, s.hvp, s.jit_compile, self.strategy
+            self.operator = make_operator(
+                requested.curvature,
+                self.objective,
+                self.data,
+                0.0 if auto else requested.damping,
+                requested.hvp,
+                requested.jit_compile,
+                self.strategy,
             )
+        if auto:  # once per set of weights, before the solver sees the operator
+            self.operator.set_damping(0.0)
+            self.spectrum = damping_lib.estimate(self.operator)
+            self.operator.set_damping(self.spectrum.damping)
+            self.settings = dataclasses.replace(requested, damping=self.spectrum.damping)
         self.solutions.clear()
         self._relative = None
         self._features = {}
@@ -221,7 +252,7 @@ class FittedState:
     def fingerprints(self, tests: ExampleData, options: dict[str, Any]) -> dict[str, str]:
         """Digests of everything a score matrix depends on, for resuming it safely."""
         settings = {
-            **self.settings.to_config(),
+            **self.settings.to_config(),  # with the damping that was used
             "batch_size": self.batch_size,
             "params": self.param_indices(),
             "loss": self.objective.loss_name,
@@ -287,7 +318,7 @@ class FittedState:
     def solve(self, rhs: tf.Tensor, what: str) -> tf.Tensor:
         """``inv(H + damping*I) @ rhs`` for ``(p, k)`` columns; warns if it did not converge."""
         solution, diagnostics = self.solver.solve(self.operator, rhs)
-        self.diagnostics = diagnostics
+        self.diagnostics = diagnostics = self.described(diagnostics)
         self.warn_if_unconverged(diagnostics, what)
         return solution
 
@@ -327,9 +358,16 @@ class FittedState:
             offset += int(solution.shape[1])
             progress.update(step)
         progress.done()
-        self.diagnostics = merge_diagnostics(diagnostics)
+        self.diagnostics = self.described(merge_diagnostics(diagnostics))
         self.warn_if_unconverged(self.diagnostics, "test points")
         return tf.concat(solutions, axis=1)
+
+    def described(self, diagnostics: Diagnostics | None) -> Diagnostics | None:
+        """``diagnostics`` with ``info["damping"]`` and ``info["curvature"]`` of this fit."""
+        if diagnostics is None:
+            return None
+        info = {**diagnostics.info, "damping": self.damping, "curvature": self.curvature}
+        return dataclasses.replace(diagnostics, info=info)
 
     def warn_if_unconverged(self, diagnostics: Diagnostics | None, what: str) -> None:
         """One ``RuntimeWarning`` naming the knobs, when some solve did not converge."""
@@ -448,7 +486,7 @@ class FittedState:
             progress.update(step)
         progress.done()
         if diagnostics:
-            self.diagnostics = merge_diagnostics(diagnostics)
+            self.diagnostics = self.described(merge_diagnostics(diagnostics))
             self.warn_if_unconverged(self.diagnostics, "training points")
         result = np.concatenate(values).astype(dtype)
         raise_at_first_nonfinite(
