@@ -22,6 +22,7 @@ NOTEBOOK = NOTEBOOKS / "01_quickstart.ipynb"
 MISLABELLED = NOTEBOOKS / "02_mislabelled_data.ipynb"
 GROUPS = NOTEBOOKS / "03_groups_and_retraining.ipynb"
 SERVING = NOTEBOOKS / "04_serving.ipynb"
+TEXT_CLASSIFIER = NOTEBOOKS / "05_text_classifier.ipynb"
 
 
 def _check_png(path):
@@ -113,7 +114,9 @@ def test_cli_demo_help(capsys):
 
 
 @pytest.mark.parametrize(
-    "path", [NOTEBOOK, MISLABELLED, GROUPS, SERVING], ids=["01", "02", "03", "04"]
+    "path",
+    [NOTEBOOK, MISLABELLED, GROUPS, SERVING, TEXT_CLASSIFIER],
+    ids=["01", "02", "03", "04", "05"],
 )
 def test_notebook_is_stored_clean(path):
     nbformat = pytest.importorskip("nbformat")
@@ -186,3 +189,14 @@ def test_serving_notebook_runs(tmp_path):
     assert "tf_influence imported by the client: False" in text
     assert "3 of 4 records explained (6 examples); 1 skipped." in text
     assert 'SignatureDef key: "explain"' in text
+
+
+@pytest.mark.slow
+def test_text_classifier_notebook_runs(tmp_path):
+    # The notebook asserts its own findings (harmful sentences are flipped labels,
+    # self-influence finds most flips).
+    images, text = execute(TEXT_CLASSIFIER, tmp_path)
+    assert "most helpful:" in text and "most harmful:" in text
+    match = re.search(r"highest self-influences: (\d+) of (\d+)", text)
+    assert match, text[-2000:]
+    assert int(match[1]) >= 0.75 * int(match[2])
