@@ -36,7 +36,7 @@ class Arnoldi(Solver):
     This is an approximation: directions outside the top eigenspace are dropped,
     which is what makes it cheap and also what it gets wrong (their small
     eigenvalues carry large weights in the exact inverse). Check it against
-    ``CG`` on a sample before relying on a rank; ``benchmarks/arnoldi.py`` shows
+    ``CG`` on a sample before relying on a rank; ``python -m benchmarks.arnoldi`` shows
     how the agreement grows with the rank.
 
     Args:
