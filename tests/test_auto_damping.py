@@ -38,7 +38,8 @@ def _expected(matrix):
     values = np.linalg.eigvalsh(matrix)
     mean = float(np.mean(values))
     f = damping_lib.FRACTION
-    return max(f * abs(mean), -values[0] + f * abs(mean)), values
+    margin = damping_lib.NEGATIVE_MARGIN
+    return max(f * abs(mean), -margin * values[0] + f * abs(mean)), values
 
 
 def test_hessian_damping_equals_the_formula_on_the_dense_eigenvalues():

@@ -108,9 +108,10 @@ class InfluenceModel(Analyses):
                 (``H + damping*I``); needed when H is not positive definite
                 (non-convex models, or parameters the loss does not constrain).
                 ``"auto"`` chooses it at ``fit`` from the curvature's spectrum:
-                ``max(0.01 * mean, -smallest + 0.01 * mean)`` of its eigenvalues,
-                estimated cheaply (see ``tf_influence.engine.damping``); ``damping``
-                then returns the float used.
+                the mean eigenvalue, or for an indefinite Hessian
+                ``-2 * smallest + mean``, estimated cheaply (see
+                ``tf_influence.engine.damping``); ``damping`` then returns the float
+                used.
             hvp: Hessian-vector products by ``"reverse_over_reverse"`` (nested
                 tapes) or ``"forward_over_reverse"``; ``"auto"`` takes nested tapes
                 (the same speed in our benchmarks, and twice as fast to trace).
