@@ -81,8 +81,7 @@ def _loss_gradients(model, variables, x, y):
     return np.stack(rows)
 
 
-@pytest.fixture(scope="module")
-def classifier():
+def _build():
     keras.utils.set_random_seed(0)
     backbone = keras_hub.models.BertBackbone(
         vocabulary_size=VOCAB,
@@ -94,7 +93,12 @@ def classifier():
         num_segments=1,
         dtype=F64,
     )
-    model = keras_hub.models.BertTextClassifier(backbone, num_classes=2, preprocessor=None)
+    return keras_hub.models.BertTextClassifier(backbone, num_classes=2, preprocessor=None)
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    model = _build()
     model.compile(
         optimizer=keras.optimizers.Adam(0.01),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -146,10 +150,18 @@ def _variables(model, params):
     return [v for v in model.trainable_variables if id(v) in chosen]
 
 
-def test_classifier_is_float64_and_learns(classifier):
-    model, (x, y), _ = classifier
+def test_classifier_is_float64():
+    model = _build()
+    x, _ = _sentences(4, np.random.default_rng(0))
     assert all(v.dtype == F64 for v in model.trainable_variables)
     assert model.predict(x, verbose=0).dtype == np.float64
+    assert model.count_params() == 450
+
+
+@pytest.mark.slow
+def test_classifier_learns(classifier):
+    model, (x, y), _ = classifier
+    assert np.mean(np.argmax(model.predict(x, verbose=0), axis=1) == y) >= 0.8
 
 
 @pytest.mark.slow
