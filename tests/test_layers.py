@@ -60,7 +60,8 @@ def _layer_norm():
 
 def _embedding():
     inputs = keras.Input((SEQ,), dtype="int32")
-    h = keras.layers.Embedding(VOCAB, 3, dtype=F64, name="embedding")(inputs)
+    # Two rows no example uses: their gradients and Hessian rows are zero.
+    h = keras.layers.Embedding(VOCAB + 2, 3, dtype=F64, name="embedding")(inputs)
     h = keras.layers.GlobalAveragePooling1D(dtype=F64)(h)
     return keras.Model(inputs, keras.layers.Dense(3, dtype=F64, kernel_regularizer=L2)(h))
 
@@ -184,6 +185,10 @@ def test_reference_has_every_parameter(case):
     p = sum(int(np.prod(v.shape)) for v in case["model"].trainable_variables)
     assert case["hessian"].shape == (p, p)
     assert 20 < p < 400
+    if case["name"] == "embedding":
+        # The last two rows of the (VOCAB + 2, 3) table come first, then Dense's 9 + 3.
+        unused = slice(3 * VOCAB, 3 * VOCAB + 6)
+        assert p == 45 and not case["hessian"][unused].any()
     np.testing.assert_allclose(case["hessian"], case["hessian"].T, atol=1e-10)
 
 
