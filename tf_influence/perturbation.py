@@ -13,6 +13,7 @@ import tensorflow as tf
 
 from tf_influence._errors import check_training_indices
 from tf_influence.engine.compile import GraphFunction
+from tf_influence.engine.vectorize import vectorized_map
 
 
 def check_indices(indices, num_train: int) -> np.ndarray:
@@ -27,7 +28,7 @@ class PerturbationGradients:
 
     def __init__(self, objective):
         self.objective = objective
-        self._function = GraphFunction(self._impl)
+        self._function = GraphFunction(self._impl, model=objective.model)
 
     def _impl(self, x, y, solutions):
         variables = self.objective.variables
@@ -41,8 +42,14 @@ class PerturbationGradients:
                 total = tf.reduce_sum(self.objective.per_example_loss(x, y))
             grad = layout.flatten(inner.gradient(total, variables), self.objective.dtype)
             projections = tf.linalg.matvec(solutions, grad, transpose_a=True)  # (k,)
-        jacobians = outer.jacobian(projections, leaves)  # each (k, m, ...)
-        return tf.nest.pack_sequence_as(x, [-j for j in jacobians])
+
+        # The Jacobian of the k projections, one backward pass per row: vectorised with
+        # pfor, or looped where pfor cannot (recurrent layers; see engine/vectorize.py).
+        def row(seed):
+            return outer.gradient(projections, leaves, output_gradients=seed)
+
+        jacobians = vectorized_map(row, tf.eye(tf.shape(projections)[0], dtype=projections.dtype))
+        return tf.nest.pack_sequence_as(x, [-j for j in jacobians])  # each (k, m, ...)
 
     def __call__(self, x, y, solutions):
         for leaf in tf.nest.flatten(x):

@@ -90,10 +90,10 @@ class GraphFunction:
         model = None if self._model is None else self._model()
         return vectorize.current_model() if model is None else model
 
-    def _start_looping(self, failed: bool) -> None:
+    def _start_looping(self, error: vectorize.VectorizationError | None = None) -> None:
         self.loop = True
         model = self._model_now()
-        vectorize.warn_loop_fallback(model, failed=failed)
+        vectorize.warn_loop_fallback(model, failed=error is not None, error=str(error or ""))
         self._earlier_traces += self._function.experimental_get_tracing_count()
         self._function = self._compile()
 
@@ -101,7 +101,7 @@ class GraphFunction:
         if not self._started:
             self._started = True
             if not self.loop and vectorize.needs_loop(self._model_now()):
-                self._start_looping(failed=False)
+                self._start_looping()
         while True:
             try:
                 return self._function(*args, **kwargs)
@@ -109,10 +109,10 @@ class GraphFunction:
                 if self.autograph:
                     raise
                 self.autograph = True
-            except vectorize.VectorizationError:
+            except vectorize.VectorizationError as error:
                 if self.loop:
                     raise
-                self._start_looping(failed=True)
+                self._start_looping(error)
                 continue
             self._earlier_traces += self._function.experimental_get_tracing_count()
             self._function = self._compile()

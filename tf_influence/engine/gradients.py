@@ -23,6 +23,13 @@ has shown that these add up to the batch gradient; the other parameters go
 through pfor. Then a pass may take several batches at once, up to
 ``SCORING_BUDGET`` values of intermediate results.
 
+Where pfor cannot vectorise the model (recurrent layers: ``LSTM``, ``GRU``,
+``SimpleRNN``, ``Bidirectional``), both loop over examples or vectors inside the
+graph instead (``tf_influence/engine/vectorize.py``), with one warning; forward
+mode cannot go through a graph ``tf.while_loop`` at all, so ``"auto"`` takes
+``"jacobian"`` there. The factored Dense layers after a recurrent layer stay
+factored.
+
 The compiled functions take every batch as an argument and are shared by all
 ``PerExampleGradients`` on the same Keras model with the same parameters, loss,
 regularisers and ``jit_compile`` (``tf_influence/engine/compile.py``), so a second
@@ -32,12 +39,14 @@ short last batch does not trace again.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import keras
 import tensorflow as tf
 
+from tf_influence.engine import vectorize
 from tf_influence.engine.compile import BatchFunction, objective_key, shared_function
 from tf_influence.engine.curvature import tf_variable
 from tf_influence.engine.factored import FactoredGradients, FactoredUnavailable, find_layers
@@ -59,6 +68,11 @@ SCORING_BUDGET = 2**24
 
 class ForwardModeUnavailable(Exception):
     """Raised while tracing when forward mode gives no derivative of the loss."""
+
+
+# The shared forward-mode scoring functions that raised ForwardModeUnavailable: a
+# second PerExampleGradients on the same trace does not try again.
+_NO_FORWARD_MODE: weakref.WeakSet = weakref.WeakSet()
 
 
 def check_scoring_mode(mode: str) -> str:
@@ -93,7 +107,6 @@ class PerExampleGradients:
 
         self._gradients = share("_gradients_impl", (), jit_compile)
         self._target_functions: dict = {}
-        self._jvp_unavailable = False
         solutions = tf.TensorSpec([objective.num_params, None], objective.dtype)
         self._scores = {
             "jacobian": share("_jacobian_scores", [solutions], jit_compile),
@@ -143,9 +156,12 @@ class PerExampleGradients:
         """``(b, p)`` per-example loss gradients, traceable inside another ``tf.function``.
 
         For graphs built elsewhere (``export``'s serving signatures); eager callers
-        use ``__call__``, which compiles and caches the trace.
+        use ``__call__``, which compiles and caches the trace. Loops over the
+        examples where pfor cannot vectorise the model (``engine/vectorize.py``).
         """
-        return self._gradients_impl(x, y)
+        model = self.objective.model
+        with vectorize.loop_mode(vectorize.needs_loop(model) or self._gradients.loop):
+            return self._gradients_impl(x, y)
 
     def _gradients_impl(self, x, y):
         grads = self._per_variable_gradients(x, y)
@@ -285,7 +301,8 @@ class PerExampleGradients:
             # Keep a reference: ids of collected functions can be reused.
             entry = self._target_functions[id(target)] = (target, function)
         size = tf.shape(tf.nest.flatten(x)[0])[0]
-        return entry[1](x, tf.zeros([size], tf.int32))
+        with vectorize.model_scope(self.objective.model):
+            return entry[1](x, tf.zeros([size], tf.int32))
 
     def _target_gradients_impl(self, target, x):
         variables = self.objective.variables
@@ -357,8 +374,13 @@ class PerExampleGradients:
                     "SavedModel). Received: scoring='jvp'. Use scoring='jacobian' or 'auto' "
                     "in `compile`."
                 ) from None
-            self._jvp_unavailable = True  # "auto": per-example gradients from now on
-            return call(self._scores["jacobian"])
+            # "auto": per-example gradients from now on, for every owner of the trace.
+            _NO_FORWARD_MODE.add(self._scores["jvp"].shared)
+            return self.run_scoring(call, num_tests)  # factored where it applies
+
+    @property
+    def _jvp_unavailable(self) -> bool:
+        return self._scores["jvp"].shared in _NO_FORWARD_MODE
 
     def tracing_count(self) -> int:
         """Traces so far of the gradient and scoring functions (for retracing checks)."""

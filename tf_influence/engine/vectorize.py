@@ -23,6 +23,9 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+import os
+import re
+import sys
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
@@ -109,27 +112,49 @@ def vectorized_map(fn: Callable[[Any], Any], elems: Any) -> Any:
     """
     if looping():
         return _loop_map(fn, elems)
-    if tf.executing_eagerly():
-        # tf.vectorized_map traces a graph of its own here, so nothing of a failed
-        # attempt is left behind: loop at once.
-        try:
-            with _quiet_pfor_logs():
-                return tf.vectorized_map(fn, elems)
-        except _PFOR_ERRORS as error:
-            if not _raised_by_pfor(error):
-                raise
-        warn_loop_fallback(current_model())
-        return _loop_map(fn, elems)
+    held = _Held()
     try:
-        with _quiet_pfor_logs():
+        with _quiet_pfor_logs(held):
             return tf.vectorized_map(fn, elems)
     except _PFOR_ERRORS as error:
         if not _raised_by_pfor(error):
             raise
-        raise VectorizationError(
-            f"TensorFlow's pfor cannot vectorise this function: {type(error).__name__}: "
-            f"{_first_line(error)}"
-        ) from error
+        failure = error
+    message = (
+        f"TensorFlow's pfor cannot vectorise this function: {type(failure).__name__}: "
+        f"{_first_line(failure)} (ops: {', '.join(_op_names(held.records, failure))})"
+    )
+    if tf.executing_eagerly():
+        # tf.vectorized_map traced a graph of its own, so nothing of the failed
+        # attempt is left behind: loop at once.
+        warn_loop_fallback(current_model(), error=message)
+        return _loop_map(fn, elems)
+    raise VectorizationError(message) from failure
+
+
+def _op_names(records: list[logging.LogRecord], error: BaseException) -> list[str]:
+    """The names of the ops pfor failed on, from its log records and its error."""
+    texts = [record.getMessage() for record in records] + [str(error)]
+    names: list[str] = []
+    for text in texts:
+        for name in re.findall(r'name: "([^"]+)"|\'([^\' ]+):\d+\'', text):
+            name = name[0] or name[1]
+            if name not in names:
+                names.append(name)
+    return names[:8]
+
+
+def _layers_named_in(model: keras.Model, text: str) -> list[keras.layers.Layer]:
+    """Layers of ``model`` whose name scope appears in ``text`` (op names of an error)."""
+    parts = set(re.findall(r"[A-Za-z0-9_.\-]+", text))
+    found = []
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, keras.Model):
+            continue  # a nested model only contains the layer at fault
+        scope = re.compile(rf"{re.escape(layer.name)}(_\d+)?")
+        if any(scope.fullmatch(part) for part in parts):
+            found.append(layer)
+    return found
 
 
 def _first_line(error: BaseException) -> str:
@@ -169,7 +194,7 @@ class _Held(logging.Filter):
 
 
 @contextlib.contextmanager
-def _quiet_pfor_logs() -> Iterator[None]:
+def _quiet_pfor_logs(held: _Held) -> Iterator[None]:
     """pfor logs every op it fails on (pages of ERROR lines) before it raises.
 
     A failure that ``vectorized_map`` handles is not an error for the user: its
@@ -177,7 +202,6 @@ def _quiet_pfor_logs() -> Iterator[None]:
     them as they were.
     """
     logger = tf.get_logger()
-    held = _Held()
     logger.addFilter(held)
     handled = False
     try:
@@ -242,13 +266,21 @@ def loop_layers(model: keras.Model | None) -> list[keras.layers.Layer]:
     return found
 
 
-def fallback_message(model: keras.Model | None) -> str:
-    """The warning text for ``model``, naming its looping layers."""
+def fallback_message(model: keras.Model | None, error: str = "") -> str:
+    """The warning text for ``model``, naming its looping layers.
+
+    Args:
+        model: the model whose maps loop, or None.
+        error: the text of pfor's error; the layers in its op names are named when the
+            model has no recurrent layer.
+    """
     tail = (
         "products and scores for this model loop over columns and examples instead "
         "(slower, same results)."
     )
     layers = loop_layers(model)
+    if not layers and model is not None and error:
+        layers = _layers_named_in(model, error)
     if not layers:
         name = "the model" if model is None else f"model '{model.name}'"
         return f"An op of {name} cannot be vectorised by TensorFlow's pfor; {tail}"
@@ -273,13 +305,16 @@ def needs_loop(model: keras.Model | None) -> bool:
     return bool(loop_layers(model))
 
 
-def warn_loop_fallback(model: keras.Model | None = None, failed: bool = True) -> None:
+def warn_loop_fallback(
+    model: keras.Model | None = None, failed: bool = True, error: str = ""
+) -> None:
     """A ``RuntimeWarning`` that the model's maps now loop, once per model.
 
     Args:
         model: the model whose maps loop (None: not known).
         failed: pfor failed on it (the model's other functions then loop from the
             start, see ``needs_loop``).
+        error: the text of pfor's error, if it failed (see ``fallback_message``).
     """
     if model is not None and failed:
         with contextlib.suppress(TypeError):
@@ -295,4 +330,17 @@ def warn_loop_fallback(model: keras.Model | None = None, failed: bool = True) ->
             _WARNED.add(model)
         except TypeError:
             pass
-    warnings.warn(fallback_message(model), RuntimeWarning, stacklevel=2)
+    warnings.warn(fallback_message(model, error), RuntimeWarning, stacklevel=_outside_stacklevel())
+
+
+def _outside_stacklevel() -> int:
+    """The stack level of the first caller outside tf_influence and TensorFlow."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frame, level = sys._getframe(1), 1
+    while frame is not None:
+        name = frame.f_code.co_filename
+        inside = name.startswith(package) or f"{os.sep}tensorflow{os.sep}" in name
+        if not inside and not name.startswith("<"):
+            return level
+        frame, level = frame.f_back, level + 1
+    return 2
