@@ -254,3 +254,39 @@ def test_loop_map_matches_pfor_with_missing_outputs():
     assert looped["none"] is None
     for key in ("square", "scaled"):
         np.testing.assert_array_equal(looped[key].numpy(), vectorised[key].numpy())
+
+
+def reference_gauss_newton(model, x, y):
+    """``(1/n) sum_j J_j^T (diag(p_j) - p_j p_j^T) J_j``, J from a while-loop Jacobian."""
+    variables = model.trainable_variables
+
+    @tf.function(autograph=False)
+    def jacobian():
+        with tf.GradientTape(persistent=True) as tape:
+            logits = model(x)
+        blocks = tape.jacobian(logits, variables, experimental_use_pfor=False)
+        return logits, tf.concat([tf.reshape(b, [len(x), CLASSES, -1]) for b in blocks], axis=2)
+
+    logits, jac = (t.numpy() for t in jacobian())
+    probs = tf.nn.softmax(logits).numpy()
+    total = 0.0
+    for j in range(len(x)):
+        output_hessian = np.diag(probs[j]) - np.outer(probs[j], probs[j])
+        total = total + jac[j].T @ output_hessian @ jac[j]
+    return total / len(x)
+
+
+def test_gru_gauss_newton_matches_dense_reference():
+    """Gauss-Newton products loop as well, and equal a dense J^T H J."""
+    model = make_classifier("gru", seed=5)
+    x, y = tokens(8, seed=7)
+    im = tfi.InfluenceModel(model, loss=SPARSE_LOGITS)
+    im.compile(solver="exact", damping=0.1, curvature="gauss_newton")
+    with pytest.warns(RuntimeWarning, match="'gru' \\(GRU\\)"):
+        im.fit(x, y, verbose=0)
+        scores = im.explain(x[:2], y[:2], verbose=0)
+    matrix = reference_gauss_newton(model, x, y) + 0.1 * np.eye(im.operator.num_params)
+    np.testing.assert_allclose(im.operator.dense().numpy(), matrix, rtol=1e-9, atol=1e-11)
+    train = loop_gradients(model, x, y)
+    expected = -train[:2] @ np.linalg.solve(matrix, train.T)
+    np.testing.assert_allclose(scores, expected, rtol=1e-8, atol=1e-11)
