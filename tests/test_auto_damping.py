@@ -157,3 +157,30 @@ def test_callback_accepts_curvature_and_auto_damping():
     assert again.curvature == "gauss_newton"
     with pytest.raises(ValueError, match="curvature"):
         tfi.callbacks.InfluenceCallback(x, y, curvature="fisher")
+
+
+def test_mid_training_batchnorm_dropout_model_answers_with_gauss_newton_and_auto():
+    """The issue's case: a Functional ReLU + BatchNormalization + Dropout model analysed
+    by InfluenceCallback after a few epochs. CG with the Gauss-Newton curvature and
+    damping="auto" answers, and agrees with Exact on the same matrix."""
+    x, y = _data(60)
+    keras.utils.set_random_seed(1)
+    inputs = keras.Input((2,), dtype="float64")
+    hidden = keras.layers.Dense(6, activation="relu", dtype="float64")(inputs)
+    hidden = keras.layers.BatchNormalization(dtype="float64")(hidden)
+    hidden = keras.layers.Dropout(0.2, dtype="float64")(hidden)
+    model = keras.Model(inputs, keras.layers.Dense(2, dtype="float64")(hidden))
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(True))
+    callback = tfi.callbacks.InfluenceCallback(
+        x, y, solver=tfi.solvers.CG(tol=1e-10), damping="auto", curvature="gauss_newton"
+    )
+    model.fit(x, y, epochs=3, verbose=0, callbacks=[callback])
+    assert callback.history["error"] == [None]
+    im = callback.influence_model
+    exact = tfi.InfluenceModel(model)
+    exact.compile(solver="exact", damping=im.damping, curvature="gauss_newton")
+    exact.fit(x, y, verbose=0)
+    tests = (x[:3] + 0.1, y[:3])
+    expected = exact.explain(*tests, verbose=0)
+    actual = im.explain(*tests, verbose=0)
+    np.testing.assert_allclose(actual, expected, rtol=1e-6, atol=1e-8 * np.abs(expected).max())
