@@ -1,4 +1,4 @@
-"""Curvature and damping side by side: python -m benchmarks.damping [--loo] [--epochs 30,2].
+"""Curvature and damping side by side: python -m benchmarks.damping [--loo] [--products].
 
 For the digits MLP (``benchmarks.common.digits``; trained for each number of
 epochs in ``--epochs``, so both a converged and a mid-training model) and for
@@ -8,7 +8,8 @@ CG's iterations, whether every solve converged, the seconds, and the Pearson
 correlation of the scores with those of the same curvature at the smallest fixed
 damping that converged. With ``--loo`` it also runs ``tfi.evaluation.loo_check``
 on a convex model (multinomial logistic regression on the digits, float64),
-where the Gauss-Newton matrix equals the Hessian, for each damping.
+where the Gauss-Newton matrix equals the Hessian, for each damping. With
+``--products`` it only times one product of each curvature with 1 and 16 vectors.
 """
 
 from __future__ import annotations
@@ -115,10 +116,32 @@ def _loo(data):
             )
 
 
+def _products(model, data, repeats=3):
+    """Seconds per product over the training set, 1 and 16 vectors, for each curvature."""
+    import tensorflow as tf
+
+    from tf_influence.engine import ExampleData, Objective
+    from tf_influence.engine.curvature import make_operator
+
+    objective = Objective(model)
+    examples = ExampleData(data[0], data[1], 256)
+    for curvature in CURVATURES:
+        operator = make_operator(curvature, objective, examples)
+        for k in (1, 16):
+            vectors = tf.random.stateless_normal([operator.num_params, k], [0, k])
+            operator.matvec(vectors)  # traced
+            start = time.perf_counter()
+            for _ in range(repeats):
+                operator.matvec(vectors).numpy()
+            seconds = (time.perf_counter() - start) / repeats
+            print(f"{curvature:<13} {k:>3} vectors: {seconds:.3f} s per product")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", default="30,2", help="training epochs, comma-separated")
     parser.add_argument("--loo", action="store_true", help="also run loo_check on a convex model")
+    parser.add_argument("--products", action="store_true", help="only time one product")
     parser.add_argument(
         "--dampings", default=",".join(map(str, DAMPINGS)), help="'auto' and/or floats"
     )
@@ -127,6 +150,10 @@ def main(argv=None):
     data = digits.load_data()
     for epochs in [int(e) for e in args.epochs.split(",") if e]:
         model, accuracy = digits.train_model("mlp", data, epochs=epochs)
+        if args.products:
+            print(f"\ndigits MLP, {epochs} epochs, batch size 256")
+            _products(model, data)
+            continue
         print(
             f"\ndigits MLP, {epochs} epochs (test accuracy {accuracy:.3f}), "
             f"{model.count_params()} parameters, CG tol {digits.CG_TOL}, max_iter 300"
