@@ -246,3 +246,10 @@ def test_mirrored_strategy_matches_one_device():
     np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-8)
     scale = np.max(np.abs(results[0][1]))
     assert np.max(np.abs(results[1][1] - results[0][1])) <= 1e-4 * scale
+
+
+def test_jit_compiled_products_give_the_same_matrix(blobs, mlp):
+    x, y = blobs
+    plain, _ = _operator(mlp, x, y, damping=0.1)
+    compiled, _ = _operator(mlp, x, y, damping=0.1, jit_compile=True)
+    np.testing.assert_allclose(compiled.dense().numpy(), plain.dense().numpy(), atol=1e-12)
