@@ -75,7 +75,7 @@ class GroupCurvature:
 
     def __init__(self, objective):
         self.objective = objective
-        self._product = GraphFunction(self._weighted_hvp)
+        self._product = GraphFunction(self._weighted_hvp, model=objective.model)
 
     def _weighted_hvp(self, x, y, weights, vector):
         variables = self.objective.variables
