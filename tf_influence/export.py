@@ -132,7 +132,8 @@ def export_model(state, compile_config, path, top_k: int = 10, include_scores=Fa
     extra = os.path.join(path, "assets.extra")
     os.makedirs(extra, exist_ok=True)
     with open(os.path.join(extra, COMPILE_CONFIG), "w") as handle:
-        json.dump(compile_config, handle, indent=1, sort_keys=True)
+        # The damping that was used (``"auto"`` resolved at ``fit``).
+        json.dump({**compile_config, "damping": state.damping}, handle, indent=1, sort_keys=True)
 
 
 class InfluenceIndex(keras.layers.Layer):

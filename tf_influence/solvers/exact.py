@@ -171,7 +171,7 @@ def _raise_not_positive_definite(matrix: tf.Tensor, damping: float) -> None:
     smallest, largest = float(eigenvalues[0]), float(eigenvalues[-1])
     suggestion = nice_ceil(damping + max(-smallest, 0.0) + 1e-3 * max(abs(largest), 1e-8))
     raise CurvatureError(
-        "The Hessian of the training loss plus damping is not positive definite, so "
+        "The curvature of the training loss plus damping is not positive definite, so "
         "influence is not defined. Received: damping="
         f"{damping}, smallest eigenvalue of H + damping*I = {smallest:.3e} (largest "
         f"{largest:.3e}). Pass a larger damping to `compile`, e.g. damping={suggestion:.2g}, "
