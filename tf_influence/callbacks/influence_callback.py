@@ -33,17 +33,20 @@ class InfluenceCallback(keras.callbacks.Callback):
     Only epoch-level hooks are used, so Keras's asynchronous dispatch is kept.
 
     Args:
-        x, y: the training data, as for ``InfluenceModel.fit`` (the same examples
+        x: the training inputs, as for ``InfluenceModel.fit`` (the same examples
             and order as given to ``model.fit``, so indices match).
-        solver, damping: as for ``InfluenceModel.compile`` (``damping="auto"`` is
-            chosen again at every analysis, from the curvature at that epoch).
+        y: the training targets (None when ``x`` is a dataset).
+        solver: as for ``InfluenceModel.compile``.
+        damping: as for ``InfluenceModel.compile`` (``damping="auto"`` is chosen
+            again at every analysis, from the curvature at that epoch).
         every_n_epochs: also analyse at epochs N, 2N, ... (1-based); None: only
             at the end of training.
         top_k: how many suspicious indices to record per analysis.
         log_dir: if given, write ``tf.summary`` histograms/scalars/text there
             (the same directory as ``keras.callbacks.TensorBoard`` works).
         batch_size: batch size of the analysis (default 32).
-        loss, params: as for ``InfluenceModel``.
+        loss: as for ``InfluenceModel``.
+        params: as for ``InfluenceModel``.
         verbose: 0 (silent) or 1 (one line per analysis).
         curvature: ``"hessian"`` or ``"gauss_newton"``, as for
             ``InfluenceModel.compile``.

@@ -339,7 +339,8 @@ class PerExampleGradients:
         """``-grad L(z_j) . solutions[:, i]`` for the batch.
 
         Args:
-            x, y: a batch of b training examples.
+            x: the inputs of a batch of b training examples.
+            y: their targets.
             solutions: ``(num_params, k)``, the vectors ``inv(H) @ grad L(z_test_i)``.
 
         Returns:
