@@ -25,7 +25,6 @@ Usage, from the repository root::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import subprocess
@@ -34,6 +33,9 @@ import tempfile
 import time
 
 import numpy as np
+
+from benchmarks.common.digits import load_data
+from benchmarks.common.reference import Reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMAND = ".venv/bin/python -m benchmarks.first_answer"
@@ -49,23 +51,6 @@ BATCH_SIZE = 128
 
 
 # -- data and model ---------------------------------------------------------------------
-def load_data():
-    """Digits, split 80/20 with random_state=0, standardised with training statistics."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-    from sklearn.preprocessing import StandardScaler
-
-    x, y = load_digits(return_X_y=True)
-    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.2, random_state=0)
-    scaler = StandardScaler().fit(x_train)
-    return (
-        scaler.transform(x_train).astype(np.float32),
-        y_train.astype(np.int32),
-        scaler.transform(x_test).astype(np.float32),
-        y_test.astype(np.int32),
-    )
-
-
 def build_model():
     import keras
 
@@ -88,115 +73,18 @@ def build_model():
 
 
 # -- the careful baseline -------------------------------------------------------------------
-def one_blas_thread():
-    """numpy's BLAS on one thread while the baseline runs (OpenBLAS spins against TF)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
-        return contextlib.nullcontext()
-    return threadpool_limits(limits=1, user_api="blas")
-
-
-class Baseline:
-    """A careful straightforward implementation of the same scores.
+class Baseline(Reference):
+    """The careful straightforward implementation of ``benchmarks.common.reference``.
 
     A nested-tape HVP over the training batches compiled with ``tf.function`` (the
     regulariser's product added once), ``scipy.sparse.linalg.cg`` per test point on a
     ``LinearOperator`` with numpy round trips, and per-example gradients from a
-    compiled one-example gradient in a Python loop.
+    compiled one-example gradient in a Python loop, at this benchmark's tolerance.
     """
-
-    def __init__(self, model, x, y, batch_size, damping):
-        import keras
-        import tensorflow as tf
-
-        self.model = model
-        self.loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
-        self.variables = list(model.trainable_variables)
-        self.num_params = int(sum(int(np.prod(v.shape)) for v in self.variables))
-        self.x, self.y = x, y
-        x_t, y_t = tf.constant(x), tf.constant(y)
-        n = len(x)
-        full, rest = divmod(n, batch_size)
-
-        def flat(tensors):
-            parts = [
-                tf.zeros([int(np.prod(w.shape))]) if t is None else tf.reshape(t, [-1])
-                for t, w in zip(tensors, self.variables, strict=True)
-            ]
-            return tf.concat(parts, axis=0)
-
-        def take(t, start, size):
-            begin = [start] + [0] * (len(t.shape) - 1)
-            return tf.slice(t, begin, [size] + list(t.shape[1:]))
-
-        example = tf.TensorSpec((1,) + x.shape[1:], tf.float32)
-        label = tf.TensorSpec((1,), tf.int32)
-
-        @tf.function(input_signature=[example, label])
-        def example_gradient(xj, yj):
-            with tf.GradientTape() as tape:
-                loss = self.loss(yj, model(xj, training=False))[0]
-            return flat(tape.gradient(loss, self.variables))
-
-        def batch_hvp(xb, yb, v):
-            with tf.GradientTape() as outer:
-                with tf.GradientTape() as inner:
-                    loss = tf.reduce_sum(self.loss(yb, model(xb, training=False))) / n
-                dot = tf.reduce_sum(flat(inner.gradient(loss, self.variables)) * v)
-            return flat(outer.gradient(dot, self.variables))
-
-        @tf.function(input_signature=[tf.TensorSpec([self.num_params], tf.float32)])
-        def hvp(v):
-            total = tf.zeros_like(v)
-            for i in tf.range(full):
-                begin = i * batch_size
-                total += batch_hvp(take(x_t, begin, batch_size), take(y_t, begin, batch_size), v)
-            if rest:
-                total += batch_hvp(x_t[full * batch_size :], y_t[full * batch_size :], v)
-            with tf.GradientTape() as outer:
-                with tf.GradientTape() as inner:
-                    omega = tf.add_n(model.losses)
-                dot = tf.reduce_sum(flat(inner.gradient(omega, self.variables)) * v)
-            return total + flat(outer.gradient(dot, self.variables)) + damping * v
-
-        self.example_gradient = example_gradient
-        self.hvp = hvp
-
-    def warm_up(self):
-        """Traces both functions."""
-        self.example_gradient(self.x[:1], self.y[:1]).numpy()
-        self.hvp(np.zeros(self.num_params, np.float32)).numpy()
-
-    def gradients(self, x, y):
-        return np.stack(
-            [self.example_gradient(x[j : j + 1], y[j : j + 1]).numpy() for j in range(len(x))]
-        )
-
-    def solve(self, rhs):
-        import tensorflow as tf
-        from scipy.sparse.linalg import LinearOperator, cg
-
-        p = self.num_params
-        operator = LinearOperator(
-            (p, p),
-            matvec=lambda v: self.hvp(tf.constant(np.asarray(v, np.float32).reshape(-1))).numpy(),
-            dtype=np.float32,
-        )
-        columns = [
-            cg(operator, column, rtol=CG_TOL, atol=0.0, maxiter=CG_MAX_ITER)[0] for column in rhs.T
-        ]
-        return np.stack(columns, axis=1)
 
     def explain(self, x_test, y_test):
         """Scores ``(m, n)``: ``-grad L(z_test) @ inv(H + damping*I) @ grad L(z_train)``."""
-        with one_blas_thread():
-            solutions = self.solve(self.gradients(x_test, y_test).T)
-            out = np.empty((solutions.shape[1], len(self.x)), np.float32)
-            for j in range(len(self.x)):
-                gradient = self.example_gradient(self.x[j : j + 1], self.y[j : j + 1]).numpy()
-                out[:, j] = -(solutions.T @ gradient)
-        return out
+        return super().explain(x_test, y_test, CG_TOL, CG_MAX_ITER)[0]
 
 
 def ours(model, data, first_test=0):
