@@ -359,6 +359,8 @@ class PerExampleGradients:
         ``impl(x, y, solutions) -> (scores, finite)``; if forward mode cannot see
         through the model, "auto" falls back to per-example gradients for good.
         """
+        if self._jvp_unavailable and self.scoring == "jvp":
+            raise _forward_mode_refused()  # known from another owner of the trace
         mode = "jacobian" if self._jvp_unavailable else self.mode_for(num_tests)
         if mode == "jacobian" and self._factored_state == "on":
             try:
@@ -369,12 +371,7 @@ class PerExampleGradients:
             return call(self._scores[mode])
         except ForwardModeUnavailable:
             if self.scoring == "jvp":
-                raise ValueError(
-                    "Forward-mode scoring cannot differentiate this model: some op in it has "
-                    "no forward-mode gradient (for example a function restored from a "
-                    "SavedModel). Received: scoring='jvp'. Use scoring='jacobian' or 'auto' "
-                    "in `compile`."
-                ) from None
+                raise _forward_mode_refused() from None
             # "auto": per-example gradients from now on, for every owner of the trace.
             _NO_FORWARD_MODE.add(self._scores["jvp"].shared)
             return self.run_scoring(call, num_tests)  # factored where it applies
@@ -387,3 +384,12 @@ class PerExampleGradients:
         """Traces so far of the gradient and scoring functions (for retracing checks)."""
         functions = [self._gradients, self._factored_gradients, self._factored_scores]
         return sum(f.tracing_count() for f in [*functions, *self._scores.values()])
+
+
+def _forward_mode_refused() -> ValueError:
+    """The error for ``scoring="jvp"`` on a model forward mode cannot see through."""
+    return ValueError(
+        "Forward-mode scoring cannot differentiate this model: some op in it has no "
+        "forward-mode gradient (for example a function restored from a SavedModel). "
+        "Received: scoring='jvp'. Use scoring='jacobian' or 'auto' in `compile`."
+    )
