@@ -94,3 +94,15 @@ def fit_exact(model, x, y, damping=0.5):
     im = tfi.InfluenceModel(model)
     im.compile(solver="exact", damping=damping)
     return im.fit(x, y, batch_size=16, verbose=0)
+
+
+@pytest.fixture(scope="session")
+def strategy():
+    """One MirroredStrategy over the two logical CPUs for the whole run.
+
+    Two strategy instances over the same devices in one process can give their
+    collectives the same keys, so every test shares this one.
+    """
+    devices = tf.config.list_logical_devices("CPU")
+    assert len(devices) >= 2, "conftest.py must create two logical CPU devices"
+    return tf.distribute.MirroredStrategy([d.name for d in devices[:2]])

@@ -22,13 +22,6 @@ DAMPING = 0.2
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-@pytest.fixture(scope="module")
-def strategy():
-    devices = tf.config.list_logical_devices("CPU")
-    assert len(devices) >= 2, "conftest.py must create two logical CPU devices"
-    return tf.distribute.MirroredStrategy([d.name for d in devices[:2]])
-
-
 def _loss():
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
