@@ -66,27 +66,6 @@ def mlp():
     return model
 
 
-def keras_logistic(clf, num_examples):
-    """A Keras Dense(1) holding a fitted scikit-learn ``LogisticRegression``, float64.
-
-    scikit-learn minimises ``0.5 |w|^2 + C sum_j L_j``; divided by ``C n`` that is the
-    Keras objective ``mean_j L_j + l2 |w|^2`` with ``l2 = 1 / (2 C n)`` on the kernel
-    (the intercept is not regularised in either), so the weights are its minimum.
-    """
-    model = keras.Sequential(
-        [
-            keras.Input((clf.coef_.shape[1],), dtype="float64"),
-            keras.layers.Dense(
-                1,
-                dtype="float64",
-                kernel_regularizer=keras.regularizers.L2(1 / (2 * clf.C * num_examples)),
-            ),
-        ]
-    )
-    model.set_weights([clf.coef_.T, clf.intercept_])
-    return model
-
-
 def fit_exact(model, x, y, damping=0.5):
     """An InfluenceModel with the Exact solver, fitted on (x, y) in batches of 16."""
     import tf_influence as tfi

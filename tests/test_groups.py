@@ -3,10 +3,10 @@
 import keras
 import numpy as np
 import pytest
-from conftest import keras_logistic
 from scipy.stats import spearmanr
 
 import tf_influence as tfi
+from tf_influence.experiments import keras_logistic
 
 C = 0.1  # scikit-learn's inverse regularisation: L2(1 / (2 C n)) on the Keras kernel
 

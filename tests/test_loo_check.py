@@ -4,13 +4,13 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import keras_logistic
 from scipy.stats import spearmanr
 from sklearn.datasets import load_breast_cancer
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 import tf_influence as tfi
+from tf_influence.experiments import keras_logistic
 
 C = 0.1
 

@@ -4,9 +4,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import keras_logistic
 
 import tf_influence as tfi
+from tf_influence.experiments import keras_logistic
 
 
 def test_perturbation_equals_dense_formula(mlp, blobs):
