@@ -135,7 +135,7 @@ class InfluenceModel(Analyses):
         """
         self.settings = Settings(solver, damping, hvp, scoring, jit_compile, curvature)
         if self._state is not None:
-            self._attach(self._state.data, 0, self._state.training_fingerprint())
+            self._attach(self._state.data, 0, self._state.known_fingerprint)
 
     def get_compile_config(self) -> dict[str, Any]:
         """The arguments of ``compile`` as plain JSON values, as in Keras.

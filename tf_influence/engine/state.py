@@ -235,6 +235,11 @@ class FittedState:
             self._data_fingerprint = data_fingerprint(self.data)
         return self._data_fingerprint
 
+    @property
+    def known_fingerprint(self) -> str | None:
+        """The training data's fingerprint if already computed (no pass over the data)."""
+        return self._data_fingerprint
+
     def require_current(self, what: str) -> None:
         """Refuses to mix the curvature of ``fit`` with weights that changed since."""
         if weights_fingerprint(self.objective.model.weights) != self.weights_fingerprint:
