@@ -118,10 +118,11 @@ class FittedState:
         self._relative: dict | None = None
         self._features: dict = {}
         checks.check_weights(objective, strategy)
-        self._outputs = checks.num_outputs(objective, data.first_batch()[0])
+        first = data.first_batch()  # one read of the data for the checks below
+        self._outputs = checks.num_outputs(objective, first[0])
         checks.check_targets(objective, data, "y", self._outputs)
-        checks.check_batch(objective, data.first_batch(), "x", "y", check_gradients=True)
-        self.gradients.check_factored(*data.first_batch()[:2])
+        checks.check_batch(objective, first, "x", "y", check_gradients=True)
+        self.gradients.check_factored(*first[:2])
         if strategy is not None:
             check_workers_agree(
                 strategy,
