@@ -290,3 +290,72 @@ def test_gru_gauss_newton_matches_dense_reference():
     train = loop_gradients(model, x, y)
     expected = -train[:2] @ np.linalg.solve(matrix, train.T)
     np.testing.assert_allclose(scores, expected, rtol=1e-8, atol=1e-11)
+
+
+def make_float_classifier(unroll, seed=0):
+    """A float64 GRU classifier on (LENGTH, 2) float inputs (no embedding)."""
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential(
+        [
+            keras.Input((LENGTH, 2), dtype="float64"),
+            keras.layers.GRU(2, dtype="float64", name="gru", unroll=unroll),
+            keras.layers.Dense(CLASSES, dtype="float64", name="logits"),
+        ]
+    )
+
+
+FORWARD_MODE_ERROR = (
+    r'`hvp` cannot be "forward_over_reverse".*\'{name}\' \({kind}\) runs a tf.while_loop'
+    r'.*Received: hvp="forward_over_reverse".*hvp="reverse_over_reverse"'
+)
+
+
+@pytest.mark.parametrize("kind", ["gru", "bidirectional"])
+def test_forward_mode_is_refused_on_loop_layers(kind):
+    """Forward mode cannot go through a tf.while_loop: a clear error names hvp, the layer
+    and the fix, instead of TensorFlow's error from inside the layer."""
+    model = make_classifier(kind)
+    kind_name = {"gru": "GRU", "bidirectional": "Bidirectional"}[kind]
+    with pytest.raises(ValueError, match=FORWARD_MODE_ERROR.format(name=kind, kind=kind_name)):
+        vectorize.check_forward_mode(model, "forward_over_reverse")
+    for hvp in ("auto", "reverse_over_reverse"):
+        vectorize.check_forward_mode(model, hvp)  # nested tapes differentiate the loop
+    vectorize.check_forward_mode(make_float_classifier(unroll=True), "forward_over_reverse")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=TypeError,
+    reason="the products do not call vectorize.check_forward_mode yet: TensorFlow's "
+    "TypeError from inside the GRU comes first",
+)
+def test_compile_with_forward_mode_on_a_recurrent_model_gives_the_clear_error():
+    model = make_classifier("gru")
+    x, y = tokens(6)
+    im = tfi.InfluenceModel(model, loss=SPARSE_LOGITS)
+    im.compile(solver="exact", damping=DAMPING, hvp="forward_over_reverse")
+    with (
+        warnings.catch_warnings(),
+        pytest.raises(ValueError, match=FORWARD_MODE_ERROR.format(name="gru", kind="GRU")),
+    ):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        im.fit(x, y, verbose=0)
+
+
+def test_forward_mode_works_on_an_unrolled_recurrent_layer():
+    """unroll=True (the fix the error offers) has no loop: forward mode equals nested tapes."""
+    model = make_float_classifier(unroll=True, seed=4)
+    rng = np.random.default_rng(4)
+    x, y = rng.normal(size=(8, LENGTH, 2)), rng.integers(0, CLASSES, size=8)
+    dense = {}
+    for hvp in ("forward_over_reverse", "reverse_over_reverse"):
+        im = tfi.InfluenceModel(model, loss=SPARSE_LOGITS)
+        im.compile(solver="exact", damping=DAMPING, hvp=hvp)
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            im.fit(x, y, verbose=0)
+        assert not pfor_warnings(record)  # no loop layer: pfor vectorises it
+        dense[hvp] = im.operator.dense().numpy()
+    expected = reference_hessian(model, x, y) + DAMPING * np.eye(im.operator.num_params)
+    np.testing.assert_allclose(dense["forward_over_reverse"], expected, rtol=1e-9, atol=1e-11)
+    np.testing.assert_allclose(dense["reverse_over_reverse"], expected, rtol=1e-9, atol=1e-11)

@@ -289,6 +289,39 @@ def fallback_message(model: keras.Model | None, error: str = "") -> str:
     return f"{noun} {names} cannot be vectorised by TensorFlow's pfor; {tail}"
 
 
+def check_forward_mode(model: keras.Model | None, hvp: str) -> None:
+    """Refuses ``hvp="forward_over_reverse"`` on a model with loop layers (``loop_layers``).
+
+    TensorFlow's forward mode (``tf.autodiff.ForwardAccumulator``) cannot push a
+    tangent through the ``tf.while_loop`` of a recurrent layer: the layer's own call
+    fails inside TensorFlow (``TypeError: dtype variant is not compatible with 1 of
+    dtype int64``), for Hessian and Gauss-Newton products alike and with or without
+    the loop over columns. Nested reverse-mode tapes differentiate the loop.
+
+    Args:
+        model: the model whose products are formed (None: nothing to check).
+        hvp: the ``hvp`` of ``compile``.
+
+    Raises:
+        ValueError: ``hvp`` is ``"forward_over_reverse"`` and ``model`` has a layer
+            that runs a ``tf.while_loop``; the message names the layers and the fix.
+    """
+    if hvp != "forward_over_reverse":
+        return
+    layers = loop_layers(model)
+    if not layers:
+        return
+    names = ", ".join(f"'{layer.name}' ({type(layer).__name__})" for layer in layers)
+    noun, verb = ("layer", "runs") if len(layers) == 1 else ("layers", "run")
+    raise ValueError(
+        f"Argument `hvp` cannot be \"forward_over_reverse\" for model '{model.name}': its "
+        f"{noun} {names} {verb} a tf.while_loop, which TensorFlow's forward mode "
+        "(tf.autodiff.ForwardAccumulator) cannot differentiate. Received: "
+        'hvp="forward_over_reverse". Pass hvp="reverse_over_reverse" (or "auto", which '
+        "takes it) to `compile`, or build the recurrent layer with unroll=True."
+    )
+
+
 def needs_loop(model: keras.Model | None) -> bool:
     """Whether ``model``'s maps should loop from the first trace, without trying pfor.
 
