@@ -13,6 +13,7 @@ from conftest import dense_hessian
 
 import tf_influence as tfi
 from tf_influence.engine import damping as damping_lib
+from tf_influence.engine.settings import Settings
 
 
 def _tiny_mlp(seed=4):
@@ -46,7 +47,7 @@ def test_hessian_damping_equals_the_formula_on_the_dense_eigenvalues():
     x, y = _data()
     model = _tiny_mlp()
     im = tfi.InfluenceModel(model)
-    im.compile(solver="exact", damping="auto")
+    im.compile(solver="exact", damping="auto", curvature="hessian")
     im.fit(x, y, verbose=0)
     hessian = dense_hessian(im.objective, tf.constant(x), tf.constant(y))
     expected, values = _expected(hessian)
@@ -85,7 +86,7 @@ def test_auto_answers_where_zero_damping_is_refused():
     with pytest.raises(tfi.solvers.CurvatureError):
         refused.fit(x, y, verbose=0)
     im = tfi.InfluenceModel(model)
-    im.compile(solver="exact", damping="auto")
+    im.compile(solver="exact", damping="auto", curvature="hessian")
     im.fit(x, y, verbose=0)
     tests = (x[:3] + 0.1, y[:3])
     grads = im.state.test_gradient_matrix(*tests).numpy().T
@@ -99,7 +100,7 @@ def test_auto_answers_where_zero_damping_is_refused():
 def test_cg_converges_with_auto_damping_on_an_indefinite_hessian():
     x, y = _data()
     im = tfi.InfluenceModel(_tiny_mlp())
-    im.compile(solver="cg", damping="auto")
+    im.compile(solver="cg", damping="auto", curvature="hessian")
     im.fit(x, y, verbose=0)
     im.explain(x[:3], y[:3], verbose=0)
     assert im.diagnostics.all_converged
@@ -184,3 +185,104 @@ def test_mid_training_batchnorm_dropout_model_answers_with_gauss_newton_and_auto
     expected = exact.explain(*tests, verbose=0)
     actual = im.explain(*tests, verbose=0)
     np.testing.assert_allclose(actual, expected, rtol=1e-6, atol=1e-8 * np.abs(expected).max())
+
+
+def test_defaults_are_gauss_newton_with_auto_damping():
+    """compile() with no argument, and no compile at all: Gauss-Newton, damping "auto"."""
+    x, y = _data()
+    model = _tiny_mlp()
+    explicit = tfi.InfluenceModel(model)
+    explicit.compile(solver="exact", damping="auto", curvature="gauss_newton")
+    explicit.fit(x, y, verbose=0)
+    expected = explicit.explain(x[:3] + 0.1, y[:3], verbose=0)
+    defaults = tfi.InfluenceModel(model)
+    defaults.compile(solver="exact")
+    assert defaults.curvature == "gauss_newton" and defaults.damping == "auto"
+    defaults.fit(x, y, verbose=0)
+    assert defaults.damping == explicit.damping > 0
+    np.testing.assert_allclose(
+        defaults.explain(x[:3] + 0.1, y[:3], verbose=0), expected, rtol=1e-10, atol=1e-12
+    )
+    plain = tfi.InfluenceModel(model).fit(x, y, verbose=0)  # no compile: CG, the same matrix
+    assert plain.curvature == "gauss_newton" and plain.damping == explicit.damping
+    np.testing.assert_allclose(
+        plain.operator.dense().numpy(), explicit.operator.dense().numpy(), rtol=1e-12
+    )
+    callback = tfi.callbacks.InfluenceCallback(x, y)
+    assert callback.damping == "auto" and callback.curvature == "gauss_newton"
+
+
+@pytest.mark.parametrize(
+    "kwargs, curvature",
+    [
+        ({}, "gauss_newton"),
+        ({"damping": "auto"}, "gauss_newton"),
+        ({"damping": 0.1}, "hessian"),
+        ({"damping": 0}, "hessian"),
+        ({"damping": "auto", "curvature": "hessian"}, "hessian"),
+        ({"damping": 0.1, "curvature": "gauss_newton"}, "gauss_newton"),
+    ],
+)
+def test_curvature_default_follows_the_damping(kwargs, curvature):
+    """A damping given as a number keeps the Hessian it was tuned for."""
+    x, y = _data()
+    im = tfi.InfluenceModel(_tiny_mlp())
+    im.compile(**kwargs)
+    assert im.curvature == curvature
+    callback = tfi.callbacks.InfluenceCallback(x, y, **kwargs)
+    assert callback.curvature == curvature and callback.get_config()["curvature"] == curvature
+
+
+def test_convex_model_with_the_defaults_gets_its_hessian():
+    """Logistic regression (outputs linear in the parameters): the default Gauss-Newton
+    matrix is the Hessian, so the defaults answer with the Hessian and the damping chosen."""
+    x, y = _data(50)
+    keras.utils.set_random_seed(2)
+    model = keras.Sequential(
+        [
+            keras.Input((2,), dtype="float64"),
+            keras.layers.Dense(
+                2,
+                dtype="float64",
+                kernel_regularizer=keras.regularizers.L2(1e-2),
+                bias_regularizer=keras.regularizers.L2(1e-2),  # positive definite at 0
+            ),
+        ]
+    )
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    im = tfi.InfluenceModel(model)
+    im.compile(solver="exact")
+    im.fit(x, y, verbose=0)
+    hessian = dense_hessian(im.objective, tf.constant(x), tf.constant(y))
+    np.testing.assert_allclose(np.trace(hessian) / 6, im.damping, rtol=1e-10)  # exact trace
+    matrix = hessian + im.damping * np.eye(6)
+    np.testing.assert_allclose(im.operator.dense().numpy(), matrix, rtol=1e-10, atol=1e-13)
+    tests = (x[:3] + 0.1, y[:3])
+    grads = im.state.test_gradient_matrix(*tests).numpy().T
+    np.testing.assert_allclose(
+        im.inverse_hvp_tests(*tests, verbose=0).numpy(),
+        np.linalg.solve(matrix, grads),
+        rtol=1e-9,
+    )
+    undamped = tfi.InfluenceModel(model)
+    undamped.compile(solver="exact", damping=0.0)  # the classical, undamped influence
+    undamped.fit(x, y, verbose=0)
+    assert undamped.curvature == "hessian"
+    np.testing.assert_allclose(undamped.operator.dense().numpy(), hessian, rtol=1e-10, atol=1e-13)
+
+
+def test_records_without_curvature_read_as_the_hessian():
+    """Records written before the defaults changed list no curvature: they meant the
+    Hessian, also with damping "auto"; a record of the defaults names Gauss-Newton."""
+    defaults = Settings()
+    config = defaults.to_config()
+    assert config["curvature"] == "gauss_newton" and config["damping"] == "auto"
+    assert Settings.from_config(config).to_config() == config
+    for damping in ("auto", 0.0, 0.5):
+        old = {**config, "damping": damping}
+        del old["curvature"]
+        assert Settings.from_config(old).curvature == "hessian"
+        assert "curvature" not in Settings.from_config(old).to_config()
+    im = tfi.InfluenceModel(_tiny_mlp())
+    im.compile_from_config({**config, "damping": "auto", "curvature": "hessian"})
+    assert im.curvature == "hessian" and "curvature" not in im.get_compile_config()

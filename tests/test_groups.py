@@ -39,7 +39,7 @@ def problem():
     base = refit(np.ones(n))
     model = keras_logistic(base, n)
     im = tfi.InfluenceModel(model, loss=keras.losses.BinaryCrossentropy(from_logits=True))
-    im.compile(solver="exact")
+    im.compile(solver="exact", damping=0.0)
     im.fit(x, y, verbose=0)
 
     # Random groups of 1%-25%, k-means clusters, and same-class groups.

@@ -51,7 +51,7 @@ def test_perturbing_a_training_image_moves_the_test_loss_as_predicted():
     base = LogisticRegression(C=c, tol=1e-12, max_iter=100000).fit(x, y)
     model = keras_logistic(base, n)
     im = tfi.InfluenceModel(model, loss=keras.losses.BinaryCrossentropy(from_logits=True))
-    im.compile(solver="exact")
+    im.compile(solver="exact", damping=0.0)
     im.fit(x, y, verbose=0)
     before = refit(x)
 

@@ -90,16 +90,23 @@ class InfluenceModel(Analyses):
     def compile(
         self,
         solver: str | solvers_lib.Solver = "cg",
-        damping: float | str = 0.0,
+        damping: float | str = "auto",
         hvp: str = "auto",
         scoring: str = "auto",
         jit_compile: bool = False,
-        curvature: str = "hessian",
+        curvature: str | None = None,
     ) -> None:
         """Chooses the inverse-HVP solver, the curvature, the damping and how products are formed.
 
-        Optional: without it, ``fit`` uses ``solver="cg", damping=0.0,
-        curvature="hessian"``.
+        Optional: without it, ``fit`` uses ``solver="cg", damping="auto",
+        curvature="gauss_newton"``, which answers on a network in the middle of
+        training (its Hessian is indefinite) with no damping to tune. A damping
+        given as a number keeps the Hessian, the classical influence function
+        (``curvature=None`` resolves to it). A model whose outputs are linear in its
+        parameters (linear or logistic regression) has a Gauss-Newton matrix equal
+        to its Hessian, so it gets the Hessian either way; pass ``damping=0.0``
+        there for the undamped influence. The measurements behind these defaults
+        are in ``docs/solvers.md`` ("The defaults").
 
         Args:
             solver: ``"exact"``, ``"cg"``, ``"lissa"``, ``"arnoldi"`` or a
@@ -107,8 +114,8 @@ class InfluenceModel(Analyses):
             damping: non-negative number added to the curvature's diagonal
                 (``H + damping*I``); needed when H is not positive definite
                 (non-convex models, or parameters the loss does not constrain).
-                ``"auto"`` chooses it at ``fit`` from the curvature's spectrum:
-                the mean eigenvalue, or for an indefinite Hessian
+                ``"auto"`` (the default) chooses it at ``fit`` from the curvature's
+                spectrum: the mean eigenvalue, or for an indefinite Hessian
                 ``-2 * smallest + mean``, estimated cheaply (see
                 ``tf_influence.engine.damping``); ``damping`` then returns the float
                 used.
@@ -125,9 +132,10 @@ class InfluenceModel(Analyses):
                 ``(1/n) sum_j J_j^T H_L,j J_j + hessian(Omega)`` (``J_j`` the
                 Jacobian of the model's outputs, ``H_L,j`` the loss Hessian on
                 them), positive semi-definite for a loss convex in the outputs and
-                equal to the Hessian for linear models with canonical losses; the
-                choice for networks in the middle of training, whose Hessian is
-                indefinite.
+                equal to the Hessian for models whose outputs are linear in the
+                parameters; the choice for networks in the middle of training,
+                whose Hessian is indefinite. None (the default): ``"gauss_newton"``
+                with ``damping="auto"``, ``"hessian"`` with a number.
 
         Raises:
             ValueError: an unknown ``solver``, ``hvp``, ``scoring`` or ``curvature``

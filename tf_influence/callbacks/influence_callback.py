@@ -14,10 +14,9 @@ from tensorflow.core.framework import summary_pb2
 from tf_influence import solvers as solvers_lib
 from tf_influence._validation import check_positive_int
 from tf_influence.callbacks._checks import check_every_n_epochs
-from tf_influence.engine.curvature import check_curvature
 from tf_influence.engine.data import ExampleData
 from tf_influence.engine.objective import LossLike, ParamsLike
-from tf_influence.engine.settings import check_damping
+from tf_influence.engine.settings import check_damping, resolve_curvature
 from tf_influence.influence_model import InfluenceModel
 from tf_influence.solvers.base import CurvatureError
 
@@ -37,8 +36,8 @@ class InfluenceCallback(keras.callbacks.Callback):
             and order as given to ``model.fit``, so indices match).
         y: the training targets (None when ``x`` is a dataset).
         solver: as for ``InfluenceModel.compile``.
-        damping: as for ``InfluenceModel.compile`` (``damping="auto"`` is chosen
-            again at every analysis, from the curvature at that epoch).
+        damping: as for ``InfluenceModel.compile``: ``"auto"`` (the default) is
+            chosen again at every analysis, from the curvature at that epoch.
         every_n_epochs: also analyse at epochs N, 2N, ... (1-based); None: only
             at the end of training.
         top_k: how many suspicious indices to record per analysis.
@@ -49,7 +48,9 @@ class InfluenceCallback(keras.callbacks.Callback):
         params: as for ``InfluenceModel``.
         verbose: 0 (silent) or 1 (one line per analysis).
         curvature: ``"hessian"`` or ``"gauss_newton"``, as for
-            ``InfluenceModel.compile``.
+            ``InfluenceModel.compile``; None (the default) takes ``"gauss_newton"``
+            with ``damping="auto"`` (so a model in the middle of training is
+            analysed with no damping to tune) and ``"hessian"`` with a number.
 
     Attributes:
         influence_model: the ``InfluenceModel`` of the last analysis (None before).
@@ -60,7 +61,7 @@ class InfluenceCallback(keras.callbacks.Callback):
             ``CurvatureError``, which is warned about instead of stopping training).
 
     Example:
-        >>> cb = tfi.callbacks.InfluenceCallback(x_train, y_train, damping=1e-3)
+        >>> cb = tfi.callbacks.InfluenceCallback(x_train, y_train)
         >>> model.fit(x_train, y_train, epochs=10, callbacks=[cb])
         >>> cb.history["suspicious_indices"][-1]      # likely mislabelled
         >>> cb.influence_model.explain(x_test[:3], y_test[:3])
@@ -71,7 +72,7 @@ class InfluenceCallback(keras.callbacks.Callback):
         x: Any,
         y: Any = None,
         solver: str | solvers_lib.Solver = "cg",
-        damping: float | str = 0.0,
+        damping: float | str = "auto",
         every_n_epochs: int | None = None,
         top_k: int = 10,
         log_dir: str | os.PathLike | None = None,
@@ -79,7 +80,7 @@ class InfluenceCallback(keras.callbacks.Callback):
         loss: LossLike | None = None,
         params: ParamsLike | None = None,
         verbose: int = 0,
-        curvature: str = "hessian",
+        curvature: str | None = None,
     ):
         super().__init__()
         # Check everything now, before training starts, so no work is lost later.
@@ -88,7 +89,7 @@ class InfluenceCallback(keras.callbacks.Callback):
         self._x, self._y, self._batch_size = x, y, batch_size
         self.solver = solvers_lib.get(solver)
         self.damping = check_damping(damping)
-        self.curvature = check_curvature(curvature)
+        self.curvature = resolve_curvature(curvature, self.damping)
         self.every_n_epochs = check_every_n_epochs(every_n_epochs)
         self.top_k = check_positive_int("top_k", top_k)
         if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):

@@ -41,26 +41,56 @@ def check_damping(damping: Any, allow_auto: bool = True) -> float | str:
     return value
 
 
+def resolve_curvature(curvature: Any, damping: Any) -> str:
+    """The curvature ``compile`` uses: ``curvature`` itself, or the default for ``damping``.
+
+    ``curvature=None`` (the default of ``compile`` and ``InfluenceCallback``) takes
+    ``"gauss_newton"`` when ``damping`` is ``"auto"`` (the default) and ``"hessian"``
+    when ``damping`` is a number. So ``compile()`` with no argument answers on a network
+    in the middle of training, whose Hessian is indefinite; a damping given by hand
+    keeps the Hessian it was tuned for; and a model whose outputs are linear in its
+    parameters (linear or logistic regression: the convex models) gets its Hessian
+    either way, which is what the Gauss-Newton matrix equals there. The evidence is in
+    ``docs/solvers.md`` ("The defaults", ``python -m benchmarks.defaults``).
+
+    Args:
+        curvature: ``"hessian"``, ``"gauss_newton"`` or None.
+        damping: the ``damping`` of ``compile`` (a number or ``"auto"``).
+
+    Returns:
+        ``"hessian"`` or ``"gauss_newton"``.
+
+    Raises:
+        ValueError: an unknown curvature name.
+    """
+    if curvature is None:
+        return "gauss_newton" if isinstance(damping, str) and damping == "auto" else "hessian"
+    return check_curvature(curvature)
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """What ``InfluenceModel.compile`` chose (see its docstring for each field).
 
     Attributes:
         solver: the ``tfi.solvers.Solver`` instance.
-        damping: the float added to the curvature's diagonal, or ``"auto"`` (chosen
-            from the curvature's spectrum at ``fit``, see ``tf_influence.engine.damping``).
-        curvature: ``"hessian"`` or ``"gauss_newton"``.
+        damping: the float added to the curvature's diagonal, or ``"auto"`` (the
+            default: chosen from the curvature's spectrum at ``fit``, see
+            ``tf_influence.engine.damping``).
+        curvature: ``"hessian"`` or ``"gauss_newton"``; None (the default) is resolved
+            when the record is made (``resolve_curvature``): Gauss-Newton with
+            ``damping="auto"``, the Hessian with a number.
         hvp: ``"auto"``, ``"reverse_over_reverse"`` or ``"forward_over_reverse"``.
         scoring: ``"auto"``, ``"jvp"`` or ``"jacobian"``.
         jit_compile: compile per-batch products and gradients with XLA.
     """
 
     solver: solvers_lib.Solver = dataclasses.field(default_factory=lambda: solvers_lib.get("cg"))
-    damping: float | str = 0.0
+    damping: float | str = "auto"
     hvp: str = "auto"
     scoring: str = "auto"
     jit_compile: bool = False
-    curvature: str = "hessian"
+    curvature: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "solver", solvers_lib.get(self.solver))
@@ -68,14 +98,15 @@ class Settings:
         check_hvp_mode(self.hvp)
         check_scoring_mode(self.scoring)
         object.__setattr__(self, "jit_compile", check_bool("jit_compile", self.jit_compile))
-        check_curvature(self.curvature)
+        object.__setattr__(self, "curvature", resolve_curvature(self.curvature, self.damping))
 
     def to_config(self) -> dict[str, Any]:
         """Plain JSON values: the solver as ``{"class_name", "config"}``.
 
-        ``curvature`` is listed when it is not the default ``"hessian"``, so records
-        written before it existed (saved states, resume fingerprints, exports) read
-        the same.
+        ``curvature`` is listed when it is not ``"hessian"``, so records written
+        before it existed (saved states, resume fingerprints, exports) read the same;
+        ``from_config`` reads a record without it as ``"hessian"``, whatever the
+        damping.
         """
         config = {
             "solver": solvers_lib.serialize(self.solver),
@@ -103,6 +134,9 @@ class Settings:
                 "Pass the dict `get_compile_config()` returned."
             )
         values = dict(config)
+        # A record without `curvature` was written for the Hessian (see `to_config`),
+        # also when it was written before the default became the damping's choice.
+        values.setdefault("curvature", "hessian")
         if isinstance(values.get("solver"), dict):
             values["solver"] = solvers_lib.deserialize(values["solver"])
         return cls(**values)
