@@ -57,19 +57,29 @@ def test_second_influence_model_reuses_every_trace(mlp, blobs):
     np.testing.assert_allclose(scores, reference, rtol=1e-6, atol=1e-10)
 
 
-def test_other_training_arrays_reuse_the_trace_and_answer_for_their_data(mlp, blobs):
-    """The data and its size are arguments of the traces, not constants in them."""
+@pytest.mark.parametrize("solver", ["exact", "cg"])
+def test_other_training_arrays_reuse_the_trace_and_answer_for_their_data(mlp, blobs, solver):
+    """The data, its size and the damping are arguments of the traces, not constants.
+
+    With CG this covers the solver's compiled loop too: the second operator runs the
+    first one's graph on its own data and damping.
+    """
     x, y = blobs
-    explain(mlp, x, y, x[:4], y[:4])
+
+    def make():
+        return tfi.solvers.CG(tol=1e-10, recycle=0) if solver == "cg" else "exact"
+
+    explain(mlp, x, y, x[:4], y[:4], solver=make())
     count = compile_lib.tracing_count()
     rng = np.random.default_rng(1)
-    for other_x, other_y in (
-        (x[::-1] + 0.1 * rng.normal(size=x.shape), y[::-1]),  # other values, same size
-        (x[:37], y[:37]),  # another size, still a short last batch at B=16
+    for other_x, other_y, damping in (
+        (x[::-1] + 0.1 * rng.normal(size=x.shape), y[::-1], 0.5),  # other values, same size
+        (x[:37], y[:37], 0.5),  # another size, still a short last batch at B=16
+        (x[:37], y[:37], 0.8),  # another damping
     ):
-        _, scores = explain(mlp, other_x, other_y, x[:4], y[:4])
+        _, scores = explain(mlp, other_x, other_y, x[:4], y[:4], solver=make(), damping=damping)
         assert compile_lib.tracing_count() == count
-        reference = reference_scores(mlp, other_x, other_y, x[:4], y[:4], 0.5)
+        reference = reference_scores(mlp, other_x, other_y, x[:4], y[:4], damping)
         np.testing.assert_allclose(scores, reference, rtol=1e-6, atol=1e-10)
 
 

@@ -275,15 +275,25 @@ class SharedFunction:
         compile: ``body -> compiled callable``.
         model: the Keras model the body differentiates (held weakly), named by the
             warning if pfor cannot vectorise it (``tf_influence/engine/vectorize.py``).
+        method: instead of the method ``name``, a function ``method(owner, *args)``
+            (it must hold no owner itself).
     """
 
-    def __init__(self, name: str, compile: Callable, model: keras.Model | None = None):
+    def __init__(
+        self,
+        name: str,
+        compile: Callable,
+        model: keras.Model | None = None,
+        method: Callable | None = None,
+    ):
         self.name = name
         self._owner = None
         self._model = _weak(model)
 
         def body(*args):
             _TRACES[0] += 1
+            if method is not None:
+                return method(self._owner, *args)
             return getattr(self._owner, name)(*args)
 
         self.function = compile(body)
@@ -335,7 +345,9 @@ class BoundFunction:
     experimental_get_tracing_count = tracing_count
 
 
-def shared_function(owner, model, key, name: str, compile: Callable) -> BoundFunction:
+def shared_function(
+    owner, model, key, name: str, compile: Callable, method: Callable | None = None
+) -> BoundFunction:
     """``owner``'s method ``name`` compiled once per ``(model, key)`` and bound to ``owner``.
 
     The cache is keyed weakly by the model: once the model is garbage, so are its
@@ -348,23 +360,27 @@ def shared_function(owner, model, key, name: str, compile: Callable) -> BoundFun
         key: hashable configuration, or None not to share.
         name: the method of ``owner`` to compile.
         compile: ``body -> compiled callable`` (e.g. ``lambda f: GraphFunction(f)``).
+        method: a function ``method(owner, *args)`` to compile instead of the method
+            ``name`` (``name`` then only keys the cache).
     """
     if key is None:
-        return BoundFunction(SharedFunction(name, compile, model), owner)
+        return BoundFunction(SharedFunction(name, compile, model, method), owner)
     try:
         entries = _SHARED.setdefault(model, {})
     except TypeError:  # a model that cannot be weakly referenced: traces of its own
-        return BoundFunction(SharedFunction(name, compile, model), owner)
+        return BoundFunction(SharedFunction(name, compile, model, method), owner)
     full_key = (name, key)
     shared = entries.get(full_key)
     if shared is None:
-        shared = entries[full_key] = SharedFunction(name, compile, model)
+        shared = entries[full_key] = SharedFunction(name, compile, model, method)
     return BoundFunction(shared, owner)
 
 
-def _spec(value, relaxed: bool):
+def _spec(value, relaxed: bool, free: bool = False):
     if isinstance(value, tf.data.Dataset):
         return tf.type_spec_from_value(value)
+    if free:
+        return tf.TensorSpec([None] * value.shape.rank, value.dtype)
     return _relaxed_spec(value) if relaxed else tf.TensorSpec.from_tensor(value)
 
 
@@ -372,18 +388,21 @@ class SpecFunction:
     """A ``GraphFunction`` per argument structure, shape and dtype, some axes left free.
 
     Arguments at the positions in ``relaxed`` get an unknown leading axis on every
-    tensor leaf (so a training set of another size reuses the trace); the others keep
-    their static shapes. Datasets pass as they are (their ``element_spec`` keys it).
+    tensor leaf (so a training set of another size reuses the trace), those in
+    ``free`` unknown sizes on every axis; the others keep their static shapes.
+    Datasets pass as they are (their ``element_spec`` keys it).
 
     Args:
         fn: the Python function to compile.
         relaxed: positions of the arguments whose leading axis is free.
         autograph, jit_compile: as for ``GraphFunction``.
+        free: positions of the arguments whose every axis is free.
     """
 
-    def __init__(self, fn: Callable, relaxed=(), autograph=False, jit_compile=False):
+    def __init__(self, fn: Callable, relaxed=(), autograph=False, jit_compile=False, free=()):
         self._fn = fn
         self._relaxed = set(relaxed)
+        self._free = set(free)
         self._autograph = bool(autograph)
         self._jit_compile = bool(jit_compile)
         self._compiled: dict[str, GraphFunction] = {}
@@ -396,7 +415,9 @@ class SpecFunction:
             for a in args
         ]
         specs = [
-            tf.nest.map_structure(lambda t, r=i in self._relaxed: _spec(t, r), a)
+            tf.nest.map_structure(
+                lambda t, r=i in self._relaxed, f=i in self._free: _spec(t, r, f), a
+            )
             for i, a in enumerate(args)
         ]
         key = repr(specs)

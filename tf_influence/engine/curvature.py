@@ -419,6 +419,51 @@ class HessianOperator:
             self.data.graph_inputs(),
         )
 
+    def matvec_inputs(self) -> tuple:
+        """What a product reads besides the vectors: ``(damping, n, training data)``."""
+        return (
+            tf.constant(self.damping, self.dtype),
+            tf.constant(self.num_examples, self.dtype),
+            self.data.graph_inputs(),
+        )
+
+    def compiled(
+        self, key: Hashable, fn: Callable[..., Any], free: tuple[int, ...] = ()
+    ) -> Callable[..., Any]:
+        """``fn(operator, *args)`` compiled once per model and configuration, for this operator.
+
+        Solvers compile their loops with it. Inside the trace, ``operator.matvec``
+        takes the training data, its size and the damping as arguments of the
+        compiled function instead of capturing them, so a second operator with the
+        same ``trace_key`` (a new ``InfluenceModel`` on the same model) calls the
+        same graph on its own data and traces nothing. ``fn`` must hold no operator.
+
+        Args:
+            key: everything besides ``trace_key`` and the argument shapes that the
+                trace depends on (the solver's name and settings).
+            fn: ``fn(operator, *args)``, traceable.
+            free: positions in ``args`` whose tensors take any size on every axis.
+        """
+
+        def run(owner, inputs, *args):
+            return fn(_WithInputs(owner, inputs), *args)
+
+        free_positions = tuple(i + 1 for i in free)
+        key = None if self.trace_key is None else (self.trace_key, key)
+        shared = shared_function(
+            self,
+            self.objective.model,
+            key,
+            ("compiled", key),
+            lambda body: SpecFunction(body, relaxed=(0,), free=free_positions),
+            method=run,
+        )
+
+        def call(*args):
+            return shared(self.matvec_inputs(), *args)
+
+        return call
+
     def batch_matvec(self, vectors: tf.Tensor, batch: tuple) -> tf.Tensor:
         """An unbiased estimate of ``(H + damping * I) @ vectors`` from one batch ``(x, y)``.
 
@@ -473,6 +518,22 @@ class HessianOperator:
             return 0.5 * (matrix + tf.transpose(matrix))
 
         return self.cached("dense", make)
+
+
+class _WithInputs:
+    """An operator inside a ``compiled`` trace: products read the data from arguments."""
+
+    def __init__(self, operator: HessianOperator, inputs: tuple):
+        self._operator = operator
+        self._inputs = inputs
+        self.damping = inputs[0]
+
+    def matvec(self, vectors: tf.Tensor) -> tf.Tensor:
+        vectors = tf.convert_to_tensor(vectors, self._operator.dtype)
+        return self._operator._matvec(vectors, *self._inputs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._operator, name)
 
 
 # The curvature kinds of ``compile(curvature=...)``: name -> operator class (see ``curvatures``).

@@ -15,6 +15,7 @@ from tf_influence.solvers.base import (
     LowRankInverse,
     ProgressFactory,
     Solver,
+    compile_loop,
     nice_ceil,
     silent_progress,
 )
@@ -144,9 +145,12 @@ class Arnoldi(Solver):
 def _arnoldi(operator: CurvatureOperator, steps: int, seed: int) -> tuple[tf.Tensor, tf.Tensor]:
     """Top Ritz pairs after ``steps`` Arnoldi steps; numpy-free, one ``tf.function``."""
     graph = operator.cached(
-        ("arnoldi.graph", steps, seed), lambda: tf.function(_arnoldi_graph, autograph=False)
+        ("arnoldi.graph", steps, seed),
+        lambda: compile_loop(
+            operator, ("arnoldi", steps, seed), lambda op: _arnoldi_graph(op, steps, seed)
+        ),
     )
-    values, vectors, size = graph(operator, steps, seed)
+    values, vectors, size = graph()
     size = int(size)
     return values[:size], vectors[:, :size]
 

@@ -142,6 +142,34 @@ class CurvatureOperator(Protocol):
         """Memoises ``make()`` until the weights change; where solvers keep state."""
 
 
+def compile_loop(
+    operator: CurvatureOperator, key: Hashable, fn: Callable[..., Any], free: tuple[int, ...] = ()
+) -> Callable[..., Any]:
+    """``fn(operator, *args)`` compiled into a function of ``args``: how solvers trace loops.
+
+    An operator that offers ``compiled`` (``HessianOperator`` and Gauss-Newton do)
+    shares the trace with every operator of the same model and configuration, its
+    products reading the training data and damping from arguments: a new
+    ``InfluenceModel`` then traces no solver loop again. Any other operator gets a
+    function of its own. Write loops with ``tf.while_loop`` / ``tf.cond``:
+    autograph is off (converting them cost about 1 s of a first explain).
+
+    Args:
+        operator: the curvature operator the loop multiplies by.
+        key: hashable; everything besides the argument shapes that ``fn``'s trace
+            depends on (the solver's name and settings). ``fn`` must hold no operator.
+        fn: ``fn(operator, *args)``, traceable.
+        free: positions in ``args`` whose tensors may take any size on every axis
+            (one trace for all of them); other arguments retrace on a new shape.
+    """
+    compiled = getattr(operator, "compiled", None)
+    if compiled is not None:
+        return compiled(key, fn, free)
+    from tf_influence.engine.compile import SpecFunction
+
+    return SpecFunction(lambda *args: fn(operator, *args), free=free)
+
+
 @dataclasses.dataclass(frozen=True)
 class LowRankInverse:
     """``inv(C + damping*I) ~= basis @ diag(inverse_values) @ basis^T``.

@@ -4,7 +4,8 @@
 CG, whose columns share one Krylov space, optionally deflated by a space of
 directions kept from earlier solves (see ``recycling.py``). Both are plain
 ``tf.while_loop``s with no autograph; ``solve_graph`` and ``deflated_solve_graph``
-compile them into the functions ``CG`` caches on the operator.
+compile them (once per model and configuration, see ``base.compile_loop``) into the
+functions ``CG`` caches on the operator.
 ``orthonormal_columns`` is the Cholesky QR that keeps block CG's search block
 orthonormal.
 """
@@ -15,6 +16,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import tensorflow as tf
+
+from tf_influence.solvers.base import compile_loop
 
 if TYPE_CHECKING:
     from tf_influence.solvers.base import CurvatureOperator
@@ -27,7 +30,7 @@ CGResults = tuple[tf.Tensor, ...]
 def solve_graph(
     operator: CurvatureOperator, tol: float, max_iter: int, block: bool
 ) -> Callable[[tf.Tensor], CGResults]:
-    """``rhs -> (x, iterations, relative residual, bad, rayleigh)``, as a ``tf.function``.
+    """``rhs -> (x, iterations, relative residual, bad, rayleigh)``, compiled.
 
     Block CG when ``block`` and the rhs has between 2 and ``num_params`` columns
     (block CG needs as many independent directions as columns), else column CG.
@@ -35,15 +38,13 @@ def solve_graph(
     cheaper single-vector product.
     """
 
-    def run(rhs: tf.Tensor) -> CGResults:
+    def run(operator: CurvatureOperator, rhs: tf.Tensor) -> CGResults:
         k = rhs.shape[1]
         if block and k is not None and 1 < k <= operator.num_params:
             return block_cg(operator, rhs, tol, max_iter)
         return column_cg(operator, rhs, tol, max_iter)
 
-    # The loops use tf.while_loop / tf.cond explicitly, so autograph is off:
-    # converting them cost about 1 s of the first explain.
-    return tf.function(run, autograph=False)
+    return compile_loop(operator, ("cg.solve", tol, max_iter, block), run)
 
 
 def deflated_solve_graph(
@@ -54,25 +55,18 @@ def deflated_solve_graph(
     The function takes ``(rhs (p, k), w (p, m), aw (p, m), e_inv (m, m), record)`` and
     returns ``block_cg``'s seven results (see ``block_cg`` with ``space``).
     """
-    p, dtype = operator.num_params, operator.dtype
-    wide = tf.TensorSpec([p, None], dtype)
 
-    @tf.function(
-        autograph=False,
-        input_signature=[
-            tf.TensorSpec([p, k], dtype),
-            wide,
-            wide,
-            tf.TensorSpec([None, None], dtype),
-            tf.TensorSpec([], tf.int32),
-        ],
-    )
     def run(
-        rhs: tf.Tensor, w: tf.Tensor, aw: tf.Tensor, e_inv: tf.Tensor, record: tf.Tensor
+        operator: CurvatureOperator,
+        rhs: tf.Tensor,
+        w: tf.Tensor,
+        aw: tf.Tensor,
+        e_inv: tf.Tensor,
+        record: tf.Tensor,
     ) -> CGResults:
         return block_cg(operator, rhs, tol, max_iter, space=(w, aw, e_inv), record=record)
 
-    return run
+    return compile_loop(operator, ("cg.deflated", k, tol, max_iter), run, free=(1, 2, 3))
 
 
 def positive_inverse(values: tf.Tensor, vectors: tf.Tensor) -> tf.Tensor:
