@@ -130,12 +130,6 @@ def test_check_numeric_targets_accepts_numbers(labels):
     check_numeric_targets(labels, "y")
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="ExampleData digests a dataset's string labels before the targets are checked, "
-    "and reports a reshuffled dataset instead; it should call check_numeric_targets on "
-    "the dataset's element_spec first.",
-)
 def test_dataset_of_string_labels(iris):
     x, _, names = iris
     dataset = tf.data.Dataset.from_tensor_slices((x, names)).batch(32)

@@ -231,24 +231,40 @@ class InfluenceModel(Analyses):
     # -- fit ---------------------------------------------------------------------------
     @translate_worker_errors
     def fit(
-        self, x: Any, y: Any = None, batch_size: int | None = None, verbose: str | int = "auto"
+        self,
+        x: Any,
+        y: Any = None,
+        batch_size: int | None = None,
+        verbose: str | int = "auto",
+        sample_weight: Any = None,
+        class_weight: dict[int, float] | None = None,
     ) -> InfluenceModel:
         """Takes the training data and prepares the curvature.
 
+        With weights the objective is ``(1/n) sum_j w_j L_j + Omega``, as
+        ``model.fit`` minimises it, and training example j enters every score as
+        ``w_j L_j``: ``scores[i, j] = -grad L(z_test_i)^T @ inv(H) @ (w_j grad L(z_j))``
+        (see docs/keras.md, "Several outputs, sample and class weights").
+
         Args:
             x: training inputs (array, tensor, list/dict of them) or a batched
-                ``tf.data.Dataset`` of ``(x, y)`` in a fixed order; column ``j`` of every
-                score matrix is its ``j``-th example.
-            y: training targets (None when ``x`` is a dataset).
+                ``tf.data.Dataset`` of ``(x, y)`` or ``(x, y, sample_weight)`` in a fixed
+                order; column ``j`` of every score matrix is its ``j``-th example.
+            y: training targets (None when ``x`` is a dataset); a list or dict (keyed by
+                output name) for a model with several outputs.
             batch_size: examples per batch for Hessian-vector products and gradients
                 (default 32); must be None for a dataset.
             verbose: "auto", 0, 1 or 2, as in Keras.
+            sample_weight: ``(n,)`` non-negative weights ``w_j`` of the training
+                examples, as in ``keras.Model.fit`` (None: all 1).
+            class_weight: ``{class index: weight}``: ``w_j`` is the weight of example
+                j's class (1 for classes not listed), as in ``keras.Model.fit``.
 
         Returns:
             self, so that ``im.fit(x, y).explain(...)`` chains.
         """
         verbose = resolve_verbose(verbose)
-        data = ExampleData(x, y, batch_size, x_name="x", y_name="y")
+        data = ExampleData(x, y, batch_size, "x", "y", True, sample_weight, class_weight)
         return self._attach(data, verbose)
 
     def _attach(self, data, verbose, fingerprint=None, solver_state=None) -> InfluenceModel:

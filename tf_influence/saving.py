@@ -8,7 +8,9 @@ One ``.npz`` file (a zip of ``.npy`` arrays, read with ``allow_pickle=False``):
   (by path), the loss name, and sha256 fingerprints of the model's weights and of
   the training data;
 * ``data/<i>``: the training arrays (when ``fit`` got arrays and
-  ``include_data=True``), with their nesting (dicts, lists) in the config;
+  ``include_data=True``), with their nesting (dicts, lists, the sample weights
+  of weighted data) in the config; ``sample_weight``: the weights alone when the
+  arrays are not stored (``load`` takes ``x, y`` again and these weights);
 * ``cache/<i>/...``: the cached inverse-HVP vectors and their diagnostics;
 * ``solver/<name>``: the arrays the solver keeps (``Solver.get_state``: the
   Cholesky factor of ``Exact``, the eigenpairs of ``Arnoldi``, ...).
@@ -28,6 +30,7 @@ import tensorflow as tf
 from tf_influence._files import atomic_write
 from tf_influence._fingerprint import data_fingerprint, weights_fingerprint
 from tf_influence.engine.data import ExampleData
+from tf_influence.engine.losses import WeightedTargets
 from tf_influence.engine.objective import variable_name
 
 FORMAT = "tf_influence.InfluenceModel"
@@ -36,6 +39,8 @@ VERSION = 2
 
 def encode_structure(tree, leaves: list) -> object:
     """JSON description of a nest of arrays; appends the arrays to ``leaves``."""
+    if isinstance(tree, WeightedTargets):
+        return {"weighted": [encode_structure(v, leaves) for v in tree]}
     if isinstance(tree, dict):
         return {"dict": {str(k): encode_structure(v, leaves) for k, v in tree.items()}}
     if isinstance(tree, (list, tuple)):
@@ -46,6 +51,8 @@ def encode_structure(tree, leaves: list) -> object:
 
 
 def decode_structure(spec, leaves):
+    if "weighted" in spec:
+        return WeightedTargets(*(decode_structure(v, leaves) for v in spec["weighted"]))
     if "dict" in spec:
         return {k: decode_structure(v, leaves) for k, v in spec["dict"].items()}
     if "list" in spec:
@@ -166,6 +173,9 @@ def save_state(state, compile_config: dict, path, include_data: bool) -> None:
         leaves = []
         config["data"] = encode_structure(state.data.elements, leaves)
         arrays.update({f"data/{i}": leaf for i, leaf in enumerate(leaves)})
+    elif state.data.weighted and state.data.in_memory:
+        # The data is given again at `load`; its weights are kept (n numbers).
+        arrays["sample_weight"] = state.data.sample_weights()
     config["cache"], cached = cache_arrays(state.solutions.items())
     arrays.update(cached)
     solver_arrays = state.solver_state()
@@ -228,8 +238,12 @@ class SavedState:
         """The training data: ``x, y`` if given (checked), else the stored arrays."""
         config = self.config
         if x is not None:
+            dataset = isinstance(x, tf.data.Dataset)
             data = ExampleData(
-                x, y, None if isinstance(x, tf.data.Dataset) else config["batch_size"]
+                x,
+                y,
+                None if dataset else config["batch_size"],
+                sample_weight=None if dataset else self.arrays.get("sample_weight"),
             )
         elif config["data"] is not None:
             count = sum(name.startswith("data/") for name in self.arrays)

@@ -30,6 +30,7 @@ from tf_influence._progress import Progress, resolve_verbose
 from tf_influence.engine.data import ExampleData
 from tf_influence.engine.gradients import PerExampleGradients
 from tf_influence.engine.objective import LossLike, Objective, ParamsLike
+from tf_influence.engine.weights import unweigh
 from tf_influence.outputs import TopK, check_sink_args, make_sink
 
 if TYPE_CHECKING:
@@ -82,11 +83,21 @@ class TracIn:
         return self._data.num_examples if self._data is not None else 0
 
     def fit(
-        self, x: Any, y: Any = None, batch_size: int | None = None, verbose: str | int = "auto"
+        self,
+        x: Any,
+        y: Any = None,
+        batch_size: int | None = None,
+        verbose: str | int = "auto",
+        sample_weight: Any = None,
+        class_weight: dict[int, float] | None = None,
     ) -> TracIn:
-        """Takes the training data (see ``InfluenceModel.fit``); returns self."""
+        """Takes the training data (see ``InfluenceModel.fit``); returns self.
+
+        With ``sample_weight`` or ``class_weight`` (as given to ``model.fit``), the
+        training gradients are those of ``w_j L_j``, the step SGD took on example j.
+        """
         del verbose  # nothing slow happens here
-        self._data = ExampleData(x, y, batch_size, x_name="x", y_name="y")
+        self._data = ExampleData(x, y, batch_size, "x", "y", True, sample_weight, class_weight)
         return self
 
     def _require_fit(self, what: str) -> None:
@@ -122,6 +133,7 @@ class TracIn:
         """TracIn scores of every training example on every test point.
 
         ``scores[i, j] = -sum_t lr_t * grad L(z_test_i; theta_t) . grad L(z_j; theta_t)``
+        (``w_j L(z_j)`` in place of ``L(z_j)`` with sample or class weights).
         (negative: helpful). ``y_test=None`` uses the final model's predicted class.
         ``top_k`` and ``output`` work as in ``InfluenceModel.explain``; memory stays
         bounded by a training batch, the test points and the checkpoints.
@@ -169,7 +181,8 @@ class TracIn:
         """``sum_t lr_t * |grad L(z_j; theta_t)|^2`` for every training example, ``(n_train,)``.
 
         High values flag examples that training kept pushing on (often mislabelled).
-        Equals ``-diag(explain(x_train, y_train))``.
+        Equals ``-diag(explain(x_train, y_train))``; with sample weights ``w_j``,
+        ``w_j * sum_t lr_t * |grad L(z_j; theta_t)|^2`` (the test side is unweighted).
         """
         self._require_fit("self_influence")
         progress = Progress(self._data.num_batches(), resolve_verbose(verbose), "Self-influence")
@@ -184,7 +197,7 @@ class TracIn:
                 values.append(np.asarray(total))
                 progress.update(step)
         progress.done()
-        result = np.concatenate(values)
+        result = unweigh(np.concatenate(values), self._data.sample_weights())
         _check_finite(result[None, :], 0)
         return result
 

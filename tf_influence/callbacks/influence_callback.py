@@ -51,6 +51,10 @@ class InfluenceCallback(keras.callbacks.Callback):
             ``InfluenceModel.compile``; None (the default) takes ``"gauss_newton"``
             with ``damping="auto"`` (so a model in the middle of training is
             analysed with no damping to tune) and ``"hessian"`` with a number.
+        sample_weight: the ``sample_weight`` given to ``model.fit``, as for
+            ``InfluenceModel.fit`` (``(n,)`` weights; None: all 1).
+        class_weight: the ``class_weight`` given to ``model.fit``, as for
+            ``InfluenceModel.fit``.
 
     Attributes:
         influence_model: the ``InfluenceModel`` of the last analysis (None before).
@@ -81,12 +85,16 @@ class InfluenceCallback(keras.callbacks.Callback):
         params: ParamsLike | None = None,
         verbose: int = 0,
         curvature: str | None = None,
+        sample_weight: Any = None,
+        class_weight: dict[int, float] | None = None,
     ):
         super().__init__()
         # Check everything now, before training starts, so no work is lost later.
         # A clear error now, before training starts, rather than at the first analysis.
-        self._data_batch_size = ExampleData(x, y, batch_size, x_name="x", y_name="y").batch_size
+        data = ExampleData(x, y, batch_size, "x", "y", True, sample_weight, class_weight)
+        self._data_batch_size = data.batch_size
         self._x, self._y, self._batch_size = x, y, batch_size
+        self._weights = {"sample_weight": sample_weight, "class_weight": class_weight}
         self.solver = solvers_lib.get(solver)
         self.damping = check_damping(damping)
         self.curvature = resolve_curvature(curvature, self.damping)
@@ -131,8 +139,10 @@ class InfluenceCallback(keras.callbacks.Callback):
         y: Any = None,
         loss: LossLike | None = None,
         params: ParamsLike | None = None,
+        sample_weight: Any = None,
+        class_weight: dict[int, float] | None = None,
     ) -> InfluenceCallback:
-        """Rebuilds the callback; the training data ``x`` (and ``y``) must be given again."""
+        """Rebuilds the callback; the training data (``x``, ``y``, weights) must be given again."""
         if x is None:
             raise ValueError(
                 "InfluenceCallback.from_config needs the training data. Received: x=None. "
@@ -140,7 +150,15 @@ class InfluenceCallback(keras.callbacks.Callback):
             )
         config = dict(config)
         config["solver"] = solvers_lib.deserialize(config["solver"])
-        return cls(x, y, loss=loss, params=params, **config)
+        return cls(
+            x,
+            y,
+            loss=loss,
+            params=params,
+            sample_weight=sample_weight,
+            class_weight=class_weight,
+            **config,
+        )
 
     # -- hooks --------------------------------------------------------------------------
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
@@ -200,7 +218,7 @@ class InfluenceCallback(keras.callbacks.Callback):
             im = InfluenceModel(self.model, loss=self._loss, params=self._params)
             im.compile(solver=self.solver, damping=self.damping, curvature=self.curvature)
             self._im = im
-            im.fit(self._x, self._y, batch_size=self._batch_size, verbose=0)
+            im.fit(self._x, self._y, batch_size=self._batch_size, verbose=0, **self._weights)
         else:
             self._im.state.refresh()
         return self._im

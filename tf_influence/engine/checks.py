@@ -20,6 +20,7 @@ from tf_influence._errors import describe
 from tf_influence.distribute import check_replicas_in_sync
 from tf_influence.engine.data import ExampleData
 from tf_influence.engine.objective import Objective, variable_name
+from tf_influence.engine.weights import check_classes_exist
 from tf_influence.outputs import check_k, check_sink_args
 
 
@@ -38,9 +39,18 @@ def check_weights(objective: Objective, strategy: tf.distribute.Strategy | None 
         check_replicas_in_sync(objective.variables, variable_name)
 
 
-def num_outputs(objective: Objective, x: Any) -> int | None:
-    """Size of the model output's last axis (classes) on a batch ``x``, if one output."""
+def num_outputs(objective: Objective, x: Any) -> int | list[int | None] | None:
+    """Size of the model output's last axis (classes) on a batch ``x``.
+
+    For several outputs, one size per output with a loss (in the order of
+    ``Objective.output_losses.heads``), which also resolves the heads.
+    """
     y_pred = objective.predict(x)
+    losses = objective.output_losses_for(y_pred)
+    if losses is not None:
+        losses.heads(y_pred)  # resolved now, for the checks of the targets
+        if not isinstance(y_pred, tf.Tensor):
+            return list(losses.widths)
     if isinstance(y_pred, tf.Tensor) and y_pred.shape.rank:
         return int(y_pred.shape[-1]) or None
     return None
@@ -57,6 +67,12 @@ def check_targets(
         y = tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, batch[1])
         objective.check_targets(y, outputs, y_name, offset)
         offset += len(tf.nest.flatten(y)[0])
+
+
+def check_class_weight(data: ExampleData, outputs: Any) -> None:
+    """Refuses class weights for classes the model's output cannot predict."""
+    if data.class_weight is not None:
+        check_classes_exist(data.class_weight, outputs if isinstance(outputs, int) else None)
 
 
 def check_test_targets(objective: Objective, y: Any, outputs: int | None, offset: int) -> None:

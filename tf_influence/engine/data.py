@@ -1,5 +1,9 @@
 """Examples in a fixed order: arrays, tensors or a batched ``tf.data.Dataset`` of ``(x, y)``.
 
+Training data with sample or class weights holds ``(x, WeightedTargets(y, w))``:
+every batch consumer passes the targets on to ``Objective.per_example_loss``,
+which unpacks them, so the weights reach every product and gradient.
+
 Column ``j`` of every score matrix is the ``j``-th example of the training
 data, so the order is fixed here once and never shuffled (except by LiSSA's
 explicitly seeded sampling stream, which does not affect column order).
@@ -16,6 +20,9 @@ import tensorflow as tf
 
 from tf_influence._errors import describe, first_nonfinite_index
 from tf_influence._validation import check_positive_int
+from tf_influence.engine import weights as weights_lib
+from tf_influence.engine.losses import WeightedTargets
+from tf_influence.engine.objective import check_numeric_targets
 
 DEFAULT_BATCH_SIZE = 32
 
@@ -61,9 +68,15 @@ class ExampleData:
         x_name: the inputs' argument name, used in error messages.
         y_name: the targets' argument name, used in error messages.
         require_y: whether targets are required.
+        sample_weight: ``(n,)`` non-negative weights of the examples (training data
+            only), or None.
+        class_weight: ``{class index: weight}``, turned into sample weights as Keras
+            does (training data with one output only), or None.
 
     Attributes:
         num_examples: n, the number of examples.
+        class_weight: the checked ``class_weight`` dict, or None.
+        weighted: whether the targets carry weights (``WeightedTargets``).
     """
 
     def __init__(
@@ -74,16 +87,30 @@ class ExampleData:
         x_name: str = "x",
         y_name: str = "y",
         require_y: bool = True,
+        sample_weight: Any = None,
+        class_weight: dict | None = None,
     ):
         self.x_name, self.y_name = x_name, y_name
         batch_size = check_positive_int("batch_size", batch_size, allow_none=True)
+        if isinstance(y, WeightedTargets):  # a saved state's weighted targets
+            y, sample_weight = y
+        if sample_weight is not None and class_weight is not None:
+            raise ValueError(
+                "Arguments `sample_weight` and `class_weight` cannot both be given, as in "
+                "keras.Model.fit. Received: both. Multiply the class weights into the "
+                "sample weights instead."
+            )
+        self.class_weight = None
+        if class_weight is not None:
+            self.class_weight = weights_lib.check_class_weight(class_weight)
         if _is_dataset(x):
-            self._init_dataset(x, y, batch_size, require_y)
+            self._init_dataset(x, y, batch_size, require_y, sample_weight)
         else:
-            self._init_arrays(x, y, batch_size, require_y)
+            self._init_arrays(x, y, batch_size, require_y, sample_weight)
+        self.weighted = require_y and isinstance(self._batched.element_spec[-1], WeightedTargets)
 
     # -- construction ---------------------------------------------------------------
-    def _init_arrays(self, x, y, batch_size, require_y):
+    def _init_arrays(self, x, y, batch_size, require_y, sample_weight):
         if x is None:
             raise ValueError(f"Argument `{self.x_name}` is required. Received: {self.x_name}=None")
         x = _to_numpy_tree(x, self.x_name)
@@ -136,6 +163,9 @@ class ExampleData:
                         f"Argument `{self.y_name}` holds NaN or inf at example {bad}. "
                         f"Received: {self.y_name}[{bad}]={leaf[bad]!r}. Fix that label."
                     )
+        weights = self._array_weights(y, n, sample_weight)
+        if weights is not None:
+            y = WeightedTargets(y, weights)
         self.num_examples = int(n)
         self.batch_size = int(batch_size or DEFAULT_BATCH_SIZE)
         elements = (x, y) if y is not None else (x,)
@@ -146,7 +176,22 @@ class ExampleData:
         self._unbatched = tf.data.Dataset.from_tensor_slices(elements)
         self._batched = self._unbatched.batch(self.batch_size)
 
-    def _init_dataset(self, dataset, y, batch_size, require_y):
+    def _array_weights(self, y, n, sample_weight):
+        """The ``(n,)`` weights of ``sample_weight`` or ``class_weight``, or None."""
+        if sample_weight is None and self.class_weight is None:
+            return None
+        name = "sample_weight" if sample_weight is not None else "class_weight"
+        if y is None:
+            raise ValueError(
+                f"Argument `{name}` weighs the training targets, so `{self.y_name}` is "
+                f"required. Received: {self.y_name}=None. Pass the targets."
+            )
+        if sample_weight is not None:
+            return weights_lib.check_sample_weight(sample_weight, n)
+        weights_lib.reject_nested_targets(y)
+        return weights_lib.class_weight_to_sample_weight(y, self.class_weight)
+
+    def _init_dataset(self, dataset, y, batch_size, require_y, sample_weight=None):
         if y is not None:
             raise ValueError(
                 f"Argument `{self.y_name}` must be None when `{self.x_name}` is a "
@@ -167,8 +212,28 @@ class ExampleData:
                 )
             spec = (spec,)
             dataset = dataset.map(lambda *e: (e[0],) if len(e) == 1 else e)
-        if len(spec) == 3:  # (x, y, sample_weight): weights are not used.
+        if sample_weight is not None:
+            raise ValueError(
+                f"Argument `sample_weight` must be None when `{self.x_name}` is a "
+                "tf.data.Dataset: let the dataset yield (x, y, sample_weight). Received: "
+                f"sample_weight={describe(sample_weight)}"
+            )
+        if len(spec) >= 2:
+            check_numeric_targets(spec[1], self.y_name)
+        if len(spec) == 3 and require_y:  # (x, y, sample_weight)
+            if self.class_weight is not None:
+                raise ValueError(
+                    "Argument `class_weight` cannot be combined with a dataset that yields "
+                    f"(x, y, sample_weight). Received: element_spec={spec}. Fold the class "
+                    "weights into the sample weights."
+                )
+            dataset = dataset.map(lambda x, y, w: (x, WeightedTargets(y, tf.reshape(w, [-1]))))
+        elif len(spec) == 3:  # test points are not weighted
             dataset = dataset.map(lambda x, y, w: (x, y))
+        elif self.class_weight is not None and len(spec) == 2:
+            weights_lib.reject_nested_targets(spec[1])
+            weigh = weights_lib.class_weight_fn(self.class_weight)
+            dataset = dataset.map(lambda x, y: (x, WeightedTargets(y, weigh(y))))
         if require_y and len(dataset.element_spec) < 2:
             raise ValueError(
                 f"A dataset passed as `{self.x_name}` must yield tuples (x, y). Received: "
@@ -179,6 +244,16 @@ class ExampleData:
         for batch in dataset:
             _digest_batch(digest, batch)
             size = int(tf.shape(tf.nest.flatten(batch[0])[0])[0])
+            if len(batch) > 1 and isinstance(batch[1], WeightedTargets):
+                weights = batch[1].sample_weight.numpy()
+                if weights.size != size:
+                    raise ValueError(
+                        f"The dataset passed as `{self.x_name}` yields sample weights of shape "
+                        f"{tuple(weights.shape)} for a batch of {size} examples. Received: "
+                        "(x, y, sample_weight) with other than one weight per example. Yield "
+                        "weights of shape (batch,)."
+                    )
+                weights_lib.check_weight_values(weights, n, "sample_weight")
             for part, name in zip(batch, (self.x_name, self.y_name), strict=False):
                 for leaf in tf.nest.flatten(part):
                     bad = first_nonfinite_index(leaf.numpy())
@@ -244,6 +319,15 @@ class ExampleData:
             start += size
         rows = [found[int(i)] for i in indices]
         return tf.nest.map_structure(lambda *leaves: tf.stack(leaves), *rows)
+
+    def sample_weights(self) -> np.ndarray | None:
+        """The ``(n,)`` weights ``w_j`` of weighted training data (one pass), else None."""
+        if not self.weighted:
+            return None
+        if self.in_memory:
+            return np.asarray(self._tensors[1].sample_weight.numpy(), np.float64)
+        parts = [np.reshape(b[1].sample_weight.numpy(), [-1]) for b in self.batches()]
+        return np.concatenate(parts).astype(np.float64)
 
     @property
     def has_targets(self) -> bool:

@@ -45,22 +45,8 @@ LOSS_PSD_TOLERANCE = 1e-6
 
 
 def loss_of_outputs(objective: Objective, y: Any, y_pred: Any) -> tf.Tensor:
-    """``L(z_j)`` per example from the model's outputs ``y_pred``, shape ``(batch,)``.
-
-    The second half of ``Objective.per_example_loss`` (which calls the model first).
-    """
-    if (
-        isinstance(y, tf.Tensor)
-        and isinstance(y_pred, tf.Tensor)
-        and y.shape.rank is not None
-        and y.shape.rank == y_pred.shape.rank - 1
-        and y_pred.shape[-1] == 1
-    ):
-        y = y[..., None]  # targets (n,) for outputs (n, 1), as Keras's losses allow
-    values = tf.convert_to_tensor(objective.loss_fn(y, y_pred))
-    if values.shape.rank is not None and values.shape.rank > 1:
-        values = tf.reduce_mean(values, axis=list(range(1, values.shape.rank)))
-    return tf.cast(values, objective.dtype)
+    """``objective.loss_from_outputs(y_pred, y)``: ``w_j * L_j`` per example, ``(batch,)``."""
+    return objective.loss_from_outputs(y_pred, y)
 
 
 def check_loss_curvature(objective: Objective, batch: tuple) -> None:
@@ -86,7 +72,7 @@ def check_loss_curvature(objective: Objective, batch: tuple) -> None:
             parts = tf.split(joined, widths, axis=1)
             parts = [tf.reshape(p, tf.shape(t)) for p, t in zip(parts, flat, strict=True)]
             predictions = tf.nest.pack_sequence_as(outputs, parts)
-            total = tf.reduce_sum(loss_of_outputs(objective, y, predictions))
+            total = tf.reduce_sum(objective.loss_from_outputs(predictions, y))
         gradient = inner.gradient(total, joined)
     if gradient is None:
         return  # the loss does not depend on the outputs: G is 0 there
@@ -210,7 +196,7 @@ class GaussNewtonOperator(HessianOperator):
             with tf.GradientTape() as inner:
                 inner.watch(constants)
                 predictions = tf.nest.pack_sequence_as(outputs, constants)
-                losses = loss_of_outputs(self.objective, y, predictions)
+                losses = self.objective.loss_from_outputs(predictions, y)
                 total = tf.reduce_sum(loss_weight * losses)
             grads = inner.gradient(total, constants)
             dot = tf.add_n(

@@ -20,17 +20,16 @@ import tensorflow as tf
 
 from tf_influence._errors import describe
 from tf_influence.engine.flat import ParamLayout
-
-# Losses whose label is a class index / one-hot vector / binary decision, so
-# that ``y_test=None`` can mean "the model's own prediction".
-_SPARSE_CLASS_LOSSES = {"sparse_categorical_crossentropy", "sparse_categorical_focal_crossentropy"}
-_ONE_HOT_LOSSES = {
-    "categorical_crossentropy",
-    "categorical_focal_crossentropy",
-    "categorical_hinge",
-}
-_BINARY_LOSSES = {"binary_crossentropy", "binary_focal_crossentropy"}
-_SIGNED_BINARY_LOSSES = {"hinge", "squared_hinge"}
+from tf_influence.engine.losses import (
+    BINARY_LOSSES,
+    ONE_HOT_LOSSES,
+    SIGNED_BINARY_LOSSES,
+    SPARSE_CLASS_LOSSES,
+    OutputLosses,
+    WeightedTargets,
+    per_example_values,
+    predicted_labels_of,
+)
 
 # What ``loss=`` accepts: a keras loss object, a loss name, or a callable
 # ``(y_true, y_pred)`` returning one value per example.
@@ -93,10 +92,9 @@ def resolve_loss(
                 "or a callable(y_true, y_pred)), or call `model.compile(loss=...)` first."
             )
     if isinstance(loss, (dict, list, tuple)):
-        raise ValueError(
-            f"Models with several outputs and one loss per output are not supported yet. "
-            f"Received: {source}={describe(loss)}. Pass a single loss with `loss=` that maps "
-            "(y_true, y_pred) to one value per example."
+        raise TypeError(
+            f"Argument `{source}` here must be one loss. Received: {source}={describe(loss)}. "
+            "Losses per output are resolved one by one (see tf_influence.engine.losses)."
         )
     if isinstance(loss, str):
         try:
@@ -262,6 +260,23 @@ def _is_mixed(policy: Any) -> bool:
     return compute is not None and variable is not None and compute != variable
 
 
+def compiled_loss_weights(model: keras.Model) -> Any:
+    """The ``loss_weights`` the model was compiled with (None if none)."""
+    compiled = getattr(model, "_compile_loss", None)
+    if compiled is not None and hasattr(compiled, "_user_loss_weights"):
+        return compiled._user_loss_weights
+    config = getattr(getattr(model, "_compile_config", None), "config", None) or {}
+    return config.get("loss_weights")
+
+
+def output_names(model: keras.Model) -> list[str]:
+    """The model's output names in the order of its outputs (empty when unknown)."""
+    try:
+        return [str(name) for name in (getattr(model, "output_names", None) or [])]
+    except (AttributeError, TypeError, ValueError):
+        return []
+
+
 def variable_name(variable: keras.Variable | tf.Variable) -> str:
     """The variable's path in the model (its name on older Keras)."""
     return getattr(variable, "path", None) or variable.name
@@ -293,7 +308,7 @@ class Objective:
                 f"Parameters must be floating point. Received: dtype={self.dtype.name} for "
                 f"variable {variable_name(self.variables[0])!r}."
             )
-        self.loss_fn, self.loss_name, self.from_logits = resolve_loss(loss, model, self.dtype)
+        self._init_loss(loss)
         # Layers that compute in a lower precision than their variables (a
         # "mixed_float16" / "mixed_bfloat16" policy). Curvature in float16 is too
         # coarse, so the model is run in its variables' dtype (float32) here.
@@ -341,28 +356,74 @@ class Objective:
         """The number of scalar parameters, ``p``."""
         return self.layout.num_params
 
-    def per_example_loss(self, x: Any, y: Any) -> tf.Tensor:
-        """``L(z_j, theta)`` for each example of a batch, shape ``(batch,)``, in ``self.dtype``."""
-        y_pred = self.predict(x)
-        if (
-            isinstance(y, tf.Tensor)
-            and isinstance(y_pred, tf.Tensor)
-            and y.shape.rank is not None
-            and y.shape.rank == y_pred.shape.rank - 1
-            and y_pred.shape[-1] == 1
-        ):
-            # Targets of shape (n,) for outputs of shape (n, 1), as Keras's losses allow.
-            y = y[..., None]
-        values = tf.convert_to_tensor(self.loss_fn(y, y_pred))
-        if values.shape.rank == 0:
-            raise ValueError(
-                "The loss returned one number for the whole batch; influence needs one value "
-                f"per example. Received: loss {self.loss_name!r} returning shape (). Pass a "
-                "keras loss object or a callable that does not reduce over the batch axis."
+    def _init_loss(self, loss: Any) -> None:
+        """Sets ``loss_fn``, ``loss_name``, ``from_logits`` and ``output_losses``."""
+        spec, weights, source = loss, None, "loss"
+        if loss is None:
+            spec, source = getattr(self.model, "loss", None), "model.loss"
+            weights = compiled_loss_weights(self.model)
+        self.output_losses: OutputLosses | None = None
+        self._single_loss = spec
+        if spec is not None and (isinstance(spec, (dict, list, tuple)) or weights is not None):
+            self.output_losses = OutputLosses(
+                spec, weights, output_names(self.model), self._resolve_one, self.dtype, source
             )
-        if values.shape.rank > 1:
-            values = tf.reduce_mean(values, axis=list(range(1, values.shape.rank)))
-        return tf.cast(values, self.dtype)
+            # The combined loss: per example, traced as one (never shared with another).
+            self.loss_fn = self.output_losses
+            self.loss_name, self.from_logits = self.output_losses.name, False
+        else:
+            self.loss_fn, self.loss_name, self.from_logits = resolve_loss(
+                loss, self.model, self.dtype
+            )
+
+    def _resolve_one(self, loss: Any) -> tuple[Callable[..., tf.Tensor], str, bool]:
+        return resolve_loss(loss, self.model, self.dtype)
+
+    def output_losses_for(self, outputs: Any) -> OutputLosses | None:
+        """The per-output losses, also for one loss on a model with several outputs."""
+        if self.output_losses is None and isinstance(outputs, (dict, list, tuple)):
+            # One loss for every output, as model.compile(loss="mse") applies it.
+            self.output_losses = OutputLosses(
+                self._single_loss if self._single_loss is not None else self.loss_fn,
+                None,
+                output_names(self.model),
+                lambda _: (self.loss_fn, self.loss_name, self.from_logits),
+                self.dtype,
+            )
+        return self.output_losses
+
+    def per_example_loss(self, x: Any, y: Any) -> tf.Tensor:
+        """``w_j * L(z_j, theta)`` for each example of a batch, ``(batch,)``, in ``self.dtype``.
+
+        ``w_j`` is the example's sample (or class) weight when ``y`` is a
+        ``WeightedTargets`` (training data of ``fit(sample_weight=...)``), else 1.
+        """
+        return self.loss_from_outputs(self.predict(x), y)
+
+    def loss_from_outputs(self, outputs: Any, y: Any) -> tf.Tensor:
+        """``w_j * L_j`` per example from the model's outputs, shape ``(batch,)``.
+
+        The second half of ``per_example_loss`` (which calls the model first), for
+        curvatures that differentiate the loss with respect to the outputs
+        (Gauss-Newton). With several outputs, ``L_j`` is the weighted sum of their
+        losses (``loss_weights``), as ``model.fit`` computes it.
+
+        Args:
+            outputs: the model's outputs on a batch (a tensor, or a list/dict of them).
+            y: the targets (a tensor, a list/dict for several outputs), or
+                ``WeightedTargets(y, sample_weight)``.
+        """
+        weight = None
+        if isinstance(y, WeightedTargets):
+            y, weight = y
+        losses = self.output_losses_for(outputs)
+        if losses is not None:
+            values = losses(y, outputs)
+        else:
+            values = per_example_values(self.loss_fn, y, outputs, self.dtype, self.loss_name)
+        if weight is not None:
+            values = values * tf.cast(tf.reshape(weight, [-1]), self.dtype)
+        return values
 
     def regularization(self) -> tf.Tensor:
         """``Omega(theta)``: the sum of the weight regularizers, as ``model.fit`` adds them."""
@@ -379,28 +440,21 @@ class Objective:
             getattr(v, "regularizer", None) is not None for v in self.model.trainable_variables
         )
 
-    def predicted_labels(self, x: Any) -> tf.Tensor:
+    def predicted_labels(self, x: Any) -> Any:
         """Labels equal to the model's own prediction, in the format the loss expects.
 
+        With several outputs, a dict ``{output name: labels}`` over the outputs with a
+        loss; every one of them must have a classification loss.
+
         Raises:
-            ValueError: the loss is a regression loss (or unknown), so a "predicted
-                label" has no meaning; ``y_test`` must be given.
+            ValueError: the loss (of an output) is a regression loss (or unknown), so a
+                "predicted label" has no meaning; ``y_test`` must be given.
         """
-        name = self.loss_name
         y_pred = self.predict(x)
-        if name in _SPARSE_CLASS_LOSSES:
-            return tf.argmax(y_pred, axis=-1, output_type=tf.int32)
-        if name in _ONE_HOT_LOSSES:
-            depth = y_pred.shape[-1]
-            return tf.one_hot(tf.argmax(y_pred, axis=-1), depth, dtype=y_pred.dtype)
-        if name in _BINARY_LOSSES | _SIGNED_BINARY_LOSSES:
-            threshold = 0.0 if (self.from_logits or name in _SIGNED_BINARY_LOSSES) else 0.5
-            return tf.cast(y_pred > threshold, y_pred.dtype)
-        raise ValueError(
-            "`y_test=None` explains the model's own predicted class, which needs a "
-            f"classification loss. Received: y_test=None with loss {name!r}. Pass the "
-            "targets to explain with `y_test=`."
-        )
+        losses = self.output_losses_for(y_pred)
+        if losses is not None:
+            return losses.predicted_labels(y_pred)
+        return predicted_labels_of(self.loss_name, self.from_logits, y_pred)
 
     def check_targets(self, y: Any, num_outputs: int | None, name: str, offset: int = 0) -> None:
         """Refuses targets outside what the loss accepts, naming the first bad example.
@@ -417,35 +471,50 @@ class Objective:
             num_outputs: the size of the model output's last axis (classes), if known.
             name: the argument the targets came from, for the message.
         """
-        loss = self.loss_name
+        if isinstance(y, WeightedTargets):
+            y = y.y
         check_numeric_targets(y, name)
+        losses = self.output_losses
+        if losses is not None and losses.last_spec is not None:
+            # Several outputs: each head's targets against its own loss and width.
+            heads = losses.heads(losses.last_spec)
+            targets = losses.targets(y, losses.last_spec, name)
+            for head, width, target in zip(heads, losses.widths, targets, strict=True):
+                where = name if len(heads) == 1 else f"{name}[{head.name!r}]"
+                _check_target_range(target, head.loss_name, width, where, offset)
+            return
         if isinstance(y, (dict, list, tuple)):
-            return  # several outputs: each loss checks its own
-        values = np.asarray(y)
-        if values.size == 0:
             return
-        flat = values.reshape(values.shape[0], -1)
-        if loss in _SPARSE_CLASS_LOSSES:
-            bad = ~np.isclose(flat, np.round(flat)) | (flat < 0)
-            if num_outputs is not None:
-                bad |= flat >= num_outputs
-            allowed = f"class indices 0..{num_outputs - 1}" if num_outputs else "class indices >= 0"
-        elif loss in _ONE_HOT_LOSSES | _BINARY_LOSSES:
-            bad = (flat < 0) | (flat > 1)
-            allowed = "values in [0, 1] (one-hot or probabilities)"
-        elif loss in _SIGNED_BINARY_LOSSES:
-            bad = (flat < -1) | (flat > 1)
-            allowed = "values in [-1, 1] (or 0/1)"
-        else:
-            return
-        rows = np.flatnonzero(bad.any(axis=1))
-        if rows.size:
-            row = int(rows[0])
-            value = flat[row][bad[row]][0].item()
-            raise ValueError(
-                f"Argument `{name}` holds {value!r} at example {offset + row}, which the loss "
-                f"{loss!r} cannot take. Received: {name}[{offset + row}]={values[row].tolist()!r}; "
-                f"allowed: {allowed}"
-                + (f" for a model with {num_outputs} outputs" if num_outputs else "")
-                + ". Fix the label, or use the loss that matches its encoding."
-            )
+        _check_target_range(y, self.loss_name, num_outputs, name, offset)
+
+
+def _check_target_range(y: Any, loss: str, num_outputs: int | None, name: str, offset: int) -> None:
+    """``check_targets`` for one loss and its targets (a numpy array)."""
+    values = np.asarray(y)
+    if values.size == 0:
+        return
+    flat = values.reshape(values.shape[0], -1)
+    if loss in SPARSE_CLASS_LOSSES:
+        bad = ~np.isclose(flat, np.round(flat)) | (flat < 0)
+        if num_outputs is not None:
+            bad |= flat >= num_outputs
+        allowed = f"class indices 0..{num_outputs - 1}" if num_outputs else "class indices >= 0"
+    elif loss in ONE_HOT_LOSSES | BINARY_LOSSES:
+        bad = (flat < 0) | (flat > 1)
+        allowed = "values in [0, 1] (one-hot or probabilities)"
+    elif loss in SIGNED_BINARY_LOSSES:
+        bad = (flat < -1) | (flat > 1)
+        allowed = "values in [-1, 1] (or 0/1)"
+    else:
+        return
+    rows = np.flatnonzero(bad.any(axis=1))
+    if rows.size:
+        row = int(rows[0])
+        value = flat[row][bad[row]][0].item()
+        raise ValueError(
+            f"Argument `{name}` holds {value!r} at example {offset + row}, which the loss "
+            f"{loss!r} cannot take. Received: {name}[{offset + row}]={values[row].tolist()!r}; "
+            f"allowed: {allowed}"
+            + (f" for a model with {num_outputs} outputs" if num_outputs else "")
+            + ". Fix the label, or use the loss that matches its encoding."
+        )

@@ -34,6 +34,7 @@ from tf_influence.engine.data import ExampleData
 from tf_influence.engine.gradients import PerExampleGradients
 from tf_influence.engine.objective import Objective
 from tf_influence.engine.settings import Settings
+from tf_influence.engine.weights import unweigh
 from tf_influence.solvers.base import Diagnostics, LowRankInverse, Solver
 
 _Result = TypeVar("_Result", covariant=True)
@@ -121,6 +122,7 @@ class FittedState:
         first = data.first_batch()  # one read of the data for the checks below
         self._outputs = checks.num_outputs(objective, first[0])
         checks.check_targets(objective, data, "y", self._outputs)
+        checks.check_class_weight(data, self._outputs)
         checks.check_batch(objective, first, "x", "y", check_gradients=True)
         self.gradients.check_factored(*first[:2])
         if strategy is not None:
@@ -476,11 +478,17 @@ class FittedState:
         return sink.result()
 
     def self_influence(self, verbose: int = 0) -> np.ndarray:
-        """``grad L(z_j)^T @ inv(H) @ grad L(z_j)`` for every training example, ``(n_train,)``."""
+        """``grad L(z_j)^T @ inv(H) @ grad L(z_j)`` for every training example, ``(n_train,)``.
+
+        With sample weights, ``w_j * grad L(z_j)^T @ inv(H) @ grad L(z_j)``: the
+        training side is ``w_j L_j``, the test side the example's own loss ``L_j``,
+        so it equals ``-diag(explain(x_train, y_train))``.
+        """
         dtype = self.objective.dtype.as_numpy_dtype
         if self.index is not None:  # sum_r (basis^T g_j)_r^2 * inverse_values_r
             weights = self.low_rank().inverse_values
-            return tf.reduce_sum(self.index**2 * weights[None, :], axis=1).numpy().astype(dtype)
+            values = tf.reduce_sum(self.index**2 * weights[None, :], axis=1).numpy()
+            return unweigh(values, self.data.sample_weights()).astype(dtype)
         values, diagnostics = [], []
         progress = Progress(self.data.num_batches(), verbose, "Self-influence")
         for step, batch in enumerate(self.data.batches(), start=1):
@@ -494,7 +502,7 @@ class FittedState:
         if diagnostics:
             self.diagnostics = self.described(merge_diagnostics(diagnostics))
             self.warn_if_unconverged(self.diagnostics, "training points")
-        result = np.concatenate(values).astype(dtype)
+        result = unweigh(np.concatenate(values), self.data.sample_weights()).astype(dtype)
         raise_at_first_nonfinite(
             np.isfinite(result),
             0,
