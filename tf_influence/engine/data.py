@@ -22,7 +22,7 @@ from tf_influence._errors import describe, first_nonfinite_index
 from tf_influence._validation import check_positive_int
 from tf_influence.engine import weights as weights_lib
 from tf_influence.engine.losses import WeightedTargets
-from tf_influence.engine.objective import check_numeric_targets
+from tf_influence.engine.targets import check_numeric_targets
 
 DEFAULT_BATCH_SIZE = 32
 
