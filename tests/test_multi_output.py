@@ -252,6 +252,29 @@ def test_targets_that_miss_a_head_are_refused(float64):
         im.fit(x, bad, verbose=0)
 
 
+def test_output_without_a_loss_is_named_when_its_layer_is_analysed(float64):
+    model = three_heads()
+    model.compile(**COMPILED["dict, None, dict weights"]())
+    x, targets, _ = data()
+    im = tfi.InfluenceModel(model)
+    with pytest.raises(ValueError, match=r"aux/kernel.*outputs without a loss: \['aux'\].*params="):
+        im.fit(x, targets, verbose=0)
+
+
+def test_dataset_with_dict_targets_and_weights_equals_arrays(float64):
+    model = three_heads()
+    model.compile(**COMPILED["dict, None, dict weights"]())
+    x, targets, weights = data()
+    y = {k: targets[k] for k in ("cls", "reg")}
+    im = tfi.InfluenceModel(model, params=ANALYSED)
+    im.compile("exact", damping=0.1, curvature="gauss_newton")
+    expected = im.fit(x, y, batch_size=8, sample_weight=weights, verbose=0)
+    expected = expected.explain(x[:3], {k: v[:3] for k, v in y.items()}, verbose=0)
+    dataset = tf.data.Dataset.from_tensor_slices((x, y, weights)).batch(8)
+    scores = im.fit(dataset, verbose=0).explain(x[:3], {k: v[:3] for k, v in y.items()}, verbose=0)
+    np.testing.assert_allclose(scores, expected, rtol=1e-10, atol=1e-14)
+
+
 def test_bad_loss_specs_are_refused(float64):
     model = three_heads()
     with pytest.raises(ValueError, match=r"names outputs the model does not have: \['klass'\]"):

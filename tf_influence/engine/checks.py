@@ -124,9 +124,21 @@ def check_batch(
         if missing:
             raise ValueError(
                 f"These parameters get no gradient from the loss: {missing}. Received: "
-                "params including variables the loss does not depend on. Exclude them "
-                "with `params=` (layers, layer names or variables to analyse)."
+                "params including variables the loss does not depend on"
+                + _outputs_without_loss(objective, y_pred)
+                + ". Exclude them with `params=` (layers, layer names or variables to "
+                "analyse)."
             )
+
+
+def _outputs_without_loss(objective: Objective, y_pred: Any) -> str:
+    """``" (outputs without a loss: [...])"`` for a model with several outputs, else ``""``."""
+    losses = objective.output_losses_for(y_pred)
+    if losses is None or isinstance(y_pred, tf.Tensor):
+        return ""
+    with_loss = {head.name for head in losses.heads(y_pred)}
+    names = [name for name in losses.output_names_of(y_pred) if name not in with_loss]
+    return f" (outputs without a loss: {names})" if names else ""
 
 
 def check_target_function(target: Callable, objective: Objective, x: Any) -> None:

@@ -199,6 +199,10 @@ class OutputLosses:
         return text
 
     # -- structure --------------------------------------------------------------------
+    def output_names_of(self, outputs: Any) -> list[str]:
+        """The names of all outputs (with a loss or not), in ``tf.nest.flatten`` order."""
+        return self._names(outputs)
+
     def _names(self, outputs: Any) -> list[str]:
         flat = tf.nest.flatten(outputs)
         if isinstance(outputs, dict):
