@@ -1,6 +1,7 @@
 """Solvers against tf.linalg.solve on the dense matrix, and their guards."""
 
 import math
+import weakref
 
 import keras
 import numpy as np
@@ -194,6 +195,9 @@ def test_auto_recycle_keeps_more_directions_when_products_cost_more(operator, mo
     # An explicit number is a cap; flops that cannot be counted fall back.
     assert CG(recycle=3)._recycle_capacity(operator) == 3
     monkeypatch.setattr(tf.compat.v1.profiler, "profile", lambda *a, **k: 1 / 0)
+    # (A new operator on the same model finds the count of the first: forget it.)
+    monkeypatch.setattr(tfi.solvers.recycling, "_FLOPS", weakref.WeakKeyDictionary())
+    monkeypatch.setattr(HessianOperator, "share_values", False)
     fresh = HessianOperator(operator.objective, operator.data, operator.damping)
     assert cg.forward_flops(fresh) is None
     assert CG()._recycle_capacity(fresh) == min(cg.RECYCLE_FALLBACK, p // 2)

@@ -11,6 +11,7 @@ from conftest import dense_hessian, make_mlp
 
 import tf_influence as tfi
 from tf_influence.engine import compile as compile_lib
+from tf_influence.engine import curvature as curvature_lib
 from tf_influence.engine.curvature import HessianOperator
 from tf_influence.engine.data import ExampleData
 
@@ -174,9 +175,9 @@ def test_second_model_shares_values_only_for_the_same_weights_data_and_damping(
     solver = tfi.solvers.CG(tol=1e-10)
     first, _ = explain(mlp, x, y, x[:6], y[:6], solver=solver)
     assert first.diagnostics.info["recycled_directions"] == 0
-    second, scores = explain(mlp, x, y, x[:6], y[:6], solver=solver)
+    second, scores = explain(mlp, x, y, x[6:12], y[6:12], solver=solver)  # new test points
     assert second.diagnostics.info["recycled_directions"] > 0
-    reference = reference_scores(mlp, x, y, x[:6], y[:6], 0.5)
+    reference = reference_scores(mlp, x, y, x[6:12], y[6:12], 0.5)
     np.testing.assert_allclose(scores, reference, rtol=1e-6, atol=1e-10)
     for change in ("damping", "data", "weights"):
         damping, other_x = 0.5, x
@@ -192,9 +193,42 @@ def test_second_model_shares_values_only_for_the_same_weights_data_and_damping(
         np.testing.assert_allclose(scores, reference, rtol=1e-6, atol=1e-10)
 
 
-def test_values_are_not_shared_by_default(mlp, blobs):
+def test_second_model_finds_the_solutions_of_the_first(mlp, blobs, monkeypatch):
+    """Shared by default: the same test points on a second InfluenceModel are not solved
+    again (identical scores); new ones start from the recycled directions; a target
+    function (keyed by its id) always solves again."""
     x, y = blobs
     solver = tfi.solvers.CG(tol=1e-10)
+    first, expected = explain(mlp, x, y, x[:6], y[:6], solver=solver)
+    calls = []
+    solve = tfi.solvers.CG.solve
+    monkeypatch.setattr(tfi.solvers.CG, "solve", lambda *a: calls.append(1) or solve(*a))
+    second, scores = explain(mlp, x, y, x[:6], y[:6], solver=tfi.solvers.CG(tol=1e-10))
+    assert calls == []
+    np.testing.assert_array_equal(scores, expected)
+    other = second.explain(x[6:12], y[6:12], verbose=0)
+    assert calls == [1] and second.diagnostics.info["recycled_directions"] > 0
+    reference = reference_scores(mlp, x, y, x[6:12], y[6:12], 0.5)
+    np.testing.assert_allclose(other, reference, rtol=1e-6, atol=1e-10)
+    # Another solver configuration has solutions of its own.
+    explain(mlp, x, y, x[:6], y[:6], solver=tfi.solvers.CG(tol=1e-9))
+    assert calls == [1, 1]
+
+
+def test_values_are_not_shared_when_switched_off_or_too_large(mlp, blobs, monkeypatch):
+    x, y = blobs
+    solver = tfi.solvers.CG(tol=1e-10)
+    monkeypatch.setattr(HessianOperator, "share_values", False)
     explain(mlp, x, y, x[:6], y[:6], solver=solver)
     second, _ = explain(mlp, x, y, x[:6], y[:6], solver=solver)
     assert second.diagnostics.info["recycled_directions"] == 0
+    monkeypatch.setattr(HessianOperator, "share_values", True)
+    # A dense H over the size limit stays with its operator.
+    monkeypatch.setattr(curvature_lib, "SHARED_VALUE_BYTES", 1000)
+    first, _ = explain(mlp, x, y, x[:2], y[:2], damping=0.31)
+    second, _ = explain(mlp, x, y, x[:2], y[:2], damping=0.31)
+    assert first.operator.dense() is not second.operator.dense()
+    monkeypatch.setattr(curvature_lib, "SHARED_VALUE_BYTES", 2**40)
+    first, _ = explain(mlp, x, y, x[:2], y[:2], damping=0.32)
+    second, _ = explain(mlp, x, y, x[:2], y[:2], damping=0.32)
+    assert first.operator.dense() is second.operator.dense()

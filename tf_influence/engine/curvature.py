@@ -54,6 +54,9 @@ DENSE_CHUNK = 128
 # damping and weights: {model: {key: {cache key: value}}}, the latest few keys.
 _VALUES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 SHARED_VALUE_SETS = 2
+# A value larger than this when made (a dense H of more than ~5,800 parameters, its
+# factor) stays with its operator: sharing would keep it alive as long as the model.
+SHARED_VALUE_BYTES = 256 * 2**20
 
 HVP_MODES = ("reverse_over_reverse", "forward_over_reverse")
 # "auto" picks this one: benchmarks/run.py measures both side by side; on the digits
@@ -99,15 +102,18 @@ class HessianOperator:
         num_params: p, the side of the (p, p) operator.
         num_examples: n, the number of training examples.
         dtype: the dtype of vectors it acts on (the parameters' dtype).
-        share_values: a class attribute, False by default. When True, ``cached``
-            shares plain values (a dense H, its factor, CG's recycled directions)
-            between operators of the same model, configuration, training data,
-            damping and weights, so a second ``InfluenceModel`` starts from the
-            first's recycled directions (answers within the solver's tolerance, as a
-            second ``explain`` on one model). Off, every fresh operator starts empty.
+        share_values: a class attribute, True by default: ``cached`` shares plain
+            values of up to ``SHARED_VALUE_BYTES`` (CG's recycled directions, the
+            solutions of test batches, a small dense H and its factor) between
+            operators of the same model, configuration, training data, damping and
+            weights, so a second ``InfluenceModel`` (a notebook cell run again)
+            finds the solutions of the first and starts its solves from the first's
+            recycled directions (answers within the solver's tolerance, as a second
+            ``explain`` on one model). Set it to False for every fresh operator to
+            start empty.
     """
 
-    share_values = False
+    share_values = True
     # The curvature's name in ``compile(curvature=...)`` and in the shared-trace key.
     kind = "hessian"
     # Whether the curvature is positive semi-definite by construction (``damping="auto"``
@@ -203,12 +209,13 @@ class HessianOperator:
     def cached(self, key: Hashable, make: Callable[[], Any]) -> Any:
         """Memoises ``make()`` on this operator (until ``clear_cache``).
 
-        With ``share_values`` on, plain values (tensors, arrays, numbers, and objects
-        made only of those, such as CG's recycled directions) are shared with every
-        operator of the same model, configuration, training data, damping and weights:
-        a second ``InfluenceModel`` on them finds the dense H, its factor or the
-        recycled directions of the first. Functions and operators always stay on this
-        operator (they hold it, and so the model).
+        With ``share_values`` on (the default), plain values (tensors, arrays,
+        numbers, and objects made only of those, such as CG's recycled directions)
+        of up to ``SHARED_VALUE_BYTES`` are shared with every operator of the same
+        model, configuration, training data, damping and weights: a second
+        ``InfluenceModel`` on them finds the solutions, a small dense H, its factor
+        or the recycled directions of the first. Functions and operators always
+        stay on this operator (they hold it, and so the model).
         """
         if key in self._cache:
             return self._cache[key]
@@ -217,7 +224,7 @@ class HessianOperator:
             value = shared[key]
         else:
             value = make()
-            if shared is not None and _plain(value):
+            if shared is not None and _plain(value) and _bytes(value) <= SHARED_VALUE_BYTES:
                 shared[key] = value
         self._cache[key] = value
         return value
@@ -575,6 +582,20 @@ def make_operator(
     """
     kind = curvatures()[check_curvature(curvature)]
     return kind(objective, data, damping, hvp, jit_compile, strategy)
+
+
+def _bytes(value, depth: int = 0) -> int:
+    """The bytes of the tensors and arrays a plain value (``_plain``) holds."""
+    if isinstance(value, (np.ndarray, tf.Tensor)):
+        return int(np.prod(value.shape)) * value.dtype.size
+    if depth > 3:
+        return 0
+    if isinstance(value, (tuple, list)):
+        return sum(_bytes(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return sum(_bytes(v, depth + 1) for v in value.values())
+    fields = getattr(value, "__dict__", None)
+    return 0 if fields is None else sum(_bytes(v, depth + 1) for v in fields.values())
 
 
 def _plain(value, depth: int = 0) -> bool:

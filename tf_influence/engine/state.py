@@ -109,7 +109,8 @@ class FittedState:
         self.data = data
         self.strategy = strategy
         self.gradients = PerExampleGradients(objective, settings.scoring, settings.jit_compile)
-        self.solutions = SolutionCache()
+        # Solutions for ``target=`` functions, keyed by the function's id: this model's own.
+        self._target_solutions = SolutionCache()
         self.diagnostics: Diagnostics | None = None
         self.operator: HessianOperator | None = None
         self.index: tf.Tensor | None = None
@@ -139,6 +140,19 @@ class FittedState:
     @property
     def solver(self) -> Solver:
         return self.settings.solver
+
+    @property
+    def solutions(self) -> SolutionCache:
+        """The inverse-HVP vectors of test batches (of the loss), keyed by the batch.
+
+        Kept on the operator for this solver configuration: dropped when the
+        weights change, and shared with every ``InfluenceModel`` on the same model,
+        configuration, training data, damping and weights (see
+        ``HessianOperator.cached``), so a new one explains the same test points
+        without solving again.
+        """
+        key = ("solutions", type(self.solver).__name__, repr(self.solver.get_config()))
+        return self.operator.cached(key, SolutionCache)
 
     @property
     def damping(self) -> float:
@@ -187,7 +201,7 @@ class FittedState:
             self.spectrum = damping_lib.estimate(self.operator)
             self.operator.set_damping(self.spectrum.damping)
             self.settings = dataclasses.replace(requested, damping=self.spectrum.damping)
-        self.solutions.clear()
+        self._target_solutions.clear()
         self._relative = None
         self._features = {}
         self.weights_fingerprint = weights_fingerprint(self.objective.model.weights)
@@ -349,7 +363,8 @@ class FittedState:
         offset = 0
         for step, batch in enumerate(tests.batches(), start=1):
             key, gradients = self.test_gradients(batch, target, check=step == 1, offset=offset)
-            cached = self.solutions.get(key)
+            cache = self.solutions if target is None else self._target_solutions
+            cached = cache.get(key)
             if cached is None:
                 grads = gradients()
                 raise_at_first_nonfinite(
@@ -359,7 +374,7 @@ class FittedState:
                     "test example {index} of `x_test`. Check that example and its target.",
                 )
                 cached = self.solver.solve(self.operator, tf.transpose(grads))
-                self.solutions.put(key, *cached)
+                cache.put(key, *cached)
             solution, diag = cached
             solutions.append(solution)
             diagnostics.append(diag)

@@ -12,6 +12,7 @@ and its small helpers, each compiled once per dtype.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +35,9 @@ RECYCLE_NOVELTY = 0.1
 RECYCLE_PER_FLOP = 0.09
 # recycle="auto" when the forward flops cannot be counted.
 RECYCLE_FALLBACK = 256
+
+# model -> {(trace key, example specs): forward flops}, see ``forward_flops``.
+_FLOPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def recycle_capacity(operator: CurvatureOperator, recycle: int | str, budget: int) -> int:
@@ -65,7 +69,8 @@ def forward_flops(operator: CurvatureOperator) -> float | None:
     """Flops of the per-example loss on one training example, or None if not countable.
 
     Counted by TensorFlow's profiler on the graph of one example (matrix products
-    and convolutions; elementwise work is left out). Cached on the operator.
+    and convolutions; elementwise work is left out). Cached on the operator, and per
+    model (weakly) for every operator of the same configuration.
     """
 
     def count() -> float | None:
@@ -73,6 +78,25 @@ def forward_flops(operator: CurvatureOperator) -> float | None:
             first = operator.data.first_batch()
             one = tf.nest.map_structure(lambda t: tf.convert_to_tensor(t)[:1], tuple(first))
             specs = tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape, t.dtype), one)
+        except Exception:  # noqa: BLE001 - any failure only means "use the fallback"
+            return None
+        # The same model, configuration and example shapes count the same flops: a
+        # new InfluenceModel on the model does not trace the loss again to count them.
+        trace_key = getattr(operator, "trace_key", None)
+        model = getattr(operator.objective, "model", None)
+        if trace_key is None or model is None:
+            return count_for(specs)
+        try:
+            known = _FLOPS.setdefault(model, {})
+        except TypeError:  # a model that cannot be weakly referenced
+            return count_for(specs)
+        key = (trace_key, repr(specs))
+        if key not in known:
+            known[key] = count_for(specs)
+        return known[key]
+
+    def count_for(specs: Any) -> float | None:
+        try:
             objective = operator.objective
             y_spec = specs[1] if len(specs) > 1 else None
             graph = (
