@@ -305,6 +305,7 @@ def test_bad_class_weights_are_refused(problem):
         im.fit(bad, verbose=0)
 
 
+@pytest.mark.slow
 def test_weights_under_a_strategy(problem, strategy):
     x, y, w, theta, x_test, y_test = problem
     expected = _fitted(theta, x, y, sample_weight=w)
@@ -323,6 +324,7 @@ def test_weights_under_a_strategy(problem, strategy):
     )
 
 
+@pytest.mark.slow
 def test_loo_check_removes_the_whole_weighted_term(problem):
     x, y, w, theta, x_test, y_test = problem
     im = _fitted(theta, x, y, sample_weight=w)
