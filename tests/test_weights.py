@@ -337,3 +337,21 @@ def test_loo_check_removes_the_whole_weighted_term(problem):
         refit = ex.logistic_newton(x, y, L2, weights=weights, theta0=theta)
         actual.append(ex.logistic_loss(refit, x_test[:1], y_test[:1])[0] - base[0])
     np.testing.assert_allclose(check.actual, actual, atol=1e-4 * np.abs(actual).max())
+
+
+@pytest.mark.parametrize(
+    ("solver", "tolerance"),
+    [
+        (tfi.solvers.CG(tol=1e-12), 1e-7),
+        (tfi.solvers.Arnoldi(rank=4, seed=0), 1e-7),
+        (tfi.solvers.LiSSA(recursion_depth=300, num_repeats=4, batch_size=30, seed=0), 0.1),
+    ],
+    ids=["cg", "arnoldi", "lissa"],
+)
+def test_every_solver_sees_the_weights(problem, solver, tolerance):
+    """LiSSA samples weighted batches; CG and Arnoldi use the weighted products."""
+    x, y, w, theta, x_test, y_test = problem
+    im = _fitted(theta, x, y, solver=solver, sample_weight=w)
+    reference, _ = _closed_form(theta, x, y, w, x_test, y_test)
+    scores = im.explain(x_test, y_test[:, None], verbose=0)
+    np.testing.assert_allclose(scores, reference, atol=tolerance * np.abs(reference).max())
