@@ -16,8 +16,14 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m tf_influence demo
 
+# One pytest process keeps about one core busy (tracing and Python run on one thread),
+# so the suite runs in one worker per core, at most 4 (pytest-xdist); the tests of a
+# file stay in one worker, which builds that file's fixtures once. TEST_WORKERS=0 runs
+# it in this process. The slowest tests are listed at the end.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && echo 4 || echo $$n)
+
 test: $(STAMP)
-	$(PY) -m pytest -ra
+	$(PY) -m pytest -ra -n $(TEST_WORKERS) --dist loadfile --durations=20
 
 docs: $(STAMP)
 	$(PY) -m mkdocs build --strict --site-dir site
