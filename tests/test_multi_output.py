@@ -98,6 +98,23 @@ def test_loss_is_what_keras_computes(float64, compiled, weighted):
     assert _objective_value(im, x, pair, weights) == pytest.approx(float(expected), rel=1e-12)
 
 
+def test_loss_weights_with_an_explicit_loss(float64):
+    model = three_heads()
+    model.compile(**COMPILED["dict, None, dict weights"]())
+    x, targets, _ = data()
+    y = {k: targets[k] for k in ("cls", "reg")}
+    compiled = tfi.engine.Objective(model, params=ANALYSED)
+    explicit = tfi.engine.Objective(
+        model,
+        loss={"cls": sparse(), "reg": "mse"},
+        params=ANALYSED,
+        loss_weights={"cls": 1.0, "reg": 0.5},
+    )
+    np.testing.assert_allclose(
+        explicit.per_example_loss(x, y).numpy(), compiled.per_example_loss(x, y).numpy()
+    )
+
+
 def test_one_loss_for_every_output(float64):
     keras.utils.set_random_seed(0)
     inputs = keras.Input((4,))

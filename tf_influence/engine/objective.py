@@ -227,6 +227,9 @@ class Objective:
         loss: keras loss object, name or callable ``(y_true, y_pred)``; ``None`` uses
             ``model.loss``.
         params: ``None`` for all trainable weights, or layers / layer names / variables.
+        loss_weights: weights of the outputs' losses (a float, list or dict), as
+            ``model.compile`` takes them; ``None`` uses the model's when ``loss`` is
+            None too, else none.
     """
 
     def __init__(
@@ -234,6 +237,7 @@ class Objective:
         model: keras.Model,
         loss: LossLike | None = None,
         params: ParamsLike | None = None,
+        loss_weights: Any = None,
     ):
         check_model(model)
         self.model = model
@@ -245,7 +249,7 @@ class Objective:
                 f"Parameters must be floating point. Received: dtype={self.dtype.name} for "
                 f"variable {variable_name(self.variables[0])!r}."
             )
-        self._init_loss(loss)
+        self._init_loss(loss, loss_weights)
         # Layers that compute in a lower precision than their variables (a
         # "mixed_float16" / "mixed_bfloat16" policy). Curvature in float16 is too
         # coarse, so the model is run in its variables' dtype (float32) here.
@@ -293,12 +297,13 @@ class Objective:
         """The number of scalar parameters, ``p``."""
         return self.layout.num_params
 
-    def _init_loss(self, loss: Any) -> None:
+    def _init_loss(self, loss: Any, loss_weights: Any) -> None:
         """Sets ``loss_fn``, ``loss_name``, ``from_logits`` and ``output_losses``."""
-        spec, weights, source = loss, None, "loss"
+        spec, weights, source = loss, loss_weights, "loss"
         if loss is None:
             spec, source = getattr(self.model, "loss", None), "model.loss"
-            weights = compiled_loss_weights(self.model)
+            if weights is None:
+                weights = compiled_loss_weights(self.model)
         self.output_losses: OutputLosses | None = None
         self._single_loss = spec
         if spec is not None and (isinstance(spec, (dict, list, tuple)) or weights is not None):
