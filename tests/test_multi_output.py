@@ -304,3 +304,23 @@ def test_bad_loss_specs_are_refused(float64):
         )
     with pytest.raises(ValueError, match="No output has a loss"):
         tfi.InfluenceModel(model, loss=[None, None, None])
+
+
+def test_scoring_paths_and_batch_size_agree_with_weights(float64):
+    """Per-example gradients and forward-mode scoring, two heads, weighted, two batch sizes."""
+    model = three_heads(seed=2)
+    model.compile(**COMPILED["list, None, list weights"]())
+    x, targets, weights = data(seed=2)
+    y = {k: targets[k] for k in ("cls", "reg")}
+    tests = {k: v[:4] for k, v in y.items()}
+    results = []
+    for scoring, batch_size in (("jacobian", 5), ("jvp", 8)):
+        im = tfi.InfluenceModel(model, params=ANALYSED)
+        im.compile("exact", damping=0.1, curvature="gauss_newton", scoring=scoring)
+        im.fit(x, y, batch_size=batch_size, sample_weight=weights, verbose=0)
+        results.append((im.explain(x[:4], tests, verbose=0), im.self_influence(verbose=0)))
+    for first, second in zip(*results, strict=True):
+        np.testing.assert_allclose(second, first, rtol=1e-9, atol=1e-12)
+    # Self-influence is the diagonal of the training set explained as test points.
+    diagonal = -np.diag(im.explain(x, y, verbose=0))
+    np.testing.assert_allclose(results[1][1], diagonal, rtol=1e-9, atol=1e-12)
