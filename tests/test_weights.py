@@ -344,7 +344,10 @@ def test_loo_check_removes_the_whole_weighted_term(problem):
     [
         (tfi.solvers.CG(tol=1e-12), 1e-7),
         (tfi.solvers.Arnoldi(rank=4, seed=0), 1e-7),
-        (tfi.solvers.LiSSA(recursion_depth=300, num_repeats=4, batch_size=30, seed=0), 0.1),
+        (
+            tfi.solvers.LiSSA(recursion_depth=300, num_repeats=4, batch_size=30, seed=0, tol=0.2),
+            0.1,
+        ),
     ],
     ids=["cg", "arnoldi", "lissa"],
 )
