@@ -15,7 +15,7 @@ from conftest import dense_hessian, make_mlp
 import tf_influence as tfi
 from tf_influence.engine import ExampleData, Objective
 from tf_influence.engine.curvature import make_operator
-from tf_influence.engine.gauss_newton import GaussNewtonOperator, loss_of_outputs
+from tf_influence.engine.gauss_newton import GaussNewtonOperator
 
 
 def dense_ggn(objective, x, y):
@@ -32,7 +32,7 @@ def dense_ggn(objective, x, y):
         outer.watch(z)
         with tf.GradientTape() as inner:
             inner.watch(z)
-            total = tf.reduce_sum(loss_of_outputs(objective, tf.constant(y), z))
+            total = tf.reduce_sum(objective.loss_from_outputs(z, tf.constant(y)))
         grad = inner.gradient(total, z)
     loss_hessians = outer.batch_jacobian(grad, z).numpy()  # (n, o, o)
     ggn = np.einsum("nap,nab,nbq->pq", jac, loss_hessians, jac) / n

@@ -113,6 +113,26 @@ def test_loss_weights_with_an_explicit_loss(float64):
     np.testing.assert_allclose(
         explicit.per_example_loss(x, y).numpy(), compiled.per_example_loss(x, y).numpy()
     )
+    # The front doors pass `loss_weights=` on: InfluenceModel, TracIn, the callback.
+    loss = {"cls": sparse(), "reg": "mse"}
+    im = tfi.InfluenceModel(model, loss=loss, params=ANALYSED, loss_weights={"reg": 0.5})
+    tracin = tfi.TracIn(model, [(model.get_weights(), 1.0)], loss, ANALYSED, {"reg": 0.5})
+    for objective in (im.objective, tracin.objective):
+        np.testing.assert_allclose(
+            objective.per_example_loss(x, y).numpy(), compiled.per_example_loss(x, y).numpy()
+        )
+    unweighted = tfi.InfluenceModel(model, loss=loss, params=ANALYSED).objective
+    assert not np.allclose(
+        unweighted.per_example_loss(x, y).numpy(), compiled.per_example_loss(x, y).numpy()
+    )
+    callback = tfi.callbacks.InfluenceCallback(
+        x, y, loss=loss, params=ANALYSED, loss_weights={"reg": 0.5}
+    )
+    callback.set_model(model)
+    np.testing.assert_allclose(
+        callback._influence_model().objective.per_example_loss(x, y).numpy(),
+        compiled.per_example_loss(x, y).numpy(),
+    )
 
 
 def test_one_loss_for_every_output(float64):
@@ -324,3 +344,15 @@ def test_scoring_paths_and_batch_size_agree_with_weights(float64):
     # Self-influence is the diagonal of the training set explained as test points.
     diagonal = -np.diag(im.explain(x, y, verbose=0))
     np.testing.assert_allclose(results[1][1], diagonal, rtol=1e-9, atol=1e-12)
+
+
+def test_export_of_several_outputs_is_refused_clearly(float64, tmp_path):
+    model = three_heads()
+    model.compile(**COMPILED["dict, None, dict weights"]())
+    x, targets, _ = data()
+    im = tfi.InfluenceModel(model, params=ANALYSED)
+    im.compile(solver=tfi.solvers.Arnoldi(rank=4, seed=0), damping=0.1)
+    im.fit(x, targets, verbose=0)
+    with pytest.raises(ValueError, match=r"`export` serves models with one output.*3 outputs"):
+        im.export(tmp_path / "served")
+    assert not (tmp_path / "served").exists()

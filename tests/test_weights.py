@@ -358,3 +358,25 @@ def test_every_solver_sees_the_weights(problem, solver, tolerance):
     reference, _ = _closed_form(theta, x, y, w, x_test, y_test)
     scores = im.explain(x_test, y_test[:, None], verbose=0)
     np.testing.assert_allclose(scores, reference, atol=tolerance * np.abs(reference).max())
+
+
+def test_loo_check_gives_a_custom_retrain_the_weights_of_the_kept_examples(problem):
+    x, y, w, theta, x_test, y_test = problem
+    im = _fitted(theta, x, y, sample_weight=w)
+    with pytest.raises(TypeError, match=r"`retrain` must take a `sample_weight` keyword"):
+        tfi.evaluation.loo_check(im, x_test[:1], y_test[:1, None], 2, lambda m, x, y: None)
+    seen = []
+
+    def retrain(model, x_kept, y_kept, sample_weight=None):
+        seen.append((len(x_kept), np.asarray(y_kept), np.asarray(sample_weight)))
+
+    check = tfi.evaluation.loo_check(
+        im, x_test[:1], y_test[:1, None], n_points=2, retrain=retrain, verbose=0
+    )
+    (n_all, y_all, w_all), *removed = seen
+    assert n_all == len(x)
+    np.testing.assert_array_equal(w_all, w)
+    np.testing.assert_array_equal(y_all, np.asarray(y).reshape(y_all.shape))
+    for (size, _, kept), j in zip(removed, check.indices, strict=True):
+        assert size == len(x) - 1
+        np.testing.assert_array_equal(kept, np.delete(w, j))

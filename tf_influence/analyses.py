@@ -1,5 +1,6 @@
 """``InfluenceModel``'s analyses beyond a score matrix, and its saved forms.
 
+``inverse_hvp_tests``, ``self_influence``, ``top_k`` (through ``explain``),
 ``predict_removal`` (groups), ``explain_perturbation``, ``export`` (TF Serving)
 and ``save``. ``InfluenceModel`` inherits them, as a Keras ``Model`` inherits
 ``fit`` from its trainer; each checks its arguments and hands the fitted state to
@@ -12,12 +13,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+import tensorflow as tf
 
 from tf_influence._progress import resolve_verbose
 from tf_influence.distribute import translate_worker_errors
 from tf_influence.engine.state import FittedState
 from tf_influence.export import export_model
 from tf_influence.groups import predict_removal
+from tf_influence.outputs import TopK, check_k
 from tf_influence.perturbation import explain_perturbation
 from tf_influence.saving import save_state
 
@@ -30,6 +33,76 @@ class Analyses:
 
     def get_compile_config(self) -> dict[str, Any]:  # InfluenceModel's
         raise NotImplementedError
+
+    def explain(self, *args: Any, **kwargs: Any) -> Any:  # InfluenceModel's
+        raise NotImplementedError
+
+    @translate_worker_errors
+    def inverse_hvp_tests(
+        self,
+        x_test: Any,
+        y_test: Any = None,
+        batch_size: int | None = None,
+        verbose: str | int = "auto",
+        target: Callable | None = None,
+    ) -> tf.Tensor:
+        """``inv(H) @ grad L(z_test_i)`` for every test point, shape ``(num_params, n_test)``.
+
+        ``y_test=None`` uses the model's predicted class as the target. With
+        ``target=fn``, ``grad fn(model, x_test_i)`` replaces the loss gradient (see
+        ``explain``). Solutions are cached per test batch (up to 512 MiB), so
+        explaining the same test points again does not solve again; ``compile`` and
+        ``fit`` clear the cache.
+        """
+        state = self._current("explain")
+        return state.inverse_hvp_tests(x_test, y_test, batch_size, resolve_verbose(verbose), target)
+
+    @translate_worker_errors
+    def self_influence(self, verbose: str | int = "auto") -> np.ndarray:
+        """``grad L(z_j)^T @ inv(H) @ grad L(z_j)`` for every training example.
+
+        Non-negative for a positive-definite H; equals ``-diag(explain(x_train, y_train))``.
+        High values flag examples the model finds surprising (often mislabelled).
+
+        Returns:
+            ``np.ndarray`` of shape ``(n_train,)``.
+        """
+        return self._current("self_influence").self_influence(resolve_verbose(verbose))
+
+    def top_k(
+        self,
+        x_test: Any,
+        y_test: Any = None,
+        k: int = 10,
+        batch_size: int | None = None,
+        verbose: str | int = "auto",
+        target: Callable | None = None,
+        relative: str | None = None,
+        candidates: int | None = None,
+        feature_layer: Any = None,
+    ) -> TopK:
+        """The ``k`` most helpful and most harmful training examples per test point.
+
+        Ranks ``I_up,loss`` scores (see ``explain``): helpful = most negative,
+        harmful = most positive. Streams over the training data, keeping only the
+        top ``k`` per test point. ``k`` larger than the training set is cut to it.
+
+        Returns:
+            ``TopK(helpful_indices, helpful_scores, harmful_indices, harmful_scores)``,
+            each of shape ``(n_test, k)``.
+        """
+        check_k(k, "k")
+        return self.explain(
+            x_test,
+            y_test,
+            batch_size=batch_size,
+            verbose=verbose,
+            top_k=k,
+            target=target,
+            relative=relative,
+            candidates=candidates,
+            feature_layer=feature_layer,
+        )
 
     @translate_worker_errors
     def explain_perturbation(

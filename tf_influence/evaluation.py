@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -19,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_influence._errors import describe
+from tf_influence.engine.losses import WeightedTargets
 
 if TYPE_CHECKING:
     import keras
@@ -162,6 +164,24 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float:
     return float((a * b).sum() / denominator) if denominator > 0 else float("nan")
 
 
+def _check_takes_sample_weight(retrain: Callable) -> None:
+    """A clear error now, not after the first retraining, if ``retrain`` cannot take weights."""
+    try:
+        parameters = inspect.signature(retrain).parameters
+    except (TypeError, ValueError):  # no signature to read: find out when it is called
+        return
+    if "sample_weight" in parameters or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()
+    ):
+        return
+    raise TypeError(
+        "Argument `retrain` must take a `sample_weight` keyword: the InfluenceModel was "
+        "fitted with sample or class weights, and retraining must use them. Received: "
+        f"retrain={describe(retrain)} with parameters {list(parameters)}. Define it as "
+        "`fn(model, x, y, sample_weight=None)` and pass `sample_weight` to `model.fit`."
+    )
+
+
 def loo_check(
     im: InfluenceModel,
     x_test: Any,
@@ -199,7 +219,9 @@ def loo_check(
         retrain: optional ``fn(model, x, y)`` that retrains ``model`` in place,
             starting from the trained weights, on training arrays ``x, y`` with the
             example removed (e.g. a few epochs of ``model.fit``). It is also called
-            once with all the data for the reference.
+            once with all the data for the reference. When ``fit`` had sample or
+            class weights, it is called as ``fn(model, x, y, sample_weight=w)``
+            with the weights of the examples kept (pass them to ``model.fit``).
         seed: for the random half of the chosen examples.
         tolerance: gradient-norm tolerance of the default L-BFGS (default 1e-10
             for float64 parameters, 1e-6 for float32).
@@ -241,6 +263,8 @@ def loo_check(
             "Argument `retrain` must be None (L-BFGS) or a callable fn(model, x, y) that "
             f"retrains the model in place. Received: retrain={describe(retrain)}"
         )
+    if retrain is not None and isinstance(state.data.elements[1], WeightedTargets):
+        _check_takes_sample_weight(retrain)
     verbose = resolve_verbose(verbose)
     scores = np.asarray(im.explain(x_test, y_test, verbose=0))
     predicted_all = -scores.mean(axis=0) / n
@@ -269,7 +293,10 @@ def loo_check(
             if removed is not None:
                 keep[removed] = False
             x, y = tf.nest.map_structure(lambda a: a[keep], (arrays[0], arrays[1]))
-            retrain(objective.model, x, y)
+            if isinstance(y, WeightedTargets):
+                retrain(objective.model, x, y.y, sample_weight=y.sample_weight)
+            else:
+                retrain(objective.model, x, y)
         return test_loss()
 
     start = time.perf_counter()

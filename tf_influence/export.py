@@ -156,7 +156,15 @@ class InfluenceIndex(keras.layers.Layer):
 
 def _label_spec(model, objective):
     """The labels' spec: class indices for sparse losses, else shaped like the output."""
-    output = model.outputs[0] if getattr(model, "outputs", None) else None
+    outputs = getattr(model, "outputs", None) or []
+    if objective.output_losses is not None or len(outputs) > 1:
+        raise ValueError(
+            "`export` serves models with one output. Received: a model with "
+            f"{len(outputs)} outputs (loss {objective.loss_name!r}). Export an InfluenceModel "
+            "of a one-output model, e.g. `keras.Model(model.inputs, model.outputs[0])` with "
+            "that output's loss, or explain the several outputs in Python with `explain`."
+        )
+    output = outputs[0] if outputs else None
     name = objective.loss_name
     if name.startswith("sparse_"):
         return tf.TensorSpec([None], tf.int32, name="labels")

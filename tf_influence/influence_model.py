@@ -28,7 +28,7 @@ from tf_influence.engine.objective import LossLike, Objective, ParamsLike
 from tf_influence.engine.settings import Settings, check_damping
 from tf_influence.engine.state import FittedState
 from tf_influence.neighbors import Candidates, score_candidates, top_k_of
-from tf_influence.outputs import TopK, check_k, make_sink
+from tf_influence.outputs import TopK, make_sink
 from tf_influence.resume import describe_function, explain_to_file
 from tf_influence.saving import read_state
 from tf_influence.solvers.base import Diagnostics
@@ -53,14 +53,18 @@ class InfluenceModel(Analyses):
     Args:
         model: a built ``keras.Model`` (Sequential, Functional or subclassed) on the
             TensorFlow backend.
-        loss: a keras loss object, a loss name or a callable ``(y_true, y_pred)``;
-            None uses the loss the model was compiled with.
+        loss: a keras loss object, a loss name or a callable ``(y_true, y_pred)``,
+            or a list / dict of them, one per output (None for an output without
+            a loss), as ``model.compile`` takes; None uses the model's compiled loss
+            (and its ``loss_weights``).
         params: None for all trainable weights, or layers / layer names / variables
             (the influence is then taken with the other weights held fixed).
         strategy: a ``tf.distribute.Strategy`` to run on, or None for the one the
             model was built under (``model.distribute_strategy``), as ``model.fit``
             does. Training-set products and scores are then sharded over its
             replicas and all-reduced (see ``tf_influence.distribute``).
+        loss_weights: weights of the outputs' losses with a ``loss=`` list or dict
+            (a float, list or dict, as ``model.compile`` takes).
 
     Example:
         >>> im = tfi.InfluenceModel(model)
@@ -79,10 +83,11 @@ class InfluenceModel(Analyses):
         loss: LossLike | None = None,
         params: ParamsLike | None = None,
         strategy: tf.distribute.Strategy | None = None,
+        loss_weights: Any = None,
     ):
         self.model = model
         self.strategy = resolve_strategy(model, strategy)
-        self.objective = Objective(model, loss=loss, params=params)
+        self.objective = Objective(model, loss=loss, params=params, loss_weights=loss_weights)
         self.settings = Settings()
         self._state: FittedState | None = None
 
@@ -294,26 +299,6 @@ class InfluenceModel(Analyses):
 
     # -- solves and scores -------------------------------------------------------------
     @translate_worker_errors
-    def inverse_hvp_tests(
-        self,
-        x_test: Any,
-        y_test: Any = None,
-        batch_size: int | None = None,
-        verbose: str | int = "auto",
-        target: Callable | None = None,
-    ) -> tf.Tensor:
-        """``inv(H) @ grad L(z_test_i)`` for every test point, shape ``(num_params, n_test)``.
-
-        ``y_test=None`` uses the model's predicted class as the target. With
-        ``target=fn``, ``grad fn(model, x_test_i)`` replaces the loss gradient (see
-        ``explain``). Solutions are cached per test batch (up to 512 MiB), so
-        explaining the same test points again does not solve again; ``compile`` and
-        ``fit`` clear the cache.
-        """
-        state = self._current("explain")
-        return state.inverse_hvp_tests(x_test, y_test, batch_size, resolve_verbose(verbose), target)
-
-    @translate_worker_errors
     def explain(
         self,
         x_test: Any,
@@ -401,53 +386,6 @@ class InfluenceModel(Analyses):
         dtype = self.objective.dtype.as_numpy_dtype
         sink = make_sink(int(solutions.shape[1]), state.num_train, dtype, top_k, output)
         return state.score_training(solutions, verbose, sink, divisors)
-
-    @translate_worker_errors
-    def self_influence(self, verbose: str | int = "auto") -> np.ndarray:
-        """``grad L(z_j)^T @ inv(H) @ grad L(z_j)`` for every training example.
-
-        Non-negative for a positive-definite H; equals ``-diag(explain(x_train, y_train))``.
-        High values flag examples the model finds surprising (often mislabelled).
-
-        Returns:
-            ``np.ndarray`` of shape ``(n_train,)``.
-        """
-        return self._current("self_influence").self_influence(resolve_verbose(verbose))
-
-    def top_k(
-        self,
-        x_test: Any,
-        y_test: Any = None,
-        k: int = 10,
-        batch_size: int | None = None,
-        verbose: str | int = "auto",
-        target: Callable | None = None,
-        relative: str | None = None,
-        candidates: int | None = None,
-        feature_layer: Any = None,
-    ) -> TopK:
-        """The ``k`` most helpful and most harmful training examples per test point.
-
-        Ranks ``I_up,loss`` scores (see ``explain``): helpful = most negative,
-        harmful = most positive. Streams over the training data, keeping only the
-        top ``k`` per test point. ``k`` larger than the training set is cut to it.
-
-        Returns:
-            ``TopK(helpful_indices, helpful_scores, harmful_indices, harmful_scores)``,
-            each of shape ``(n_test, k)``.
-        """
-        check_k(k, "k")
-        return self.explain(
-            x_test,
-            y_test,
-            batch_size=batch_size,
-            verbose=verbose,
-            top_k=k,
-            target=target,
-            relative=relative,
-            candidates=candidates,
-            feature_layer=feature_layer,
-        )
 
     # -- saved state ------------------------------------------------------------------
     @classmethod

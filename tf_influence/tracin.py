@@ -47,6 +47,7 @@ class TracIn:
             ``weights`` is a list like ``model.get_weights()``.
         loss: keras loss object, name or callable; None uses ``model.loss``.
         params: None for all trainable weights, or layers / layer names / variables.
+        loss_weights: weights of the outputs' losses, as for ``InfluenceModel``.
 
     Example:
         >>> ckpts = tfi.callbacks.TracInCheckpoints(every_n_epochs=2)
@@ -65,9 +66,10 @@ class TracIn:
         checkpoints: TracInCheckpoints | Sequence[tuple[Sequence[np.ndarray], float]],
         loss: LossLike | None = None,
         params: ParamsLike | None = None,
+        loss_weights: Any = None,
     ):
         self.model = model
-        self.objective = Objective(model, loss=loss, params=params)
+        self.objective = Objective(model, loss=loss, params=params, loss_weights=loss_weights)
         self._checkpoints = _resolve_checkpoints(checkpoints, model)
         self._gradients = PerExampleGradients(self.objective)
         self._data: ExampleData | None = None

@@ -46,6 +46,7 @@ class InfluenceCallback(keras.callbacks.Callback):
         batch_size: batch size of the analysis (default 32).
         loss: as for ``InfluenceModel``.
         params: as for ``InfluenceModel``.
+        loss_weights: as for ``InfluenceModel``.
         verbose: 0 (silent) or 1 (one line per analysis).
         curvature: ``"hessian"`` or ``"gauss_newton"``, as for
             ``InfluenceModel.compile``; None (the default) takes ``"gauss_newton"``
@@ -87,6 +88,7 @@ class InfluenceCallback(keras.callbacks.Callback):
         curvature: str | None = None,
         sample_weight: Any = None,
         class_weight: dict[int, float] | None = None,
+        loss_weights: Any = None,
     ):
         super().__init__()
         # Check everything now, before training starts, so no work is lost later.
@@ -109,6 +111,7 @@ class InfluenceCallback(keras.callbacks.Callback):
             raise ValueError(f"Argument `verbose` must be 0 or 1. Received: verbose={verbose!r}")
         self.verbose = verbose
         self._loss = loss
+        self._loss_weights = loss_weights
         self._params = params  # `params` is Keras's own attribute of callbacks
         self.influence_model: InfluenceModel | None = None
         self.self_influence_: np.ndarray | None = None
@@ -141,6 +144,7 @@ class InfluenceCallback(keras.callbacks.Callback):
         params: ParamsLike | None = None,
         sample_weight: Any = None,
         class_weight: dict[int, float] | None = None,
+        loss_weights: Any = None,
     ) -> InfluenceCallback:
         """Rebuilds the callback; the training data (``x``, ``y``, weights) must be given again."""
         if x is None:
@@ -157,6 +161,7 @@ class InfluenceCallback(keras.callbacks.Callback):
             params=params,
             sample_weight=sample_weight,
             class_weight=class_weight,
+            loss_weights=loss_weights,
             **config,
         )
 
@@ -215,7 +220,9 @@ class InfluenceCallback(keras.callbacks.Callback):
     def _influence_model(self) -> InfluenceModel:
         """The InfluenceModel fitted on the current weights (traced functions kept)."""
         if self._im is None or self._im.model is not self.model or not self._im.num_train:
-            im = InfluenceModel(self.model, loss=self._loss, params=self._params)
+            im = InfluenceModel(
+                self.model, loss=self._loss, params=self._params, loss_weights=self._loss_weights
+            )
             im.compile(solver=self.solver, damping=self.damping, curvature=self.curvature)
             self._im = im
             im.fit(self._x, self._y, batch_size=self._batch_size, verbose=0, **self._weights)

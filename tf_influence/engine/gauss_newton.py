@@ -44,11 +44,6 @@ from tf_influence.engine.vectorize import vectorized_map
 LOSS_PSD_TOLERANCE = 1e-6
 
 
-def loss_of_outputs(objective: Objective, y: Any, y_pred: Any) -> tf.Tensor:
-    """``objective.loss_from_outputs(y_pred, y)``: ``w_j * L_j`` per example, ``(batch,)``."""
-    return objective.loss_from_outputs(y_pred, y)
-
-
 def check_loss_curvature(objective: Objective, batch: tuple) -> None:
     """Refuses a loss whose Hessian on the model's outputs is not positive semi-definite.
 
