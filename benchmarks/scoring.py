@@ -40,10 +40,7 @@ def scorers(objective):
 
     out = {mode: tfi.engine.PerExampleGradients(objective, mode) for mode in SCORING_MODES}
     # The same per-example gradients by pfor alone, without the factored layers.
-    # PerExampleGradients has no public switch for this (yet): the factored check's
-    # outcome is set to "off" by hand.
-    out[PFOR_ONLY] = tfi.engine.PerExampleGradients(objective, "jacobian")
-    out[PFOR_ONLY]._factored_state = "off"
+    out[PFOR_ONLY] = tfi.engine.PerExampleGradients(objective, "jacobian", factored=False)
     return out
 
 

@@ -91,9 +91,18 @@ class PerExampleGradients:
         objective: the per-example loss and the parameters.
         scoring: ``"auto"``, ``"jacobian"`` or ``"jvp"`` (see the module docstring).
         jit_compile: compile the per-batch functions with XLA.
+        factored: take the gradients of Dense and convolution layers from their
+            inputs and output gradients (``factored.py``) where that is checked to
+            agree; False computes every gradient by pfor (for comparisons).
     """
 
-    def __init__(self, objective: Objective, scoring: str = "auto", jit_compile: bool = False):
+    def __init__(
+        self,
+        objective: Objective,
+        scoring: str = "auto",
+        jit_compile: bool = False,
+        factored: bool = True,
+    ):
         self.objective = objective
         self.scoring = check_scoring_mode(scoring)
         self._jit_compile = jit_compile
@@ -115,7 +124,7 @@ class PerExampleGradients:
         layers = find_layers(objective)
         self._factored = FactoredGradients(objective, layers) if layers else None
         # "unchecked" until `check_factored` ran on a batch, then "on" or "off".
-        self._factored_state = "unchecked" if layers else "off"
+        self._factored_state = "unchecked" if layers and factored else "off"
         factored = set(self._factored.indices) if layers else set()
         self._pfor_indices = [i for i in range(len(objective.variables)) if i not in factored]
         self._factored_check = share("_factored_check_impl")
