@@ -148,12 +148,15 @@ def test_variable_without_gradient_is_named(blobs):
 def test_indefinite_hessian_through_influence_model(blobs):
     x, y = blobs
     model = make_mlp(l2=0.0, seed=1)
-    im = tfi.InfluenceModel(
-        model, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    )
-    im.compile("exact", damping=0.0)
-    with pytest.raises(CurvatureError, match=r"not positive definite.*e.g. damping="):
-        im.fit(x, y, verbose=0)
+    for solver in ("exact", tfi.solvers.CG(), tfi.solvers.Arnoldi(rank=20)):
+        im = tfi.InfluenceModel(
+            model, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        )
+        im.compile(solver, damping=0.0)
+        with pytest.raises(CurvatureError, match=r"not positive definite.*damping=") as error:
+            im.fit(x, y, verbose=0)
+            im.explain(x[:3], y[:3], verbose=0)  # CG meets the curvature in a solve
+        assert 'curvature="gauss_newton"' in str(error.value)
 
 
 @pytest.mark.parametrize("damping", [-1.0, float("nan"), "a", True])

@@ -289,3 +289,17 @@ def test_gauss_newton_matches_dense_reference(case):
     expected = -test @ np.linalg.solve(damped, train.T)
     scores = im.explain(x_test, y_test, verbose=0)
     np.testing.assert_allclose(scores, expected, rtol=1e-6, atol=1e-9 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("case", ["embedding"], indirect=True)
+def test_forward_over_reverse_products_with_an_embedding(case):
+    """Forward mode through an Embedding's IndexedSlices gradient, against the dense H."""
+    x, y, _, _ = case["data"]
+    im = tfi.InfluenceModel(case["model"])
+    im.compile(solver="exact", damping=case["damping"], hvp="forward_over_reverse")
+    im.fit(x, y, verbose=0)
+    reference = case["hessian"] + case["damping"] * np.eye(len(case["hessian"]))
+    vectors = np.random.default_rng(0).normal(size=(len(reference), 3))
+    np.testing.assert_allclose(
+        im.operator.matvec(vectors).numpy(), reference @ vectors, rtol=1e-7, atol=1e-9
+    )

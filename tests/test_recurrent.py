@@ -323,12 +323,6 @@ def test_forward_mode_is_refused_on_loop_layers(kind):
     vectorize.check_forward_mode(make_float_classifier(unroll=True), "forward_over_reverse")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="the products do not call vectorize.check_forward_mode yet: TensorFlow's "
-    "TypeError from inside the GRU comes first",
-)
 def test_compile_with_forward_mode_on_a_recurrent_model_gives_the_clear_error():
     model = make_classifier("gru")
     x, y = tokens(6)

@@ -35,6 +35,7 @@ import tensorflow as tf
 
 from tf_influence._fingerprint import weights_fingerprint
 from tf_influence.distribute import ReplicaData
+from tf_influence.engine import vectorize
 from tf_influence.engine.compile import (
     BatchFunction,
     GraphFunction,
@@ -135,6 +136,7 @@ class HessianOperator:
         self.replicas = None if strategy is None else ReplicaData(data, strategy)
         self.damping = float(damping)
         self.hvp_mode = check_hvp_mode(hvp)
+        vectorize.check_forward_mode(objective.model, self.hvp_mode)
         self.jit_compile = bool(jit_compile)
         self.num_params = objective.num_params
         self.num_examples = data.num_examples
@@ -341,6 +343,11 @@ class HessianOperator:
                 with tf.GradientTape() as tape:
                     total = self._objective_value(x, y, loss_weight, regularization_weight)
                 grads = tape.gradient(total, variables)
+                # An Embedding's gradient is IndexedSlices, which has no tangent of its
+                # own: made dense inside the accumulator, its tangent is recorded.
+                grads = [
+                    tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads
+                ]
             return [
                 tf.zeros_like(t) if g is None else tf.cast(acc.jvp(g), self.dtype)
                 for g, t in zip(grads, tangent, strict=True)

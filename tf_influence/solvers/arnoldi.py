@@ -9,6 +9,7 @@ import tensorflow as tf
 
 from tf_influence._validation import check_int, check_positive_int
 from tf_influence.solvers.base import (
+    GAUSS_NEWTON_HINT,
     CurvatureError,
     CurvatureOperator,
     Diagnostics,
@@ -85,7 +86,7 @@ class Arnoldi(Solver):
                     f"Arnoldi kept an eigenvalue {smallest:.3e} <= 0 among the top {rank} of "
                     f"H + damping*I, so it is not positive definite there. Received: "
                     f"damping={operator.damping}. Pass a larger damping to `compile`, e.g. "
-                    f"damping={suggestion:.2g}."
+                    f"damping={suggestion:.2g}." + GAUSS_NEWTON_HINT
                 )
             return values, vectors
 

@@ -66,6 +66,13 @@ class Diagnostics:
         return bool(np.all(self.converged))
 
 
+# The end of every "not positive definite" error: the curvature that cannot be indefinite.
+GAUSS_NEWTON_HINT = (
+    ' Or use curvature="gauss_newton" (positive semi-definite by construction) with '
+    'damping="auto", the default of `compile()`.'
+)
+
+
 def nice_ceil(value: float) -> float:
     """Rounds a positive number up to two significant digits, for suggestions."""
     if value <= 0 or not math.isfinite(value):

@@ -21,6 +21,7 @@ from tf_influence._validation import (
     check_positive_int,
 )
 from tf_influence.solvers.base import (
+    GAUSS_NEWTON_HINT,
     CurvatureError,
     CurvatureOperator,
     Diagnostics,
@@ -197,7 +198,7 @@ class CG(Solver):
                 f"positive definite and influence is not defined. Received: damping="
                 f"{operator.damping}. Pass a larger damping to `compile`, e.g. damping="
                 f"{suggestion:.2g} (the smallest eigenvalue is at most {quotient:.3e}; "
-                "solver='exact' reports it exactly on small models)."
+                "solver='exact' reports it exactly on small models)." + GAUSS_NEWTON_HINT
             )
         diagnostics = Diagnostics(
             solver=self.name,

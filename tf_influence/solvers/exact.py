@@ -8,6 +8,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_influence.solvers.base import (
+    GAUSS_NEWTON_HINT,
     CurvatureError,
     CurvatureOperator,
     Diagnostics,
@@ -175,5 +176,5 @@ def _raise_not_positive_definite(matrix: tf.Tensor, damping: float) -> None:
         "influence is not defined. Received: damping="
         f"{damping}, smallest eigenvalue of H + damping*I = {smallest:.3e} (largest "
         f"{largest:.3e}). Pass a larger damping to `compile`, e.g. damping={suggestion:.2g}, "
-        "or train the model closer to a minimum."
+        "or train the model closer to a minimum." + GAUSS_NEWTON_HINT
     )
