@@ -51,8 +51,9 @@ class Analyses:
         ``y_test=None`` uses the model's predicted class as the target. With
         ``target=fn``, ``grad fn(model, x_test_i)`` replaces the loss gradient (see
         ``explain``). Solutions are cached per test batch (up to 512 MiB), so
-        explaining the same test points again does not solve again; ``compile`` and
-        ``fit`` clear the cache.
+        explaining the same test points again does not solve again; the cache is
+        dropped when the weights change, and shared with other ``InfluenceModel``s
+        on the same model, configuration, data, damping and weights.
         """
         state = self._current("explain")
         return state.inverse_hvp_tests(x_test, y_test, batch_size, resolve_verbose(verbose), target)
