@@ -226,7 +226,8 @@ class HessianOperator:
             value = shared[key]
         else:
             value = make()
-            if shared is not None and _plain(value) and _bytes(value) <= SHARED_VALUE_BYTES:
+            size = None if shared is None else _plain_bytes(value)
+            if size is not None and size <= SHARED_VALUE_BYTES:
                 shared[key] = value
         self._cache[key] = value
         return value
@@ -591,32 +592,22 @@ def make_operator(
     return kind(objective, data, damping, hvp, jit_compile, strategy)
 
 
-def _bytes(value, depth: int = 0) -> int:
-    """The bytes of the tensors and arrays a plain value (``_plain``) holds."""
-    if isinstance(value, (np.ndarray, tf.Tensor)):
+def _plain_bytes(value, depth: int = 0) -> int | None:
+    """The bytes of the tensors and arrays ``value`` holds, or None unless it holds only
+    tensors, arrays, numbers and strings (no references to a model), so that sharing
+    it between operators cannot keep a model alive."""
+    if isinstance(value, (np.ndarray, tf.Tensor)) and not isinstance(value, tf.Variable):
         return int(np.prod(value.shape)) * value.dtype.size
-    if depth > 3:
+    if value is None or isinstance(value, (bool, int, float, str, np.generic)):
         return 0
-    if isinstance(value, (tuple, list)):
-        return sum(_bytes(v, depth + 1) for v in value)
-    if isinstance(value, dict):
-        return sum(_bytes(v, depth + 1) for v in value.values())
-    fields = getattr(value, "__dict__", None)
-    return 0 if fields is None else sum(_bytes(v, depth + 1) for v in fields.values())
-
-
-def _plain(value, depth: int = 0) -> bool:
-    """Whether ``value`` holds only tensors, arrays, numbers and strings (no references
-    to a model), so that sharing it between operators cannot keep a model alive."""
-    if value is None or isinstance(value, (bool, int, float, str, np.ndarray, np.generic)):
-        return True
-    if isinstance(value, tf.Tensor) and not isinstance(value, tf.Variable):
-        return True
     if depth > 3 or callable(value) or isinstance(value, (HessianOperator, tf.Variable)):
-        return False
-    if isinstance(value, (tuple, list)):
-        return all(_plain(v, depth + 1) for v in value)
+        return None
     if isinstance(value, dict):
-        return all(_plain(v, depth + 1) for v in value.values())
-    fields = getattr(value, "__dict__", None)
-    return fields is not None and all(_plain(v, depth + 1) for v in fields.values())
+        value = list(value.values())
+    elif not isinstance(value, (tuple, list)):
+        fields = getattr(value, "__dict__", None)
+        if fields is None:
+            return None
+        value = list(fields.values())
+    sizes = [_plain_bytes(v, depth + 1) for v in value]
+    return None if None in sizes else sum(sizes)
