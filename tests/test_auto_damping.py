@@ -254,7 +254,9 @@ def test_convex_model_with_the_defaults_gets_its_hessian():
     im.compile(solver="exact")
     im.fit(x, y, verbose=0)
     hessian = dense_hessian(im.objective, tf.constant(x), tf.constant(y))
-    np.testing.assert_allclose(np.trace(hessian) / 6, im.damping, rtol=1e-10)  # exact trace
+    np.testing.assert_allclose(
+        damping_lib.FRACTION * np.trace(hessian) / 6, im.damping, rtol=1e-10
+    )  # exact trace
     matrix = hessian + im.damping * np.eye(6)
     np.testing.assert_allclose(im.operator.dense().numpy(), matrix, rtol=1e-10, atol=1e-13)
     tests = (x[:3] + 0.1, y[:3])
@@ -286,3 +288,32 @@ def test_records_without_curvature_read_as_the_hessian():
     im = tfi.InfluenceModel(_tiny_mlp())
     im.compile_from_config({**config, "damping": "auto", "curvature": "hessian"})
     assert im.curvature == "hessian" and "curvature" not in im.get_compile_config()
+
+
+def test_trace_on_many_examples_is_estimated_on_a_seeded_subset():
+    """Over ``num_examples`` examples the trace comes from a fixed subset of them.
+
+    p = 12 <= NUM_PROBES, so on any set of examples the estimate is that set's exact
+    trace: the subset's, which differs from the full data's, and whose mean over
+    subsets approaches it (C is a mean over examples).
+    """
+    x, y = _data(n=60)
+    im = tfi.InfluenceModel(_tiny_mlp())
+    im.compile(solver="cg", damping=0.0, curvature="gauss_newton")
+    im.fit(x, y, verbose=0)
+    full = np.trace(im.operator.dense().numpy()) / 12
+    np.testing.assert_allclose(
+        damping_lib.mean_eigenvalue(im.operator, num_examples=None), full, rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        damping_lib.mean_eigenvalue(im.operator, num_examples=60), full, rtol=1e-6
+    )
+    subsets = []
+    for seed in range(12):
+        estimate = damping_lib.mean_eigenvalue(im.operator, seed=seed, num_examples=20)
+        subset = im.operator.subsample(20, seed)
+        assert subset.num_examples == 20
+        np.testing.assert_allclose(estimate, np.trace(subset.dense().numpy()) / 12, rtol=1e-6)
+        subsets.append(estimate)
+    assert np.std(subsets) > 1e-3 * full  # really different examples
+    np.testing.assert_allclose(np.mean(subsets), full, rtol=0.15)

@@ -232,3 +232,22 @@ def test_values_are_not_shared_when_switched_off_or_too_large(mlp, blobs, monkey
     first, _ = explain(mlp, x, y, x[:2], y[:2], damping=0.32)
     second, _ = explain(mlp, x, y, x[:2], y[:2], damping=0.32)
     assert first.operator.dense() is second.operator.dense()
+
+
+def test_no_retracing_warning_for_functions_traced_once(blobs, caplog):
+    """TensorFlow warns when most recent calls of a function retraced, counting every
+    function made from one code object together. Our functions are each traced once
+    per shape and configuration, so a fresh model's analyses must not trigger it."""
+    x, y = blobs
+    model = make_mlp()
+    with caplog.at_level("WARNING", logger="tensorflow"):
+        for damping in ("auto", 0.5):
+            im = tfi.InfluenceModel(model, loss=SPARSE_LOGITS)
+            im.compile(solver="cg", damping=damping)
+            im.fit(x, y, batch_size=16, verbose=0)
+            im.explain(x[:1], y[:1], verbose=0)
+            im.explain(x[:3], verbose=0)
+            im.self_influence(verbose=0)
+            im.top_k(x[:2], y[:2], k=3, verbose=0)
+    retracing = [r.getMessage() for r in caplog.records if "retracing" in r.getMessage()]
+    assert not retracing, retracing[0]

@@ -120,8 +120,8 @@ class InfluenceModel(Analyses):
                 (``H + damping*I``); needed when H is not positive definite
                 (non-convex models, or parameters the loss does not constrain).
                 ``"auto"`` (the default) chooses it at ``fit`` from the curvature's
-                spectrum: the mean eigenvalue, or for an indefinite Hessian
-                ``-2 * smallest + mean``, estimated cheaply (see
+                spectrum: ten times the mean eigenvalue, or for an indefinite
+                Hessian ``-2 * smallest + 10 * mean``, estimated cheaply (see
                 ``tf_influence.engine.damping``); ``damping`` then returns the float
                 used.
             hvp: Hessian-vector products by ``"reverse_over_reverse"`` (nested

@@ -9,6 +9,8 @@ used is freed with its traces) and by everything else the trace depends on
 
 from __future__ import annotations
 
+import itertools
+import types
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -25,6 +27,29 @@ def _relaxed_spec(tensor) -> tf.TensorSpec:
     if shape.rank is None or shape.rank == 0:
         return tf.TensorSpec(shape, tensor.dtype)
     return tf.TensorSpec([None] + shape.as_list()[1:], tensor.dtype)
+
+
+_CODE_IDS = itertools.count()
+
+
+def own_code(fn: Callable) -> Callable:
+    """``fn`` with a code object of its own (a plain Python function only).
+
+    TensorFlow's warning "N out of the last M calls to <function> triggered
+    tf.function retracing" counts the traces of every ``tf.function`` whose Python
+    function shares a code object. We compile many functions from one closure (a
+    ``SharedFunction`` per method, model and configuration), each traced once per
+    shape, which it would report as retracing. A renamed copy of the code counts
+    alone, so the warning keeps its meaning: one function traced again and again.
+    """
+    if not isinstance(fn, types.FunctionType) or hasattr(fn, "__wrapped__"):
+        return fn
+    code = fn.__code__.replace(co_name=f"{fn.__code__.co_name}_{next(_CODE_IDS)}")
+    copy = types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    copy.__qualname__ = fn.__qualname__
+    copy.__dict__.update(fn.__dict__)
+    return copy
 
 
 class GraphFunction:
@@ -84,7 +109,7 @@ class GraphFunction:
                 with vectorize.loop_mode():
                     return inner(*args, **kwargs)
 
-        return tf.function(fn, autograph=self.autograph, **self._kwargs)
+        return tf.function(own_code(fn), autograph=self.autograph, **self._kwargs)
 
     def _model_now(self) -> keras.Model | None:
         model = None if self._model is None else self._model()

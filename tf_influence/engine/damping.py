@@ -4,10 +4,13 @@
 
 ``mean`` is the mean eigenvalue of the undamped curvature C (``trace(C) / p``),
 estimated by Hutchinson's method with ``NUM_PROBES`` seeded Rademacher probes
-``z``: ``trace(C) ~= mean_i z_i^T C z_i``, all probes in one block product. When
-``p <= NUM_PROBES`` the probes are the columns of the identity, so the trace is
-exact. ``smallest`` is C's smallest eigenvalue, estimated by ``LANCZOS_STEPS``
-steps of Lanczos iteration (exact when ``p <= LANCZOS_STEPS``); a curvature that
+``z``: ``trace(C) ~= mean_i z_i^T C z_i``. When ``p <= NUM_PROBES`` the probes are
+the columns of the identity, so the trace is exact. C is a mean over training
+examples, so its trace is too: on more than ``TRACE_EXAMPLES`` examples it is
+estimated on a fixed seeded subset of ``TRACE_EXAMPLES`` of them (unbiased; the
+cost no longer grows with n). ``smallest`` is C's smallest eigenvalue, estimated
+by ``LANCZOS_STEPS`` steps of Lanczos iteration (exact when ``p <= LANCZOS_STEPS``),
+over all the data; a curvature that
 is positive semi-definite by construction (Gauss-Newton) skips it and takes
 ``FRACTION * mean``. So ``C + damping*I`` has its smallest eigenvalue at about
 ``FRACTION * mean`` or above: positive definite, with a condition number of at
@@ -15,13 +18,15 @@ most about ``largest / (FRACTION * mean)``.
 
 Lanczos approaches the smallest eigenvalue from above, and slowly when a few large
 eigenvalues dominate the spectrum (a trained network's Hessian): on the digits MLP,
-20 steps found -3.6e-4 where CG still met negative curvature at damping 1e-3.
+20 steps found -3.6e-4 where CG still met negative curvature at damping 1e-3
+(``FRACTION * mean`` there is about 3e-3, so "auto" took 4.4e-3 and converged).
 ``NEGATIVE_MARGIN`` widens the step, but for a network's indefinite Hessian the
 Gauss-Newton curvature (positive semi-definite, no estimate needed) is the robust
 choice.
 
-The estimate costs ``NUM_PROBES`` columns of products (``PROBE_BLOCK`` at a time on
-large models), plus ``LANCZOS_STEPS`` single products for a Hessian.
+The estimate costs ``NUM_PROBES`` columns of products over at most
+``TRACE_EXAMPLES`` examples (``PROBE_BLOCK`` columns at a time), plus
+``LANCZOS_STEPS`` single products over all the data for a Hessian.
 """
 
 from __future__ import annotations
@@ -35,12 +40,14 @@ import tensorflow as tf
 from tf_influence.solvers.arnoldi import _arnoldi
 from tf_influence.solvers.base import CurvatureOperator
 
-# The damping as a fraction of the mean eigenvalue. Measured on the digits MLP (python
-# -m benchmarks.damping, docs/solvers.md): a network's curvature has a few large
-# eigenvalues and very many near 0, so its mean is small (Gauss-Newton: 1.5e-3 after 2
-# epochs, 3.1e-4 after 30); 1e-2 of it (1.5e-5, 3.1e-6) left CG unconverged after 300
-# iterations, while damping 1e-3 converged in 115 and 37. So the damping is the mean.
-FRACTION = 1.0
+# The damping as a multiple of the mean eigenvalue. A network's curvature has a few
+# large eigenvalues and very many near 0, so its mean is small (digits MLP,
+# Gauss-Newton: 1.5e-3 after 2 epochs). Measured by loo_check (python -m
+# benchmarks.defaults, docs/solvers.md "The defaults"): on the digits MLP and CNN in
+# the middle of training, Gauss-Newton at the mean agreed with retraining at Pearson
+# 0.46 and 0.73, at about ten times the mean at 0.98 and 0.96, with CG needing less
+# than half the iterations; on a convex model ten times the mean agreed better too.
+FRACTION = 10.0
 # How far below the Lanczos estimate of the smallest eigenvalue the damping reaches.
 NEGATIVE_MARGIN = 2.0
 NUM_PROBES = 16
@@ -50,6 +57,8 @@ NUM_PROBES = 16
 # than 20 GB. Four at a time keeps the estimate within what a CG solve of a few test
 # points needs, and gives the same numbers.
 PROBE_BLOCK = 4
+# At most this many training examples carry the trace estimate (a seeded subset).
+TRACE_EXAMPLES = 256
 LANCZOS_STEPS = 20
 SEED = 0
 
@@ -82,15 +91,22 @@ def choose_damping(mean: float, smallest: float | None, fraction: float = FRACTI
 
 
 def mean_eigenvalue(
-    operator: CurvatureOperator, num_probes: int = NUM_PROBES, seed: int = SEED
+    operator: CurvatureOperator,
+    num_probes: int = NUM_PROBES,
+    seed: int = SEED,
+    num_examples: int | None = TRACE_EXAMPLES,
 ) -> float:
     """``trace(C) / p`` of the undamped operator, by Hutchinson's estimate.
 
     Exact (the identity's columns as probes) when ``p <= num_probes``. The probes are
     multiplied ``PROBE_BLOCK`` columns at a time, so that the memory of a product stays
-    that of a solve of a few test points.
+    that of a solve of a few test points. With more than ``num_examples`` training
+    examples the products run over a seeded subset of ``num_examples`` of them
+    (``operator.subsample``); None uses all.
     """
     p = operator.num_params
+    if num_examples is not None and operator.num_examples > num_examples:
+        operator = operator.subsample(num_examples, seed)
     if p <= num_probes:
         probes = tf.eye(p, dtype=operator.dtype)
         count = 1.0
@@ -101,7 +117,7 @@ def mean_eigenvalue(
     trace = 0.0
     for start in range(0, int(probes.shape[1]), PROBE_BLOCK):
         chunk = probes[:, start : start + PROBE_BLOCK]
-        products = operator.matvec(chunk) - operator.damping * chunk
+        products = operator.matvec(chunk) - tf.cast(operator.damping, operator.dtype) * chunk
         trace += float(tf.reduce_sum(tf.cast(chunk * products, tf.float64)))
     return trace / count / p
 
@@ -123,7 +139,7 @@ def estimate(operator: CurvatureOperator, fraction: float = FRACTION) -> Spectru
 
     Args:
         operator: the curvature (its own damping is subtracted: C is undamped).
-        fraction: the damping as a fraction of the mean eigenvalue.
+        fraction: the damping as a multiple of the mean eigenvalue.
 
     Raises:
         ValueError: the curvature is zero (the loss does not depend on the

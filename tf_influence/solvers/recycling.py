@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import tensorflow as tf
@@ -213,32 +212,13 @@ def inverse_if_positive(e: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     return positive_inverse(values, vectors), ok
 
 
-class _AnySize:
-    """``fn`` compiled once per dtype with every dimension unknown.
-
-    ``reduce_retracing`` would trace twice (the first sizes, then relaxed ones),
-    and the second trace would land on the second ``explain``.
-    """
-
-    def __init__(self, fn: Callable[..., Any]) -> None:
-        self._function = tf.function(fn, autograph=False)
-        self._concrete = {}
-
-    def __call__(self, *args: tf.Tensor) -> Any:
-        args = [tf.convert_to_tensor(a) for a in args]
-        key = tuple((a.dtype, a.shape.rank) for a in args)
-        if key not in self._concrete:
-            specs = [tf.TensorSpec([None] * a.shape.rank, a.dtype) for a in args]
-            self._concrete[key] = self._function.get_concrete_function(*specs)
-        return self._concrete[key](*args)
-
-    def experimental_get_tracing_count(self) -> int:
-        return self._function.experimental_get_tracing_count()
-
-
-_append = _AnySize(append_directions)
-_keep_largest = _AnySize(keep_largest)
-_inverse_if_positive = _AnySize(inverse_if_positive)
+# Once per solve, on a few small matrices: run eagerly. Tracing them cost more than
+# they compute (about 0.4 s for the first explain of a fresh process, measured by
+# `python -m benchmarks.first_answer`), and a traced version would need a trace per
+# size of the growing space.
+_append = append_directions
+_keep_largest = keep_largest
+_inverse_if_positive = inverse_if_positive
 
 
 def _symmetric64(matrix: tf.Tensor) -> tf.Tensor:
