@@ -45,8 +45,8 @@ from tf_influence.solvers.base import CurvatureOperator
 # Gauss-Newton: 1.5e-3 after 2 epochs). Measured by loo_check (python -m
 # benchmarks.defaults, docs/solvers.md "The defaults"): on the digits MLP and CNN in
 # the middle of training, Gauss-Newton at the mean agreed with retraining at Pearson
-# 0.46 and 0.73, at about ten times the mean at 0.98 and 0.96, with CG needing less
-# than half the iterations; on a convex model ten times the mean agreed better too.
+# 0.46 and 0.73, at ten times the mean at 0.995 and 0.952, with CG needing a third of
+# the iterations; on a convex model ten times the mean agreed better too (0.996).
 FRACTION = 10.0
 # How far below the Lanczos estimate of the smallest eigenvalue the damping reaches.
 NEGATIVE_MARGIN = 2.0
