@@ -12,7 +12,7 @@ from conftest import make_mlp
 import tf_influence as tfi
 from tf_influence.engine.curvature import HessianOperator
 from tf_influence.engine.data import ExampleData
-from tf_influence.solvers import CG, CurvatureError, Exact, LiSSA
+from tf_influence.solvers import CG, CurvatureError, Exact, LiSSA, recycling
 
 
 @pytest.fixture
@@ -112,7 +112,7 @@ def test_recycled_solves_equal_linalg_solve_and_take_fewer_iterations(operator):
 def test_recycling_helpers_take_any_size_of_space():
     # The space grows from solve to solve; its helpers run eagerly on every size (no
     # trace to land on a later explain).
-    helper = tfi.solvers.cg._inverse_if_positive
+    helper = recycling.inverse_if_positive
     rng = np.random.default_rng(0)
     for m in (2, 5, 9):
         a = rng.normal(size=(m, m))

@@ -36,7 +36,6 @@ from tf_influence.solvers.krylov import orthonormal_columns as orthonormal_colum
 from tf_influence.solvers.recycling import RECYCLE_FALLBACK as RECYCLE_FALLBACK
 from tf_influence.solvers.recycling import RECYCLE_PER_FLOP as RECYCLE_PER_FLOP
 from tf_influence.solvers.recycling import RecycledSpace, recycle_capacity
-from tf_influence.solvers.recycling import _inverse_if_positive as _inverse_if_positive
 from tf_influence.solvers.recycling import forward_flops as forward_flops
 
 # Most values a recycled space holds (its directions W and their products A W), per

@@ -148,7 +148,9 @@ class RecycledSpace:
 
         When they would overflow it, the Ritz vectors of the largest values are
         kept. A full space stays as it is: refreshing it would cost about one CG
-        iteration per solve.
+        iteration per solve. The helpers run eagerly: once per solve, on small
+        matrices, a trace would cost more than they compute, and the growing space
+        would need one per size.
         """
         if int(directions.shape[1]) == 0 or self.width >= self.capacity:
             return
@@ -156,10 +158,10 @@ class RecycledSpace:
             self.w = tf.zeros_like(directions[:, :0])
             self.aw = self.w
             self.e = tf.zeros([0, 0], tf.float64)
-        w, aw, e = _append(self.w, self.aw, self.e, directions, products)
+        w, aw, e = append_directions(self.w, self.aw, self.e, directions, products)
         if int(w.shape[1]) > self.capacity:
-            w, aw, e = _keep_largest(w, aw, e, tf.constant(self.capacity))
-        e_inv, ok = _inverse_if_positive(e)
+            w, aw, e = keep_largest(w, aw, e, tf.constant(self.capacity))
+        e_inv, ok = inverse_if_positive(e)
         if bool(ok):
             self.w, self.aw, self.e, self.e_inv = w, aw, e, tf.cast(e_inv, w.dtype)
         else:  # not positive definite along the kept space: start afresh next time
@@ -210,15 +212,6 @@ def inverse_if_positive(e: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         tf.reduce_min(tf.concat([values, tf.ones([1], tf.float64)], 0)) > 0,
     )
     return positive_inverse(values, vectors), ok
-
-
-# Once per solve, on a few small matrices: run eagerly. Tracing them cost more than
-# they compute (about 0.4 s for the first explain of a fresh process, measured by
-# `python -m benchmarks.first_answer`), and a traced version would need a trace per
-# size of the growing space.
-_append = append_directions
-_keep_largest = keep_largest
-_inverse_if_positive = inverse_if_positive
 
 
 def _symmetric64(matrix: tf.Tensor) -> tf.Tensor:
