@@ -3,6 +3,9 @@
 * ``loo_check``: remove chosen training examples one at a time, retrain, and
   compare the actual change of the test loss with the predicted one, so that a
   user can see whether to trust the numbers on their own model.
+* ``lds``: the linear datamodeling score (Park et al. 2023): the Spearman
+  correlation, across models retrained on random subsets, of the measured test
+  output with the one the scores predict (``tf_influence.lds``).
 * ``mislabel_curve``: Koh & Liang (2017, section 5.4) flip a fraction of the
   training labels, rank the training examples by self-influence, and inspect
   them in that order: a good ranking finds most flips after inspecting a small
@@ -21,6 +24,7 @@ import tensorflow as tf
 
 from tf_influence._errors import describe
 from tf_influence.engine.losses import WeightedTargets
+from tf_influence.lds import KerasTrainer, LDSResult, keras_trainer, lds
 
 if TYPE_CHECKING:
     import keras
@@ -28,7 +32,16 @@ if TYPE_CHECKING:
     from tf_influence.engine.state import FittedState
     from tf_influence.influence_model import InfluenceModel
 
-__all__ = ["LooCheck", "MislabelCurve", "loo_check", "mislabel_curve"]
+__all__ = [
+    "KerasTrainer",
+    "LDSResult",
+    "LooCheck",
+    "MislabelCurve",
+    "keras_trainer",
+    "lds",
+    "loo_check",
+    "mislabel_curve",
+]
 
 
 class MislabelCurve(NamedTuple):

@@ -1,0 +1,312 @@
+"""The LDS leaderboard: python -m benchmarks.lds.
+
+Every method's attributions on the same model, judged by the linear datamodeling
+score (``tfi.evaluation.lds``) against the same retrainings, side by side in one
+run, with each method's own compute time (``fit`` + ``explain``).
+
+Models (``--models``), on scikit-learn's 8x8 digits (``benchmarks.common.digits``:
+1,437 training points, the first ``--tests`` of the 360 test points):
+
+* ``logreg``: multinomial logistic regression (a float64 ``Dense(10)``), trained
+  to its minimum by scikit-learn (L-BFGS, tol 1e-10) on ``mean_j L_j + l2 |W|^2``
+  with ``l2 = 1 / (2 n)``; every retraining is the same exact refit on its subset,
+  so the two protocols coincide (a convex model has one minimum);
+* ``mlp``: 64 -> 128 tanh -> 128 tanh -> 10, L2(1e-4) on kernels, 30 epochs of Adam
+  (1e-3, batches of 32); ``cnn``: Conv2D(16) -> Conv2D(32) -> Dense(10), the same
+  training. Retrained by ``tfi.evaluation.keras_trainer`` with the same settings.
+
+Methods (``--methods``): Exact (``logreg`` only: it forms the Hessian), CG on the
+Hessian and on Gauss-Newton, LiSSA (Gauss-Newton), Arnoldi at several ranks, TracIn
+(a checkpoint every 5 epochs of the training; ``logreg`` has none) and random scores
+(the floor, about 0). Damping is ``"auto"`` unless the method name says otherwise.
+
+Protocols (``--protocols``): ``shared`` (every subset trained from one shared
+initialisation and data order: ``lds(shared_init=True)``) and ``independent``
+(every retraining its own seed, as the published numbers use). Each protocol has
+``--subsets`` subsets of half the training set and ``--seeds`` models per subset;
+the LDS's spread is its range over those seeds (``LDSResult.per_seed``).
+
+Retrainings are kept in ``--store-dir`` (one ``.npz`` per model and protocol), so
+a stopped run goes on where it stopped, and a new method is scored without
+retraining. Prints one table row per model and method, and writes
+``lds_vs_time.png`` (LDS against compute time) to ``--plot-dir``.
+
+Usage, from the repository root::
+
+    .venv/bin/python -m benchmarks.lds                          # every model, hours
+    .venv/bin/python -m benchmarks.lds --models logreg,mlp --subsets 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+import warnings
+
+import numpy as np
+
+from benchmarks.common import digits
+from benchmarks.common.report import add_plot_dir_argument, pyplot, save_figure
+from benchmarks.common.timing import log
+
+MODELS = ("logreg", "mlp", "cnn")
+PROTOCOLS = ("shared", "independent")
+METHODS = (
+    "exact",
+    "exact@0.0001",
+    "exact_hessian@0",
+    "cg_hessian",
+    "cg_gn",
+    "lissa",
+    "arnoldi_20",
+    "arnoldi_100",
+    "arnoldi_400",
+    "tracin",
+    "random",
+)
+EPOCHS = 30
+BATCH_SIZE = 32
+TRACIN_EVERY = 5
+# The explain batch of every method: the whole set of test points at once.
+FIT_BATCH = 256
+
+
+# -- models ----------------------------------------------------------------------------------
+def build(name):
+    """The untrained, compiled ``mlp`` or ``cnn``, initialised from Keras's current seed."""
+    import keras
+
+    reg = keras.regularizers.L2(digits.L2)
+    if name == "mlp":
+        layers = [
+            keras.Input((64,)),
+            keras.layers.Dense(128, activation="tanh", kernel_regularizer=reg),
+            keras.layers.Dense(128, activation="tanh", kernel_regularizer=reg),
+            keras.layers.Dense(10, kernel_regularizer=reg),
+        ]
+    else:
+        layers = [
+            keras.Input((8, 8, 1)),
+            keras.layers.Conv2D(16, 3, activation="relu", kernel_regularizer=reg),
+            keras.layers.Conv2D(32, 3, activation="relu", kernel_regularizer=reg),
+            keras.layers.Flatten(),
+            keras.layers.Dense(10, kernel_regularizer=reg),
+        ]
+    model = keras.Sequential(layers, name=name)
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    return model
+
+
+def build_mlp():
+    return build("mlp")
+
+
+def build_cnn():
+    return build("cnn")
+
+
+class LogisticRefit:
+    """``train_fn`` of ``logreg``: scikit-learn's minimum of ``mean_j L_j + l2 |W|^2``."""
+
+    def __init__(self, l2):
+        self.l2 = l2
+        self.fingerprint = f"benchmarks.lds.LogisticRefit(l2={l2!r}, tol=1e-10)"
+
+    def __call__(self, x, y, seed):
+        import keras
+        from sklearn.linear_model import LogisticRegression
+
+        del seed  # a convex model has one minimum
+        c = 1.0 / (2 * self.l2 * len(x))  # sklearn: 0.5 |W|^2 + C sum_j L_j
+        clf = LogisticRegression(C=c, tol=1e-10, max_iter=10000).fit(x, y)
+        model = keras.Sequential(
+            [
+                keras.Input((x.shape[1],), dtype="float64"),
+                keras.layers.Dense(
+                    10, dtype="float64", kernel_regularizer=keras.regularizers.L2(self.l2)
+                ),
+            ]
+        )
+        model.layers[0].kernel.assign(clf.coef_.T)
+        model.layers[0].bias.assign(clf.intercept_)
+        model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        return model
+
+
+def setup(name, data):
+    """``(model, train_fn, checkpoints, (x_train, y_train, x_test, y_test))`` of a model."""
+    import keras
+
+    import tf_influence as tfi
+
+    x_train, y_train, x_test, y_test = data
+    if name == "logreg":
+        x_train, x_test = x_train.astype("float64"), x_test.astype("float64")
+        train_fn = LogisticRefit(1.0 / (2 * len(x_train)))
+        return train_fn(x_train, y_train, 0), train_fn, None, (x_train, y_train, x_test, y_test)
+    builder = build_mlp if name == "mlp" else build_cnn
+    x_train, x_test = digits.inputs(name, x_train), digits.inputs(name, x_test)
+    train_fn = tfi.evaluation.keras_trainer(builder, epochs=EPOCHS, batch_size=BATCH_SIZE)
+    # The analysed model: the same training with seed 0, recording TracIn's checkpoints.
+    checkpoints = tfi.callbacks.TracInCheckpoints(every_n_epochs=TRACIN_EVERY)
+    keras.utils.set_random_seed(0)
+    model = builder()
+    model.fit(
+        x_train,
+        y_train,
+        epochs=EPOCHS,
+        batch_size=BATCH_SIZE,
+        shuffle=True,
+        verbose=0,
+        callbacks=[checkpoints],
+    )
+    return model, train_fn, checkpoints, (x_train, y_train, x_test, y_test)
+
+
+# -- methods ---------------------------------------------------------------------------------
+def settings(method, num_params):
+    """``(solver, damping, curvature)`` of an influence method, or None if it does not apply.
+
+    ``method`` is a name of ``METHODS``, optionally with ``@damping`` (a number).
+    """
+    import tf_influence as tfi
+
+    method, _, damping = method.partition("@")
+    damping = float(damping) if damping else "auto"
+    if method.startswith("arnoldi_"):
+        rank = int(method.split("_")[1])
+        if rank >= num_params:
+            return None
+        return tfi.solvers.Arnoldi(rank=rank), damping, "gauss_newton"
+    found = {
+        "exact": ("exact", "gauss_newton"),
+        "exact_hessian": ("exact", "hessian"),
+        "cg_hessian": (tfi.solvers.CG(), "hessian"),
+        "cg_gn": (tfi.solvers.CG(), "gauss_newton"),
+        "lissa": (tfi.solvers.LiSSA(), "gauss_newton"),
+    }.get(method)
+    return None if found is None else (found[0], damping, found[1])
+
+
+def attributions(name, method, model, checkpoints, data):
+    """``(scores (n_test, n_train), seconds, note)``, or None if ``method`` does not apply."""
+    import tf_influence as tfi
+
+    x_train, y_train, x_test, y_test = data
+    start = time.perf_counter()
+    if method == "random":
+        scores = np.random.default_rng(0).normal(size=(len(x_test), len(x_train)))
+        return scores, 0.0, ""
+    if method == "tracin":
+        if checkpoints is None:
+            return None
+        tracin = tfi.TracIn(model, checkpoints).fit(x_train, y_train, batch_size=FIT_BATCH)
+        scores = tracin.explain(x_test, y_test, verbose=0)
+        return scores, time.perf_counter() - start, f"{tracin.num_checkpoints} checkpoints"
+    if method.startswith("exact") and name != "logreg":
+        return None  # the dense Hessian of a network does not fit in memory
+    found = settings(method, model.count_params())
+    if found is None:
+        return None
+    solver, damping, curvature = found
+    im = tfi.InfluenceModel(model)
+    im.compile(solver=solver, damping=damping, curvature=curvature)
+    try:
+        im.fit(x_train, y_train, batch_size=FIT_BATCH, verbose=0)
+        scores = im.explain(x_test, y_test, verbose=0)
+    except tfi.solvers.CurvatureError as error:
+        return None, time.perf_counter() - start, str(error).split(".")[0][:100]
+    return scores, time.perf_counter() - start, f"damping {float(im.damping):.3g}"
+
+
+# -- the run ---------------------------------------------------------------------------------
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--protocols", default=",".join(PROTOCOLS))
+    parser.add_argument("--subsets", type=int, default=100, help="subsets per protocol")
+    parser.add_argument("--seeds", type=int, default=2, help="models trained per subset")
+    parser.add_argument("--tests", type=int, default=100, help="test points")
+    parser.add_argument("--store-dir", default="lds_runs", help="where retrainings are kept")
+    add_plot_dir_argument(parser)
+    args = parser.parse_args(argv)
+    import tf_influence as tfi
+
+    warnings.simplefilter("ignore", UserWarning)
+    os.makedirs(args.store_dir, exist_ok=True)
+    data = digits.load_data()
+    data = (data[0], data[1], data[2][: args.tests], data[3][: args.tests])
+    start_all = time.perf_counter()
+    points = []
+    protocols = [p for p in args.protocols.split(",") if p]
+    header = " | ".join(f"LDS {p} (seeds' range)" for p in protocols)
+    print(f"\n| model | method | {header} | seconds | note |")
+    print("| --- | --- | " + " | ".join("---" for _ in protocols) + " | --- | --- |")
+    for name in [m for m in args.models.split(",") if m]:
+        log(f"{name}: training the analysed model")
+        model, train_fn, checkpoints, model_data = setup(name, data)
+        retrain_seconds = {}
+        for method in [m for m in args.methods.split(",") if m]:
+            log(f"{name}: {method}")
+            found = attributions(name, method, model, checkpoints, model_data)
+            if found is None:
+                continue
+            scores, seconds, note = found
+            cells = []
+            for protocol in protocols:
+                if scores is None:
+                    cells.append("refused")
+                    continue
+                store = os.path.join(
+                    args.store_dir, f"{name}_{protocol}_{args.subsets}x{args.seeds}.npz"
+                )
+                result = tfi.evaluation.lds(
+                    scores,
+                    *model_data,
+                    train_fn,
+                    num_subsets=args.subsets,
+                    seeds_per_subset=args.seeds,
+                    shared_init=protocol == "shared",
+                    store=store,
+                    verbose=0,
+                )
+                retrain_seconds[protocol] = retrain_seconds.get(protocol, 0.0) + result.seconds
+                spread = f" ({result.per_seed.min():.2f}-{result.per_seed.max():.2f})"
+                cells.append(f"{result.score:.3f}" + (spread if args.seeds > 1 else ""))
+                points.append((name, method, protocol, seconds, result.score))
+            print(
+                f"| {name} | {method} | {' | '.join(cells)} | {seconds:.1f} | {note} |", flush=True
+            )
+        log(f"{name}: retraining took {retrain_seconds} s in this run")
+    print(f"\nwhole run: {time.perf_counter() - start_all:.0f} s")
+    plot(points, args.plot_dir)
+
+
+def plot(points, plot_dir):
+    if not points:
+        return
+    plt = pyplot()
+    protocols = sorted({p[2] for p in points})
+    figure, axes = plt.subplots(1, len(protocols), figsize=(5.5 * len(protocols), 4), squeeze=False)
+    markers = {"logreg": "o", "mlp": "s", "cnn": "^"}
+    for ax, protocol in zip(axes[0], protocols, strict=True):
+        for name, method, p, seconds, score in points:
+            if p != protocol or method == "random":
+                continue
+            ax.scatter(max(seconds, 0.05), score, marker=markers.get(name, "o"))
+            ax.annotate(f"{name} {method}", (max(seconds, 0.05), score), fontsize=6)
+        ax.set_xscale("log")
+        ax.set_xlabel("compute time of the method, s (fit + explain)")
+        ax.set_ylabel("LDS")
+        ax.set_title(f"{protocol} protocol")
+        ax.axhline(0.0, color="grey", linewidth=0.5)
+    save_figure(figure, plot_dir, "lds_vs_time.png")
+
+
+if __name__ == "__main__":
+    main()
