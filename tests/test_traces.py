@@ -251,3 +251,18 @@ def test_no_retracing_warning_for_functions_traced_once(blobs, caplog):
             im.top_k(x[:2], y[:2], k=3, verbose=0)
     retracing = [r.getMessage() for r in caplog.records if "retracing" in r.getMessage()]
     assert not retracing, retracing[0]
+
+
+def test_no_retracing_warning_from_gauss_newton_loss_checks(blobs, caplog):
+    """Every Gauss-Newton operator checks the loss's output Hessians once. Computed
+    eagerly, batch_jacobian wrapped pfor in a new tf.function of TensorFlow's each
+    time, which it reported as retracing from the fifth model on."""
+    x, y = blobs
+    model = make_mlp()
+    with caplog.at_level("WARNING", logger="tensorflow"):
+        for _ in range(7):
+            im = tfi.InfluenceModel(model, loss=SPARSE_LOGITS)
+            im.compile(solver="cg", damping=0.1, curvature="gauss_newton")
+            im.fit(x, y, batch_size=16, verbose=0)
+    retracing = [r.getMessage() for r in caplog.records if "retracing" in r.getMessage()]
+    assert not retracing, retracing[0]

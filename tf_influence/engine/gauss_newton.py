@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from tf_influence.engine.compile import GraphFunction
 from tf_influence.engine.curvature import HessianOperator, tf_variable
 from tf_influence.engine.objective import Objective
 from tf_influence.engine.vectorize import vectorized_map
@@ -54,24 +55,12 @@ def check_loss_curvature(objective: Objective, batch: tuple) -> None:
         ValueError: an eigenvalue is clearly negative (below ``-LOSS_PSD_TOLERANCE``
             times the largest); it names the loss and suggests ``curvature="hessian"``.
     """
-    x, y = batch[0], batch[1]
-    outputs = objective.predict(x)
-    flat = tf.nest.flatten(outputs)
-    size = tf.shape(flat[0])[0]
-    widths = [int(np.prod(t.shape[1:], dtype=np.int64)) for t in flat]
-    joined = tf.stop_gradient(tf.concat([tf.reshape(t, [size, -1]) for t in flat], axis=1))
-    with tf.GradientTape() as outer:
-        outer.watch(joined)
-        with tf.GradientTape() as inner:
-            inner.watch(joined)
-            parts = tf.split(joined, widths, axis=1)
-            parts = [tf.reshape(p, tf.shape(t)) for p, t in zip(parts, flat, strict=True)]
-            predictions = tf.nest.pack_sequence_as(outputs, parts)
-            total = tf.reduce_sum(objective.loss_from_outputs(predictions, y))
-        gradient = inner.gradient(total, joined)
-    if gradient is None:
-        return  # the loss does not depend on the outputs: G is 0 there
-    hessians = outer.batch_jacobian(gradient, joined)
+    # Compiled (a fresh function per check): eagerly, batch_jacobian wraps pfor in a
+    # tf.function of TensorFlow's own each time, which TensorFlow then reports as
+    # retracing after a few Gauss-Newton models.
+    hessians = GraphFunction(lambda x, y: _output_hessians(objective, x, y), model=objective.model)(
+        batch[0], batch[1]
+    )
     if hessians is None:
         return
     values = np.linalg.eigvalsh(tf.cast(hessians, tf.float64).numpy())
@@ -87,6 +76,27 @@ def check_loss_curvature(objective: Objective, batch: tuple) -> None:
             f'(largest magnitude {scale:.3g}). Use curvature="hessian" in `compile` for '
             "this loss."
         )
+
+
+def _output_hessians(objective: Objective, x: Any, y: Any) -> tf.Tensor | None:
+    """Every example's ``d2 L_j / d z_j^2``, ``(batch, outputs, outputs)``, or None."""
+    outputs = objective.predict(x)
+    flat = tf.nest.flatten(outputs)
+    size = tf.shape(flat[0])[0]
+    widths = [int(np.prod(t.shape[1:], dtype=np.int64)) for t in flat]
+    joined = tf.stop_gradient(tf.concat([tf.reshape(t, [size, -1]) for t in flat], axis=1))
+    with tf.GradientTape() as outer:
+        outer.watch(joined)
+        with tf.GradientTape() as inner:
+            inner.watch(joined)
+            parts = tf.split(joined, widths, axis=1)
+            parts = [tf.reshape(p, tf.shape(t)) for p, t in zip(parts, flat, strict=True)]
+            predictions = tf.nest.pack_sequence_as(outputs, parts)
+            total = tf.reduce_sum(objective.loss_from_outputs(predictions, y))
+        gradient = inner.gradient(total, joined)
+    if gradient is None:
+        return None  # the loss does not depend on the outputs: G is 0 there
+    return outer.batch_jacobian(gradient, joined)
 
 
 class GaussNewtonOperator(HessianOperator):
