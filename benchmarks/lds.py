@@ -15,10 +15,11 @@ Models (``--models``), on scikit-learn's 8x8 digits (``benchmarks.common.digits`
   (1e-3, batches of 32); ``cnn``: Conv2D(16) -> Conv2D(32) -> Dense(10), the same
   training. Retrained by ``tfi.evaluation.keras_trainer`` with the same settings.
 
-Methods (``--methods``): Exact (``logreg`` only: it forms the Hessian), CG on the
-Hessian and on Gauss-Newton, LiSSA (Gauss-Newton), Arnoldi at several ranks, TracIn
-(a checkpoint every 5 epochs of the training; ``logreg`` has none) and random scores
-(the floor, about 0). Damping is ``"auto"`` unless the method name says otherwise.
+Methods (``--methods``, default ``METHODS`` per model): Exact (``logreg`` only: it
+forms the Hessian), CG on the Hessian and on Gauss-Newton, LiSSA (Gauss-Newton),
+Arnoldi at several ranks, TracIn (a checkpoint every 5 epochs of the training;
+``logreg`` has none) and random scores (the floor, about 0). Damping is ``"auto"``
+unless the method name says otherwise (``cg_gn@0.001``).
 
 Protocols (``--protocols``): ``shared`` (every subset trained from one shared
 initialisation and data order: ``lds(shared_init=True)``) and ``independent``
@@ -52,12 +53,13 @@ from benchmarks.common.timing import log
 
 MODELS = ("logreg", "mlp", "cnn")
 PROTOCOLS = ("shared", "independent")
-METHODS = (
-    "exact",
-    "exact@0.0001",
-    "exact_hessian@0",
+# Per model: damping "auto" unless "@damping" says otherwise. The convex model also
+# gets a small damping (its Hessian is positive definite but for the biases' shared
+# shift); Exact forms the dense matrix, so only the convex model has it.
+NETWORK_METHODS = (
     "cg_hessian",
     "cg_gn",
+    "cg_gn@0.001",
     "lissa",
     "arnoldi_20",
     "arnoldi_100",
@@ -65,6 +67,22 @@ METHODS = (
     "tracin",
     "random",
 )
+METHODS = {
+    "logreg": (
+        "exact",
+        "exact@0.0001",
+        "cg_hessian@0.0001",
+        "cg_gn",
+        "cg_gn@0.0001",
+        "lissa",
+        "arnoldi_20",
+        "arnoldi_100",
+        "arnoldi_400",
+        "random",
+    ),
+    "mlp": NETWORK_METHODS,
+    "cnn": NETWORK_METHODS,
+}
 EPOCHS = 30
 BATCH_SIZE = 32
 TRACIN_EVERY = 5
@@ -227,7 +245,9 @@ def attributions(name, method, model, checkpoints, data):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument(
+        "--methods", default="", help="comma-separated, for every model (default: METHODS)"
+    )
     parser.add_argument("--protocols", default=",".join(PROTOCOLS))
     parser.add_argument("--subsets", type=int, default=100, help="subsets per protocol")
     parser.add_argument("--seeds", type=int, default=2, help="models trained per subset")
@@ -251,7 +271,8 @@ def main(argv=None):
         log(f"{name}: training the analysed model")
         model, train_fn, checkpoints, model_data = setup(name, data)
         retrain_seconds = {}
-        for method in [m for m in args.methods.split(",") if m]:
+        methods = [m for m in args.methods.split(",") if m] or METHODS[name]
+        for method in methods:
             log(f"{name}: {method}")
             found = attributions(name, method, model, checkpoints, model_data)
             if found is None:
