@@ -9,6 +9,7 @@ used is freed with its traces) and by everything else the trace depends on
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import types
 import weakref
@@ -30,6 +31,42 @@ def _relaxed_spec(tensor) -> tf.TensorSpec:
 
 
 _CODE_IDS = itertools.count()
+
+
+def _grappler_arithmetic_bug(error: tf.errors.AlreadyExistsError) -> bool:
+    """True for the temporary-variable clash of Grappler's arithmetic optimizer."""
+    return "ArithmeticOptimizer" in str(error) and "tmp_var" in str(error)
+
+
+@contextlib.contextmanager
+def arithmetic_rewrites_off() -> Any:
+    """Function calls of this thread with Grappler's arithmetic optimizer turned off.
+
+    Grappler's ``AddOpsRewrite`` can turn a sum inside nested while loops into an
+    accumulator with a temporary variable whose name is not unique across the
+    iterations that run in parallel; execution then fails with ``AlreadyExistsError:
+    Resource __per_step_.../ArithmeticOptimizer/AddOpsRewrite_add/tmp_var``. Seen on
+    block products of a digits CNN's Hessian at batch size 256 and 64 columns, where
+    pfor runs ``Conv2DBackpropFilter`` in a while loop. Only the call options of
+    this thread change (the process-wide optimizer settings are left alone); the
+    graph is re-optimised once under them and kept.
+    """
+    from tensorflow.core.protobuf import config_pb2, rewriter_config_pb2
+    from tensorflow.python.eager import context as eager_context
+
+    ctx = eager_context.context()
+    previous = ctx.function_call_options
+    config = config_pb2.ConfigProto()
+    config.ParseFromString(previous.config_proto_serialized)
+    rewrites = config.graph_options.rewrite_options
+    rewrites.arithmetic_optimization = rewriter_config_pb2.RewriterConfig.OFF
+    ctx.function_call_options = eager_context.FunctionCallOptions(
+        executor_type=previous.executor_type, config_proto=config
+    )
+    try:
+        yield
+    finally:
+        ctx.function_call_options = previous
 
 
 def own_code(fn: Callable) -> Callable:
@@ -98,6 +135,9 @@ class GraphFunction:
         self._model = _weak(model)
         self._earlier_traces = 0  # traces of the functions replaced by a retrace
         self._started = False
+        # Set after Grappler's arithmetic optimizer broke a call (see
+        # ``arithmetic_rewrites_off``): every later call runs without it.
+        self.rewrites_off = False
         self._function = self._compile()
 
     def _compile(self):
@@ -129,7 +169,15 @@ class GraphFunction:
                 self._start_looping()
         while True:
             try:
+                if self.rewrites_off:
+                    with arithmetic_rewrites_off():
+                        return self._function(*args, **kwargs)
                 return self._function(*args, **kwargs)
+            except tf.errors.AlreadyExistsError as error:
+                if self.rewrites_off or not _grappler_arithmetic_bug(error):
+                    raise
+                self.rewrites_off = True
+                continue
             except tf.errors.OperatorNotAllowedInGraphError:
                 if self.autograph:
                     raise
