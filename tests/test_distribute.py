@@ -221,8 +221,15 @@ def _problem(tmp_path, solvers, **extra):
 
 @pytest.mark.slow
 def test_multi_worker_matches_one_process(tmp_path):
-    """Two MultiWorkerMirroredStrategy workers on localhost give one process's influences."""
-    solvers = ["exact", "cg", "lissa"]
+    """Two MultiWorkerMirroredStrategy workers on localhost give one process's influences.
+
+    Exact and CG cover every kind of reduction across workers (products, gradients,
+    scores). LiSSA reduces through the same code and is checked under
+    MirroredStrategy (``test_mirrored_matches_one_device``); it is left out here to
+    keep the suite within its time (its recursion sums across the workers at every
+    step).
+    """
+    solvers = ["exact", "cg"]
     path, model, x, y = _problem(tmp_path, solvers)
     out = str(tmp_path / "out")
     for index, (code, _, err) in enumerate(_start_workers(path, out)):
