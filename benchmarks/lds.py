@@ -30,7 +30,7 @@ the LDS's spread is its range over those seeds (``LDSResult.per_seed``).
 Retrainings are kept in ``--store-dir`` (one ``.npz`` per model and protocol), so
 a stopped run goes on where it stopped, and a new method is scored without
 retraining. Prints one table row per model and method, and writes
-``lds_vs_time.png`` (LDS against compute time) to ``--plot-dir``.
+``lds_vs_time_<protocols>.png`` (LDS against compute time) to ``--plot-dir``.
 
 Usage, from the repository root::
 
@@ -326,7 +326,7 @@ def plot(points, plot_dir):
         ax.set_ylabel("LDS")
         ax.set_title(f"{protocol} protocol")
         ax.axhline(0.0, color="grey", linewidth=0.5)
-    save_figure(figure, plot_dir, "lds_vs_time.png")
+    save_figure(figure, plot_dir, f"lds_vs_time_{'_'.join(protocols)}.png")
 
 
 if __name__ == "__main__":
