@@ -371,9 +371,11 @@ def lds(
         scores: ``(n_test, n_train)`` attributions in our convention: ``scores[i, j]
             > 0`` when up-weighting training example ``j`` raises test loss ``i``
             (``im.explain``; any method's matrix in this sign, e.g. TracIn's).
-        x_train, y_train: the training examples as arrays (or lists / dicts of them),
-            in the order of the columns of ``scores``.
-        x_test, y_test: the test points, in the order of the rows of ``scores``.
+        x_train: the training inputs as arrays (or lists / dicts of them), in the
+            order of the columns of ``scores``.
+        y_train: the training targets, in the same order.
+        x_test: the test inputs, in the order of the rows of ``scores``.
+        y_test: the test targets, in the same order.
         train_fn: ``fn(x_subset, y_subset, seed) -> keras.Model`` that trains a new
             model on the subset, e.g. ``keras_trainer(build_fn, epochs)``.
         num_subsets: how many random subsets (at least 2).
