@@ -93,30 +93,7 @@ FIT_BATCH = 256
 # -- models ----------------------------------------------------------------------------------
 def build(name):
     """The untrained, compiled ``mlp`` or ``cnn``, initialised from Keras's current seed."""
-    import keras
-
-    reg = keras.regularizers.L2(digits.L2)
-    if name == "mlp":
-        layers = [
-            keras.Input((64,)),
-            keras.layers.Dense(128, activation="tanh", kernel_regularizer=reg),
-            keras.layers.Dense(128, activation="tanh", kernel_regularizer=reg),
-            keras.layers.Dense(10, kernel_regularizer=reg),
-        ]
-    else:
-        layers = [
-            keras.Input((8, 8, 1)),
-            keras.layers.Conv2D(16, 3, activation="relu", kernel_regularizer=reg),
-            keras.layers.Conv2D(32, 3, activation="relu", kernel_regularizer=reg),
-            keras.layers.Flatten(),
-            keras.layers.Dense(10, kernel_regularizer=reg),
-        ]
-    model = keras.Sequential(layers, name=name)
-    model.compile(
-        optimizer=keras.optimizers.Adam(1e-3),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
-    return model
+    return digits.build_model(name, seed=None)
 
 
 def build_mlp():

@@ -64,11 +64,12 @@ def inputs(name, x):
     return x if name == "mlp" else x.reshape(-1, 8, 8, 1)
 
 
-def build_model(name):
-    """The untrained, compiled ``mlp`` or ``cnn`` (seeded with ``SEED``)."""
+def build_model(name, seed=SEED):
+    """The untrained, compiled ``mlp`` or ``cnn``, seeded with ``seed`` (None: as Keras is)."""
     import keras
 
-    keras.utils.set_random_seed(SEED)
+    if seed is not None:
+        keras.utils.set_random_seed(seed)
     reg = keras.regularizers.L2(L2)
     if name == "mlp":
         layers = [
