@@ -34,3 +34,19 @@ def data_fingerprint(data) -> str:
         for leaf in tf.nest.flatten(batch):
             _update(digest, leaf.numpy() if hasattr(leaf, "numpy") else leaf)
     return digest.hexdigest()
+
+
+def arrays_fingerprint(*values) -> str:
+    """sha256 of every array leaf of ``values`` (nests of arrays), in order."""
+    digest = hashlib.sha256()
+    for value in values:
+        for leaf in tf.nest.flatten(value):
+            _update(digest, leaf)
+    return digest.hexdigest()
+
+
+def differing(stored: dict, current: dict) -> list[str]:
+    """The names whose fingerprints differ between two ``name -> digest`` records."""
+    return [
+        name for name in sorted(set(stored) | set(current)) if stored.get(name) != current.get(name)
+    ]

@@ -20,7 +20,6 @@ fingerprinted: several methods are scored against the same retrainings.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -32,6 +31,7 @@ import tensorflow as tf
 
 from tf_influence._errors import describe
 from tf_influence._files import atomic_write
+from tf_influence._fingerprint import arrays_fingerprint, differing
 from tf_influence.resume import describe_function
 
 __all__ = ["LDSResult", "KerasTrainer", "keras_trainer", "lds"]
@@ -187,16 +187,6 @@ def _length(value: Any, name: str) -> int:
     return lengths.pop()
 
 
-def _digest(*values: Any) -> str:
-    digest = hashlib.sha256()
-    for value in values:
-        for leaf in tf.nest.flatten(value):
-            array = np.ascontiguousarray(leaf)
-            digest.update(f"{array.dtype.str}{array.shape}".encode())
-            digest.update(array.tobytes())
-    return digest.hexdigest()
-
-
 def _describe_loss(loss: Any) -> str | None:
     if loss is None:
         return None
@@ -298,11 +288,7 @@ class _Store:
                 f"Argument `store` names a file that is not an lds store ({self.path!r}, "
                 f"format {header.get('format')!r}). Delete it or choose another path."
             )
-        differ = [
-            name
-            for name in sorted(set(header["fingerprints"]) | set(self.fingerprints))
-            if header["fingerprints"].get(name) != self.fingerprints.get(name)
-        ]
+        differ = differing(header["fingerprints"], self.fingerprints)
         if differ:
             raise ValueError(
                 f"Argument `store` holds retrainings ({self.path!r}, {int(stored['done'].sum())} "
@@ -503,9 +489,9 @@ def lds(
         seeds = seed_rng.integers(0, 2**31 - 1, (num_subsets, seeds_per_subset))
     measure_name = measure if isinstance(measure, str) else describe_function(measure)
     fingerprints = {
-        "data": _digest(x_train, y_train, x_test, y_test),
-        "masks": _digest(masks),
-        "seeds": _digest(seeds),
+        "data": arrays_fingerprint(x_train, y_train, x_test, y_test),
+        "masks": arrays_fingerprint(masks),
+        "seeds": arrays_fingerprint(seeds),
         "train_fn": _train_fn_identity(train_fn),
         "measure": str(measure_name),
         "loss": str(_describe_loss(loss)),

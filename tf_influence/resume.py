@@ -29,6 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_influence._files import atomic_write
+from tf_influence._fingerprint import differing
 
 # Write the progress file at most this often (seconds); 0: after every block.
 CHECKPOINT_SECONDS = 1.0
@@ -77,11 +78,7 @@ class ResumableOutput:
                 f"{self.progress_path!r} is not a progress file of `explain`. Received: "
                 f"format={state.get('format')!r}. Delete it or choose another `output`."
             )
-        differ = [
-            name
-            for name in sorted(set(state["fingerprints"]) | set(self.fingerprints))
-            if state["fingerprints"].get(name) != self.fingerprints.get(name)
-        ]
+        differ = differing(state["fingerprints"], self.fingerprints)
         if tuple(state["shape"]) != self.shape or state["dtype"] != self.dtype.str:
             differ.append("shape or dtype")
         if differ:
