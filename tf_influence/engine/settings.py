@@ -98,7 +98,15 @@ class Settings:
         check_hvp_mode(self.hvp)
         check_scoring_mode(self.scoring)
         object.__setattr__(self, "jit_compile", check_bool("jit_compile", self.jit_compile))
-        object.__setattr__(self, "curvature", resolve_curvature(self.curvature, self.damping))
+        fixed = getattr(self.solver, "curvature", None)
+        if fixed is not None and self.curvature not in (None, fixed):
+            raise ValueError(
+                f"The solver {type(self.solver).__name__} approximates the {fixed!r} "
+                f"curvature. Received: curvature={self.curvature!r}. Leave `curvature` out "
+                f"of `compile` (or pass curvature={fixed!r}) with this solver."
+            )
+        curvature = fixed if fixed is not None else self.curvature
+        object.__setattr__(self, "curvature", resolve_curvature(curvature, self.damping))
 
     def to_config(self) -> dict[str, Any]:
         """Plain JSON values: the solver as ``{"class_name", "config"}``.

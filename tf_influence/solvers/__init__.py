@@ -17,6 +17,7 @@ from tf_influence.solvers.base import (
     Solver,
 )
 from tf_influence.solvers.cg import CG
+from tf_influence.solvers.ekfac import EKFAC, KFAC
 from tf_influence.solvers.exact import Exact
 from tf_influence.solvers.lissa import LiSSA
 
@@ -26,7 +27,9 @@ __all__ = [
     "CurvatureError",
     "CurvatureOperator",
     "Diagnostics",
+    "EKFAC",
     "Exact",
+    "KFAC",
     "LiSSA",
     "LowRankInverse",
     "Solver",
@@ -78,7 +81,14 @@ def register(name: str, cls: type[Solver]) -> type[Solver]:
     return cls
 
 
-for _name, _cls in (("exact", Exact), ("cg", CG), ("lissa", LiSSA), ("arnoldi", Arnoldi)):
+for _name, _cls in (
+    ("exact", Exact),
+    ("cg", CG),
+    ("lissa", LiSSA),
+    ("arnoldi", Arnoldi),
+    ("kfac", KFAC),
+    ("ekfac", EKFAC),
+):
     register(_name, _cls)
 
 

@@ -211,6 +211,9 @@ class Solver:
     """
 
     name = "solver"
+    # The curvature the solver approximates whatever `compile(curvature=...)` says
+    # (K-FAC: "gauss_newton"), or None when it inverts the operator it is given.
+    curvature: str | None = None
 
     def solve(self, operator: CurvatureOperator, rhs: tf.Tensor) -> tuple[tf.Tensor, Diagnostics]:
         """Solves ``(C + damping*I) x = rhs``.

@@ -1,0 +1,368 @@
+"""The passes behind ``KFAC`` / ``EKFAC``: factors, eigenbases, corrections, preconditioning.
+
+See ``tf_influence.solvers.ekfac`` for the mathematics. Each pass is one compiled
+step per batch (a forward pass recording the factored layers' inputs and outputs,
+one backward pass per output draw); the sums stay on the device and are
+accumulated in float64.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from tf_influence.solvers.base import CurvatureError, ProgressFactory
+from tf_influence.solvers.ekfac import KFAC, KroneckerState, _Block, structure
+
+
+# -- output draws ------------------------------------------------------------------------
+def _output_draws(solver: KFAC, objective, outputs, y, seed) -> list[tuple[float, Any]]:
+    """``[(weight, per-example pseudo-loss (b,))]`` whose gradients are the draws ``J^T u``.
+
+    ``fisher="true"``: ``u = L eps`` with ``L L^T`` the loss's output Hessian per
+    example; ``"exact"`` samples take ``eps`` as every column of the identity
+    (weight 1 each: the columns of ``L`` sum ``u u^T`` to ``H_L``), an integer
+    ``m`` takes ``m`` normal draws (weight ``1/m``). ``fisher="empirical"``: the
+    training losses themselves.
+    """
+    flat = tf.nest.flatten(outputs)
+    if solver.fisher == "empirical":
+        return [(1.0, objective.loss_from_outputs(outputs, y))]
+    size = tf.shape(flat[0])[0]
+    widths = [int(np.prod(t.shape[1:], dtype=np.int64)) for t in flat]
+    joined = tf.stop_gradient(tf.concat([tf.reshape(t, [size, -1]) for t in flat], axis=1))
+    with tf.GradientTape() as outer:
+        outer.watch(joined)
+        with tf.GradientTape() as inner:
+            inner.watch(joined)
+            parts = tf.split(joined, widths, axis=1)
+            parts = [tf.reshape(p, tf.shape(t)) for p, t in zip(parts, flat, strict=True)]
+            total = tf.reduce_sum(
+                objective.loss_from_outputs(tf.nest.pack_sequence_as(outputs, parts), y)
+            )
+        gradient = inner.gradient(total, joined)
+    if gradient is None:
+        return []
+    hessians = outer.batch_jacobian(gradient, joined)  # (b, K, K)
+    values, vectors = tf.linalg.eigh(tf.cast(hessians, tf.float64))
+    root = vectors * tf.sqrt(tf.maximum(values, 0.0))[:, None, :]  # L, L L^T = H_L
+    width = sum(widths)
+    if solver.samples == "exact":
+        columns, weight = [root[:, :, i] for i in range(width)], 1.0
+    else:
+        noise = tf.random.stateless_normal([size, width, solver.samples], seed, dtype=tf.float64)
+        drawn = tf.matmul(root, noise)
+        columns, weight = [drawn[:, :, i] for i in range(solver.samples)], 1.0 / solver.samples
+    joined_outputs = tf.concat(
+        [tf.reshape(tf.cast(t, tf.float64), [size, -1]) for t in flat], axis=1
+    )
+    draws = []
+    for column in columns:
+        # A pseudo-loss whose gradient is J^T u (u held constant).
+        pseudo = tf.reduce_sum(tf.stop_gradient(column) * joined_outputs, axis=1)
+        draws.append((weight, pseudo))
+    return draws
+
+
+def _rows_in(block: _Block, inputs: tf.Tensor, dtype) -> tf.Tensor:
+    """``(b, t, rows)``: the layer's input (patches) per position, with a bias column."""
+    from tf_influence.engine.factored import Use, _inputs_for
+
+    found = _inputs_for(Use(block.entry, inputs, inputs))
+    size = tf.shape(found)[0]
+    rows = tf.reshape(tf.cast(found, dtype), [size, -1, block.fan_in])
+    if block.bias:
+        rows = tf.concat([rows, tf.ones_like(rows[:, :, :1])], axis=2)
+    return rows
+
+
+def _rows_out(block: _Block, delta: tf.Tensor, dtype) -> tf.Tensor:
+    size = tf.shape(delta)[0]
+    return tf.reshape(tf.cast(delta, dtype), [size, -1, block.cols])
+
+
+class _Steps:
+    """The compiled per-batch steps of the factor and correction passes."""
+
+    def __init__(self, solver: KFAC, objective, blocks: list[_Block], diagonal: list[int]):
+        from tf_influence.engine.compile import SpecFunction
+
+        self.solver = solver
+        self.objective = objective
+        self.blocks = blocks
+        self.diagonal = diagonal
+        self.dtype = objective.dtype
+        self.factors = SpecFunction(self._factors, relaxed=(0, 1))
+        self.corrections = SpecFunction(self._corrections, relaxed=(0, 1))
+
+    def _forward(self, x, y, seed, with_diagonal):
+        """Records the factored layers, draws the output gradients, backpropagates them.
+
+        Returns ``(grouped records, [(weight, deltas per record, diagonal grads)])``.
+        """
+        from tf_influence.engine.curvature import tf_variable
+        from tf_influence.engine.factored import _recording
+
+        records: list = []
+        variables = [tf_variable(self.objective.variables[i]) for i in self.diagonal]
+        layers = [b.entry for b in self.blocks]
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch(variables)
+            with _recording(layers, records):
+                outputs = self.objective.predict(x)
+            draws = _output_draws(self.solver, self.objective, outputs, y, seed)
+        zs = [z for _, _, z in records]
+        results = []
+        for weight, pseudo in draws:
+            deltas = tape.gradient(pseudo, zs) if zs else []
+            deltas = [tf.zeros_like(z) if d is None else d for d, z in zip(deltas, zs, strict=True)]
+            per_example = []
+            if with_diagonal and variables:
+                found = tape.jacobian(pseudo, variables, experimental_use_pfor=True)
+                size = tf.shape(pseudo)[0]
+                per_example = [
+                    tf.zeros([size, int(np.prod(v.shape))], tf.float64)
+                    if g is None
+                    else tf.reshape(tf.cast(g, tf.float64), [size, -1])
+                    for g, v in zip(found, variables, strict=True)
+                ]
+            results.append((weight, deltas, per_example))
+        del tape
+        return records, results
+
+    def _by_block(self, records, deltas):
+        """Per block: ``[(inputs, delta), ...]`` over its calls."""
+        grouped: dict[int, list] = {}
+        for (entry, inputs, _), delta in zip(records, deltas, strict=True):
+            grouped.setdefault(id(entry.layer), []).append((inputs, delta))
+        return [grouped.get(id(b.entry.layer), []) for b in self.blocks]
+
+    def _factors(self, x, y, seed):
+        """Batch sums of ``A`` (position means), ``S`` (position sums) and the diagonals."""
+        records, results = self._forward(x, y, seed, with_diagonal=True)
+        dtype = self.dtype
+        a_sums, s_sums = [], []
+        for block, calls in zip(
+            self.blocks, self._by_block(records, [None] * len(records)), strict=True
+        ):
+            rows = [_rows_in(block, inputs, dtype) for inputs, _ in calls]
+            a_sum = tf.zeros([block.rows, block.rows], tf.float64)
+            for r in rows:
+                a_sum += tf.cast(tf.einsum("bti,btj->ij", r, r), tf.float64)
+            # A averages over positions (and calls) within an example.
+            positions = tf.add_n([tf.shape(r)[1] for r in rows]) if rows else 1
+            a_sums.append(a_sum / tf.cast(positions, tf.float64))
+            s_sums.append(tf.zeros([block.cols, block.cols], tf.float64))
+        diagonal_sums = [
+            tf.zeros([int(np.prod(self.objective.layout.shapes[i]))], tf.float64)
+            for i in self.diagonal
+        ]
+        for weight, deltas, per_example in results:
+            for index, (block, calls) in enumerate(
+                zip(self.blocks, self._by_block(records, deltas), strict=True)
+            ):
+                for _, delta in calls:
+                    rows = _rows_out(block, delta, dtype)
+                    s_sums[index] += weight * tf.cast(
+                        tf.einsum("bto,btp->op", rows, rows), tf.float64
+                    )
+            for index, grads in enumerate(per_example):
+                diagonal_sums[index] += weight * tf.reduce_sum(tf.square(grads), axis=0)
+        return a_sums, s_sums, diagonal_sums
+
+    def _corrections(self, x, y, seed, qa, qs):
+        """Batch sums of the squared gradients in each block's Kronecker eigenbasis."""
+        records, results = self._forward(x, y, seed, with_diagonal=False)
+        dtype = self.dtype
+        sums = [tf.zeros([b.rows, b.cols], tf.float64) for b in self.blocks]
+        for weight, deltas, _ in results:
+            for index, (block, calls) in enumerate(
+                zip(self.blocks, self._by_block(records, deltas), strict=True)
+            ):
+                if not calls:
+                    continue
+                rotated = [
+                    (
+                        tf.einsum("bti,ij->btj", _rows_in(block, inputs, dtype), qa[index]),
+                        tf.einsum("bto,op->btp", _rows_out(block, delta, dtype), qs[index]),
+                    )
+                    for inputs, delta in calls
+                ]
+                if len(rotated) == 1 and rotated[0][0].shape[1] == 1:
+                    # One vector per example: (a~ d~^T)^2 = a~^2 d~^2^T, summed over examples.
+                    a, d = rotated[0][0][:, 0], rotated[0][1][:, 0]
+                    total = tf.matmul(tf.square(a), tf.square(d), transpose_a=True)
+                else:
+                    grads = tf.add_n([tf.einsum("bti,bto->bio", a, d) for a, d in rotated])
+                    total = tf.reduce_sum(tf.square(grads), axis=0)
+                sums[index] += weight * tf.cast(total, tf.float64)
+        return sums
+
+
+def _regularizer_diagonal(objective) -> list[tf.Tensor] | None:
+    """The row sums of the regulariser's Hessian per variable (its diagonal for L2)."""
+    if not objective.has_regularization():
+        return None
+    from tf_influence.engine.curvature import tf_variable
+
+    variables = [tf_variable(v) for v in objective.variables]
+    with tf.GradientTape() as outer:
+        outer.watch(variables)
+        with tf.GradientTape() as inner:
+            inner.watch(variables)
+            omega = objective.regularization()
+        grads = inner.gradient(omega, variables)
+        total = tf.add_n(
+            [tf.zeros([], omega.dtype)] + [tf.reduce_sum(g) for g in grads if g is not None]
+        )
+    rows = outer.gradient(total, variables)
+    return [
+        tf.zeros([int(np.prod(v.shape))], tf.float64)
+        if r is None
+        else tf.reshape(tf.cast(r, tf.float64), [-1])
+        for r, v in zip(rows, variables, strict=True)
+    ]
+
+
+def fit(solver: KFAC, operator, progress: ProgressFactory) -> KroneckerState:
+    """The factors of ``operator``'s training data: one pass (K-FAC) or two (EK-FAC)."""
+    objective = operator.objective
+    blocks, diagonal = structure(objective)
+    if not blocks:
+        raise ValueError(
+            f"{type(solver).__name__} approximates the curvature of Dense and Conv2D layers, "
+            f"and the analysed parameters of model {objective.model.name!r} hold none. "
+            "Received: variables "
+            f"{[v.path if hasattr(v, 'path') else v.name for v in objective.variables][:8]}. "
+            'Use solver="cg" or solver="arnoldi" for this model.'
+        )
+    data = operator.data
+    batch_size = solver.batch_size or data.batch_size
+    num_batches = data.num_batches(batch_size)
+    steps = _Steps(solver, objective, blocks, diagonal)
+    passes = 2 if solver.corrected else 1
+    bar = progress(num_batches * passes, f"{type(solver).__name__} factors")
+    a_sums = [tf.zeros([b.rows, b.rows], tf.float64) for b in blocks]
+    s_sums = [tf.zeros([b.cols, b.cols], tf.float64) for b in blocks]
+    d_sums = [tf.zeros([objective.layout.sizes[i]], tf.float64) for i in diagonal]
+    step = 0
+    for number, batch in enumerate(data.batches(batch_size)):
+        seed = tf.constant([solver.seed, 2 * number], tf.int64)
+        a, s, d = steps.factors(batch[0], batch[1], seed)
+        a_sums = [t + u for t, u in zip(a_sums, a, strict=True)]
+        s_sums = [t + u for t, u in zip(s_sums, s, strict=True)]
+        d_sums = [t + u for t, u in zip(d_sums, d, strict=True)]
+        step += 1
+        bar.update(step)
+    n = float(operator.num_examples)
+    qa, qs, values = [], [], []
+    for a_sum, s_sum in zip(a_sums, s_sums, strict=True):
+        la, va = tf.linalg.eigh(a_sum / n)
+        ls, vs = tf.linalg.eigh(s_sum / n)
+        qa.append(va)
+        qs.append(vs)
+        values.append(tf.maximum(la, 0.0)[:, None] * tf.maximum(ls, 0.0)[None, :])
+    diagonals = [d / n for d in d_sums]
+    if solver.corrected:
+        compute = objective.dtype
+        qa_c = [tf.cast(q, compute) for q in qa]
+        qs_c = [tf.cast(q, compute) for q in qs]
+        sums = [tf.zeros_like(v) for v in values]
+        for number, batch in enumerate(data.batches(batch_size)):
+            seed = tf.constant([solver.seed, 2 * number + 1], tf.int64)
+            found = steps.corrections(batch[0], batch[1], seed, qa_c, qs_c)
+            sums = [t + u for t, u in zip(sums, found, strict=True)]
+            step += 1
+            bar.update(step)
+        values = [t / n for t in sums]
+    regular = _regularizer_diagonal(objective)
+    if regular is not None:
+        values = [
+            v + _projected(regular, block, a, s)
+            for v, block, a, s in zip(values, blocks, qa, qs, strict=True)
+        ]
+        diagonals = [d + regular[i] for d, i in zip(diagonals, diagonal, strict=True)]
+    bar.done()
+    return KroneckerState(blocks, diagonal, qa, qs, values, diagonals)
+
+
+def _projected(regular: list[tf.Tensor], block: _Block, qa, qs) -> tf.Tensor:
+    """The diagonal of ``Q^T D Q`` for the block's part ``D`` of the regulariser diagonal."""
+    kernel = tf.reshape(regular[block.entry.kernel], [block.fan_in, block.cols])
+    if block.bias:
+        kernel = tf.concat([kernel, tf.reshape(regular[block.entry.bias], [1, block.cols])], 0)
+    return tf.matmul(tf.matmul(tf.square(qa), kernel, transpose_a=True), tf.square(qs))
+
+
+def from_arrays(operator, arrays: dict[str, np.ndarray]) -> KroneckerState:
+    """The state ``KFAC.get_state`` saved, checked against ``operator``'s model."""
+    blocks, diagonal = structure(operator.objective)
+    saved = int(arrays.get("num_blocks", -1))
+    problems = []
+    if saved != len(blocks):
+        problems.append(f"{saved} factored layers saved, {len(blocks)} in the model")
+    qa, qs, values = [], [], []
+    for i, block in enumerate(blocks):
+        if problems:
+            break
+        found = [arrays.get(f"block{i}_{name}") for name in ("qa", "qs", "values")]
+        shapes = [(block.rows, block.rows), (block.cols, block.cols), (block.rows, block.cols)]
+        if any(f is None or tuple(f.shape) != s for f, s in zip(found, shapes, strict=True)):
+            problems.append(f"layer {block.entry.layer.name!r} has other shapes")
+            break
+        qa.append(tf.constant(found[0], tf.float64))
+        qs.append(tf.constant(found[1], tf.float64))
+        values.append(tf.constant(found[2], tf.float64))
+    diagonals = []
+    for index in diagonal:
+        found = arrays.get(f"diagonal{index}")
+        if found is None or found.shape != (operator.objective.layout.sizes[index],):
+            problems.append(f"variable {index} has no saved diagonal of its size")
+            break
+        diagonals.append(tf.constant(found, tf.float64))
+    if problems:
+        raise ValueError(
+            "The saved K-FAC factors do not belong to this model: "
+            + "; ".join(problems)
+            + ". Load the state into the model (and `params`) it was saved from, or "
+            "`fit` again to recompute the factors."
+        )
+    return KroneckerState(blocks, diagonal, qa, qs, values, diagonals)
+
+
+def precondition(state: KroneckerState, operator, rhs: tf.Tensor) -> tf.Tensor:
+    """``inv(G_approx + damping*I) @ rhs`` for ``(p, k)`` right-hand sides."""
+    damping = float(operator.damping)
+    smallest = min(
+        [float(tf.reduce_min(v)) for v in state.values]
+        + [float(tf.reduce_min(d)) for d in state.diagonals if d.shape[0]]
+    )
+    if not smallest + damping > 0:
+        raise CurvatureError(
+            "The Kronecker-factored curvature has a zero eigenvalue (a direction no "
+            "training example's gradient reaches), so it cannot be inverted without "
+            f"damping. Received: damping={damping}. Pass a positive damping to `compile`, "
+            'e.g. damping="auto" or damping=1e-3.'
+        )
+    layout = operator.objective.layout
+    dtype = rhs.dtype
+    parts = list(tf.split(rhs, layout.sizes, axis=0))
+    out = list(parts)
+    for block, qa, qs, values in zip(state.blocks, state.qa, state.qs, state.values, strict=True):
+        qa_c, qs_c = tf.cast(qa, dtype), tf.cast(qs, dtype)
+        inverse = tf.cast(1.0 / (values + damping), dtype)
+        kernel = tf.reshape(parts[block.entry.kernel], [block.fan_in, block.cols, -1])
+        if block.bias:
+            kernel = tf.concat([kernel, parts[block.entry.bias][None]], axis=0)
+        matrices = tf.transpose(kernel, [2, 0, 1])  # (k, rows, cols)
+        rotated = tf.matmul(tf.matmul(qa_c, matrices, transpose_a=True), qs_c)
+        solved = tf.matmul(tf.matmul(qa_c, rotated * inverse), qs_c, transpose_b=True)
+        solved = tf.transpose(solved, [1, 2, 0])  # (rows, cols, k)
+        out[block.entry.kernel] = tf.reshape(solved[: block.fan_in], [-1, tf.shape(rhs)[1]])
+        if block.bias:
+            out[block.entry.bias] = solved[block.fan_in]
+    for index, diagonal in zip(state.diagonal, state.diagonals, strict=True):
+        out[index] = parts[index] / tf.cast(diagonal + damping, dtype)[:, None]
+    return tf.concat(out, axis=0)

@@ -1,0 +1,261 @@
+"""K-FAC and EK-FAC: the Gauss-Newton matrix approximated layer by layer with Kronecker factors.
+
+For a ``Dense`` layer ``z = a @ W + b`` an example's gradient of ``[W; b]`` is the
+outer product ``[a; 1] delta^T`` (``delta = dL/dz``), so the layer's block of the
+Gauss-Newton (true Fisher) matrix ``G = E[vec(g) vec(g)^T]`` is
+``E[(a a^T) (x) (delta delta^T)]``. K-FAC (Martens & Grosse 2015) replaces it by
+
+    A (x) S,   A = E[a a^T],   S = E[delta delta^T],
+
+whose inverse needs only the eigendecompositions ``A = Q_A diag(l_A) Q_A^T`` and
+``S = Q_S diag(l_S) Q_S^T``: ``inv(A (x) S + damping I) vec(V) =
+vec(Q_A [(Q_A^T V Q_S) / (l_A l_S^T + damping)] Q_S^T)``. A convolution's gradient
+is the same product summed over output positions with the input patches as ``a``;
+under the usual assumptions (Grosse & Martens 2016) ``A`` averages the patches'
+products over positions and ``S`` sums the output gradients' over positions.
+
+EK-FAC (George et al. 2018) keeps the eigenbasis ``Q_A (x) Q_S`` and replaces the
+eigenvalues ``l_A l_S^T`` by the exact second moments of the gradients in that
+basis: ``Lambda_ij = E[(Q_A^T g Q_S)_ij^2]``, which is the diagonal of the layer's
+true Gauss-Newton block in the Kronecker eigenbasis. A second pass over the
+training data computes it from the layer factors (``Q_A^T a`` and ``Q_S^T delta``);
+for a Dense layer on one vector per example without ever forming a gradient.
+
+Every other chosen parameter (normalisation scales, biases of other layers,
+embeddings, ...) gets the diagonal of the Gauss-Newton matrix, ``E[g_i^2]``, from
+per-example gradients. The regulariser's Hessian enters through its diagonal (exact
+for L2): added to the diagonal parameters, and projected on each layer's
+eigenbasis (the diagonal of ``Q^T D Q``).
+
+"True Fisher" (the default): ``delta`` is the backward pass of a draw ``u`` from
+the output distribution with covariance ``H_L`` (the loss's Hessian with respect
+to the model's outputs, which includes the example's weight), ``u = L eps`` with
+``L L^T = H_L`` and ``eps ~ N(0, I)``. For cross-entropy this has the second
+moments of ``p - onehot(y)`` with ``y`` sampled from the model's predictive
+distribution, and only second moments enter the factors, so it is the
+sampled-label Fisher; ``E[J^T u u^T J] = J^T H_L J``, so the factors are unbiased
+for the Gauss-Newton matrix the other solvers use with
+``curvature="gauss_newton"``. ``samples="exact"`` takes the expectation over
+``u`` exactly (one backward pass per model output), ``fisher="empirical"`` uses
+the gradients of the training labels instead.
+
+References:
+    Martens & Grosse, "Optimizing Neural Networks with Kronecker-factored
+    Approximate Curvature", ICML 2015. Grosse & Martens, "A Kronecker-factored
+    approximate Fisher matrix for convolution layers", ICML 2016. George, Laurent,
+    Bouthillier, Ballas & Vincent, "Fast Approximate Natural Gradient Descent in a
+    Kronecker-factored Eigenbasis", NeurIPS 2018. Grosse, Bae, Anil et al.,
+    "Studying Large Language Model Generalization with Influence Functions", 2023.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from tf_influence._validation import check_int, check_positive_int
+from tf_influence.solvers.base import (
+    CurvatureOperator,
+    Diagnostics,
+    ProgressFactory,
+    Solver,
+    silent_progress,
+)
+
+FISHER = ("true", "empirical")
+_STATE = "kfac.state"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Block:
+    """A Kronecker-factored layer: its ``[kernel; bias]`` as a ``(rows, cols)`` matrix."""
+
+    entry: Any  # engine.factored.FactoredLayer
+    fan_in: int
+    cols: int
+    bias: bool
+
+    @property
+    def rows(self) -> int:
+        return self.fan_in + (1 if self.bias else 0)
+
+
+@dataclasses.dataclass
+class KroneckerState:
+    """What K-FAC / EK-FAC keep per fit: eigenbases, eigenvalues and diagonals.
+
+    Attributes:
+        blocks: the Kronecker-factored layers.
+        diagonal: indices of the variables with a diagonal approximation.
+        qa, qs: per block, the ``(rows, rows)`` and ``(cols, cols)`` eigenbases
+            (float64).
+        values: per block, the ``(rows, cols)`` eigenvalues (``l_A l_S^T`` for
+            K-FAC, the corrected ones for EK-FAC; with the regulariser), float64.
+        diagonals: per diagonal variable, the flat diagonal (float64).
+    """
+
+    blocks: list[_Block]
+    diagonal: list[int]
+    qa: list[tf.Tensor]
+    qs: list[tf.Tensor]
+    values: list[tf.Tensor]
+    diagonals: list[tf.Tensor]
+
+
+def structure(objective) -> tuple[list[_Block], list[int]]:
+    """The Kronecker-factored layers of ``objective`` and the variables left diagonal."""
+    from tf_influence.engine.factored import find_layers
+
+    layout = objective.layout
+    blocks, covered = [], set()
+    for entry in find_layers(objective):
+        if entry.kernel is None:
+            continue  # a bias alone: diagonal
+        shape = layout.shapes[entry.kernel]
+        blocks.append(
+            _Block(entry, int(np.prod(shape[:-1])), int(shape[-1]), entry.bias is not None)
+        )
+        covered.update(i for i in (entry.kernel, entry.bias) if i is not None)
+    diagonal = [i for i in range(len(layout.shapes)) if i not in covered]
+    return blocks, diagonal
+
+
+def coverage(objective) -> dict[str, str]:
+    """``{variable path: "kronecker (<layer>)" or "diagonal"}`` for every chosen variable."""
+    from tf_influence.engine.objective import variable_name
+
+    blocks, _ = structure(objective)
+    found = {}
+    for block in blocks:
+        for index in (block.entry.kernel, block.entry.bias):
+            if index is not None:
+                found[index] = f"kronecker ({block.entry.layer.name})"
+    return {variable_name(v): found.get(i, "diagonal") for i, v in enumerate(objective.variables)}
+
+
+class KFAC(Solver):
+    """``inv(G + damping*I) @ rhs`` with G approximated per layer by Kronecker factors.
+
+    Dense and Conv2D layers (channels last) get ``A (x) S`` (see the module
+    docstring); every other chosen parameter gets the Gauss-Newton diagonal. The
+    factors are fitted once per ``InfluenceModel.fit`` (one pass over the training
+    data with a progress bar), decomposed in float64, saved with the state, and
+    reused by every query; a solve is a few small matrix products per layer.
+    The approximation is of the Gauss-Newton matrix, so ``compile`` takes
+    ``curvature="gauss_newton"`` with it (the default); ``damping`` is added to
+    every eigenvalue, which is ``inv(G_approx + damping*I)`` exactly.
+
+    Args:
+        fisher: ``"true"`` (the default: output gradients drawn from the model's
+            predictive distribution, through the loss's output Hessian) or
+            ``"empirical"`` (the gradients of the training labels).
+        samples: draws per example for ``fisher="true"``, or ``"exact"`` for the
+            exact expectation (one backward pass per model output: for a few
+            outputs only).
+        seed: seed of the draws.
+        batch_size: examples per step of the factor passes (default: the
+            ``fit`` batch size).
+    """
+
+    name = "kfac"
+    curvature = "gauss_newton"
+    corrected = False
+
+    def __init__(
+        self,
+        fisher: str = "true",
+        samples: int | str = 1,
+        seed: int = 0,
+        batch_size: int | None = None,
+    ):
+        if fisher not in FISHER:
+            raise ValueError(
+                f'Argument `fisher` must be "true" or "empirical". Received: fisher={fisher!r}'
+            )
+        if samples != "exact":
+            samples = check_positive_int("samples", samples)
+        self.fisher = fisher
+        self.samples = samples
+        self.seed = check_int("seed", seed)
+        self.batch_size = check_positive_int("batch_size", batch_size, allow_none=True)
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            "fisher": self.fisher,
+            "samples": self.samples,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+        }
+
+    # -- fitting ------------------------------------------------------------------------
+    def _key(self) -> tuple:
+        return (_STATE, type(self).__name__, self.fisher, self.samples, self.seed, self.batch_size)
+
+    def state(self, operator: CurvatureOperator) -> KroneckerState:
+        """The fitted factors of ``operator`` (computed once, kept in its cache)."""
+        return operator.cached(self._key(), lambda: self._fit(operator, silent_progress))
+
+    def prepare(
+        self, operator: CurvatureOperator, progress: ProgressFactory = silent_progress
+    ) -> None:
+        operator.cached(self._key(), lambda: self._fit(operator, progress))
+
+    def _fit(self, operator: CurvatureOperator, progress: ProgressFactory) -> KroneckerState:
+        from tf_influence.solvers import _kronecker
+
+        return _kronecker.fit(self, operator, progress)
+
+    # -- solving ------------------------------------------------------------------------
+    def solve(self, operator: CurvatureOperator, rhs: tf.Tensor) -> tuple[tf.Tensor, Diagnostics]:
+        from tf_influence.solvers import _kronecker
+
+        state = self.state(operator)
+        solution = _kronecker.precondition(state, operator, rhs)
+        k = int(rhs.shape[1])
+        diagnostics = Diagnostics(
+            solver=self.name,
+            iterations=0,
+            residual_norm=np.zeros(k),
+            converged=np.ones(k, bool),
+            info={
+                "layers": [b.entry.layer.name for b in state.blocks],
+                "diagonal_params": int(
+                    sum(operator.objective.layout.sizes[i] for i in state.diagonal)
+                ),
+                "residual": "of the approximation (exact solve)",
+            },
+        )
+        return solution, diagnostics
+
+    # -- saving -------------------------------------------------------------------------
+    def get_state(self, operator: CurvatureOperator) -> dict[str, np.ndarray]:
+        state = self.state(operator)
+        arrays = {"num_blocks": np.array(len(state.blocks))}
+        for i, (qa, qs, values) in enumerate(zip(state.qa, state.qs, state.values, strict=True)):
+            arrays[f"block{i}_qa"] = qa.numpy()
+            arrays[f"block{i}_qs"] = qs.numpy()
+            arrays[f"block{i}_values"] = values.numpy()
+        for index, diagonal in zip(state.diagonal, state.diagonals, strict=True):
+            arrays[f"diagonal{index}"] = diagonal.numpy()
+        return arrays
+
+    def set_state(self, operator: CurvatureOperator, arrays: dict[str, np.ndarray]) -> None:
+        from tf_influence.solvers import _kronecker
+
+        state = _kronecker.from_arrays(operator, arrays)
+        operator.cached(self._key(), lambda: state)
+
+
+class EKFAC(KFAC):
+    """K-FAC with eigenvalues corrected from per-example gradients (George et al. 2018).
+
+    The Kronecker eigenbasis of ``KFAC``, with the eigenvalues replaced by the
+    second moments of the training gradients in that basis (a second pass over the
+    training data). Arguments as ``KFAC``.
+    """
+
+    name = "ekfac"
+    corrected = True
