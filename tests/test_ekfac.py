@@ -310,3 +310,14 @@ def test_bad_input_is_refused(data):
     im.compile(solver="ekfac", damping=0.1)
     with pytest.raises(ValueError, match=r"Dense and Conv2D layers.*solver=\"cg\""):
         im.fit(np.array([[0, 1, 2], [3, 4, 5]]), np.zeros((2, 3)), verbose=0)
+
+
+def test_auto_damping_is_ten_times_the_gauss_newton_mean_eigenvalue(data):
+    """EK-FAC's trace is the Gauss-Newton trace (exact expectation): no products needed."""
+    x, y = data
+    model = make_mlp(l2=0.01)
+    im = fitted(model, x, y, tfi.solvers.EKFAC(samples="exact"), damping="auto")
+    ggn = dense_ggn(im.operator.objective, x, y)
+    np.testing.assert_allclose(im.damping, 10 * np.trace(ggn) / len(ggn), rtol=1e-7)
+    expected = kronecker_inverse(mlp_factors(model, x, y), corrected_from=ggn, damping=im.damping)
+    np.testing.assert_allclose(approximate_inverse(im), expected, rtol=1e-6, atol=1e-9)

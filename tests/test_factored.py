@@ -76,6 +76,31 @@ def test_conv2d_layers(conv_args):
     assert_factored_equal(model, x, np.arange(5) % 3)
 
 
+def test_normalisation_scales_and_shifts():
+    """BatchNormalization (inference: moving statistics) and LayerNormalization on images
+    and vectors, with and without a scale or a shift: no variable is left to pfor."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((5, 4, 2), dtype="float64")
+    h = keras.layers.Conv2D(3, 3, padding="same", dtype="float64")(inputs)
+    h = keras.layers.BatchNormalization(dtype="float64")(h)
+    h = keras.layers.ReLU(dtype="float64")(h)
+    h = keras.layers.LayerNormalization(dtype="float64", center=False)(h)
+    h = keras.layers.Flatten(dtype="float64")(h)
+    h = keras.layers.Dense(6, activation="tanh", dtype="float64")(h)
+    h = keras.layers.BatchNormalization(dtype="float64", scale=False)(h)
+    h = keras.layers.LayerNormalization(dtype="float64")(h)
+    model = keras.Model(inputs, keras.layers.Dense(3, dtype="float64")(h))
+    rng = np.random.default_rng(1)
+    for layer in model.layers:  # statistics and scales away from their initial values
+        for name in ("moving_mean", "moving_variance", "gamma", "beta"):
+            variable = getattr(layer, name, None)
+            if variable is not None:
+                variable.assign(rng.uniform(0.5, 1.5, size=variable.shape))
+    x = rng.normal(size=(7, 5, 4, 2))
+    gradients = assert_factored_equal(model, x, np.arange(7) % 3)
+    assert gradients._pfor_indices == []
+
+
 def test_shared_layer_and_sequence_inputs():
     """A Dense layer called twice, and a Dense on (batch, time, features) inputs."""
     keras.utils.set_random_seed(0)

@@ -134,18 +134,23 @@ def smallest_eigenvalue(
     return float(values[-1]) - operator.damping
 
 
-def estimate(operator: CurvatureOperator, fraction: float = FRACTION) -> SpectrumEstimate:
+def estimate(
+    operator: CurvatureOperator, fraction: float = FRACTION, mean: float | None = None
+) -> SpectrumEstimate:
     """The spectrum estimate and the damping ``damping="auto"`` takes on ``operator``.
 
     Args:
         operator: the curvature (its own damping is subtracted: C is undamped).
         fraction: the damping as a multiple of the mean eigenvalue.
+        mean: the mean eigenvalue when the solver knows it (``Solver.mean_eigenvalue``:
+            K-FAC's trace is the sum of its eigenvalues); None estimates it here.
 
     Raises:
         ValueError: the curvature is zero (the loss does not depend on the
             parameters), so no damping can be chosen from it.
     """
-    mean = mean_eigenvalue(operator)
+    if mean is None:
+        mean = mean_eigenvalue(operator)
     positive = bool(getattr(operator, "positive_semidefinite", False))
     smallest = None if positive else smallest_eigenvalue(operator)
     damping = choose_damping(abs(mean), smallest, fraction)

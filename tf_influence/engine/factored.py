@@ -79,11 +79,22 @@ def find_layers(objective: Objective) -> list[FactoredLayer]:
         kind = _kind(layer)
         if kind is None:
             continue
-        kernel = position.get(id(layer.kernel))
-        bias = position.get(id(layer.bias)) if layer.bias is not None else None
+        scale, shift = (
+            (layer.kernel, layer.bias) if kind in KERNEL_KINDS else (layer.gamma, layer.beta)
+        )
+        kernel = position.get(id(scale)) if scale is not None else None
+        bias = position.get(id(shift)) if shift is not None else None
         if kernel is not None or bias is not None:
             found.append(FactoredLayer(layer, kind, kernel, bias))
     return found
+
+
+# Layers whose kernel multiplies their input (``a @ W``), and the normalisation
+# layers whose scale and shift act per feature on the normalised input
+# (``x_hat * gamma + beta``): the per-example gradients of both come from one
+# batched backward pass.
+KERNEL_KINDS = ("dense", "conv2d")
+NORM_KINDS = ("batchnorm", "layernorm")
 
 
 def _kind(layer) -> str | None:
@@ -91,6 +102,10 @@ def _kind(layer) -> str | None:
         return None
     if type(layer) is keras.layers.Dense:
         return "dense"
+    if type(layer) is keras.layers.BatchNormalization and not getattr(layer, "renorm", False):
+        return "batchnorm"
+    if type(layer) is keras.layers.LayerNormalization and not layer.rms_scaling:
+        return "layernorm"
     if (
         type(layer) is keras.layers.Conv2D
         and layer.data_format == "channels_last"
@@ -119,12 +134,46 @@ def _recording(layers: list[FactoredLayer], records: list):
                 object.__setattr__(layer, "call", previous)
 
 
+def _last_axis(axis, rank) -> bool:
+    axes = list(axis) if isinstance(axis, (list, tuple)) else [axis]
+    return len(axes) == 1 and axes[0] in (-1, rank - 1)
+
+
+def _normalised(entry: FactoredLayer, inputs, training):
+    """``(x_hat, z = x_hat * gamma + beta)`` of a normalisation layer in inference mode."""
+    layer = entry.layer
+    rank = inputs.shape.rank
+    if rank is None or not _last_axis(layer.axis, rank):
+        raise FactoredUnavailable(f"layer {layer.name!r} does not normalise the last axis")
+    dtype = keras.backend.result_type(inputs.dtype, "float32")
+    x = keras.ops.cast(inputs, dtype)
+    if entry.kind == "batchnorm":
+        if training and layer.trainable:
+            raise FactoredUnavailable(f"layer {layer.name!r} runs in training mode")
+        mean = keras.ops.cast(layer.moving_mean, dtype)
+        variance = keras.ops.cast(layer.moving_variance, dtype)
+    else:
+        mean, variance = keras.ops.moments(x, axes=[rank - 1], keepdims=True)
+    x_hat = (x - mean) * keras.ops.rsqrt(variance + layer.epsilon)
+    z = x_hat
+    if layer.gamma is not None:
+        z = z * keras.ops.cast(layer.gamma, dtype)
+    if layer.beta is not None:
+        z = z + keras.ops.cast(layer.beta, dtype)
+    return x_hat, z
+
+
 def _recording_call(entry: FactoredLayer, records: list):
     layer = entry.layer
 
     def call(inputs, *args, **kwargs):
         if not isinstance(inputs, tf.Tensor) or not inputs.dtype.is_floating:
             raise FactoredUnavailable(f"layer {layer.name!r} got {type(inputs).__name__}")
+        if entry.kind in NORM_KINDS:
+            training = kwargs.get("training", args[0] if args else None)
+            x_hat, z = _normalised(entry, inputs, training)
+            records.append((entry, x_hat, z))
+            return keras.ops.cast(z, layer.compute_dtype)
         if entry.kind == "dense":
             z = keras.ops.matmul(inputs, layer.kernel)
             if layer.bias is not None:
@@ -195,7 +244,10 @@ class FactoredGradients:
         return out
 
     def _kernel_gradients(self, use: Use, size) -> tf.Tensor:
-        """``(b, *kernel.shape)`` kernel gradients of one use."""
+        """``(b, *kernel.shape)`` kernel gradients of one use (``(b, features)`` scales)."""
+        if use.entry.kind in NORM_KINDS:
+            product = tf.cast(use.inputs, use.delta.dtype) * use.delta
+            return _rows(product, size, product.shape[-1], reduce=True)
         inputs, delta = _inputs_for(use), use.delta
         inputs = tf.cast(inputs, delta.dtype)
         rows_in = _rows(inputs, size, inputs.shape[-1])  # (b, t, in)

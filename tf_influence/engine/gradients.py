@@ -49,7 +49,12 @@ import tensorflow as tf
 from tf_influence.engine import vectorize
 from tf_influence.engine.compile import BatchFunction, objective_key, shared_function
 from tf_influence.engine.curvature import tf_variable
-from tf_influence.engine.factored import FactoredGradients, FactoredUnavailable, find_layers
+from tf_influence.engine.factored import (
+    NORM_KINDS,
+    FactoredGradients,
+    FactoredUnavailable,
+    find_layers,
+)
 from tf_influence.engine.objective import Objective
 from tf_influence.engine.vectorize import vectorized_map
 
@@ -256,11 +261,13 @@ class PerExampleGradients:
         layout = self.objective.layout
         per_row = sum(layout.sizes[i] for i in self._pfor_indices)
         for entry in self._factored.layers:
-            if entry.kernel is not None:
+            if entry.kernel is not None and entry.kind not in NORM_KINDS:
                 fan_in, fan_out = layout.shapes[entry.kernel][-2:]
                 ghost = entry.kind == "dense" and num_tests <= max(fan_in, fan_out)
                 width = min(fan_in, fan_out) * num_tests
                 per_row += width if ghost else layout.sizes[entry.kernel]
+            elif entry.kernel is not None:
+                per_row += layout.sizes[entry.kernel]
             if entry.bias is not None:
                 per_row += layout.sizes[entry.bias]
         batches = max(1, SCORING_BUDGET // max(1, per_row * batch_size))

@@ -196,10 +196,21 @@ class FittedState:
                 requested.jit_compile,
                 self.strategy,
             )
+
+        def progress(total, label):
+            return Progress(total, verbose, label)
+
         if auto:  # once per set of weights, before the solver sees the operator
             self.operator.set_damping(0.0)
-            self.spectrum = damping_lib.estimate(self.operator)
+            if solver_state:
+                self.solver.set_state(self.operator, solver_state)
+            mean = self.solver.mean_eigenvalue(self.operator, progress)
+            self.spectrum = damping_lib.estimate(self.operator, mean=mean)
+            # What the solver computed for its estimate does not depend on the damping:
+            # carried across the damping change (which drops the operator's values).
+            carried = self.solver.get_state(self.operator) if mean is not None else None
             self.operator.set_damping(self.spectrum.damping)
+            solver_state = carried or solver_state
             self.settings = dataclasses.replace(requested, damping=self.spectrum.damping)
         self._target_solutions.clear()
         self._relative = None
@@ -207,7 +218,7 @@ class FittedState:
         self.weights_fingerprint = weights_fingerprint(self.objective.model.weights)
         if solver_state:
             self.solver.set_state(self.operator, solver_state)
-        self.solver.prepare(self.operator, lambda total, label: Progress(total, verbose, label))
+        self.solver.prepare(self.operator, progress)
         self.index = None
         low_rank = self.low_rank()
         if low_rank is not None:

@@ -86,14 +86,24 @@ def _rows_out(block: _Block, delta: tf.Tensor, dtype) -> tf.Tensor:
 class _Steps:
     """The compiled per-batch steps of the factor and correction passes."""
 
-    def __init__(self, solver: KFAC, objective, blocks: list[_Block], diagonal: list[int]):
+    def __init__(
+        self, solver: KFAC, objective, blocks: list[_Block], diagonal: list[int], norms=None
+    ):
         from tf_influence.engine.compile import SpecFunction
+        from tf_influence.engine.factored import NORM_KINDS, find_layers
 
         self.solver = solver
         self.objective = objective
         self.blocks = blocks
         self.diagonal = diagonal
         self.dtype = objective.dtype
+        # Normalisation layers: per-example gradients of their scales and shifts from
+        # the same backward pass (engine.factored); pfor only for what is left.
+        if norms is None:
+            norms = [e for e in find_layers(objective) if e.kind in NORM_KINDS]
+        self.norms = norms
+        by_norm = {i for e in norms for i in (e.kernel, e.bias) if i is not None}
+        self.pfor_diagonal = [i for i in diagonal if i not in by_norm]
         self.factors = SpecFunction(self._factors, relaxed=(0, 1))
         self.corrections = SpecFunction(self._corrections, relaxed=(0, 1))
 
@@ -106,8 +116,8 @@ class _Steps:
         from tf_influence.engine.factored import _recording
 
         records: list = []
-        variables = [tf_variable(self.objective.variables[i]) for i in self.diagonal]
-        layers = [b.entry for b in self.blocks]
+        variables = [tf_variable(self.objective.variables[i]) for i in self.pfor_diagonal]
+        layers = [b.entry for b in self.blocks] + list(self.norms)
         with tf.GradientTape(persistent=True) as tape:
             tape.watch(variables)
             with _recording(layers, records):
@@ -119,18 +129,40 @@ class _Steps:
             deltas = tape.gradient(pseudo, zs) if zs else []
             deltas = [tf.zeros_like(z) if d is None else d for d, z in zip(deltas, zs, strict=True)]
             per_example = []
-            if with_diagonal and variables:
-                found = tape.jacobian(pseudo, variables, experimental_use_pfor=True)
-                size = tf.shape(pseudo)[0]
-                per_example = [
-                    tf.zeros([size, int(np.prod(v.shape))], tf.float64)
-                    if g is None
-                    else tf.reshape(tf.cast(g, tf.float64), [size, -1])
-                    for g, v in zip(found, variables, strict=True)
-                ]
+            if with_diagonal and self.diagonal:
+                per_example = self._diagonal_gradients(tape, pseudo, variables, records, deltas)
             results.append((weight, deltas, per_example))
         del tape
         return records, results
+
+    def _diagonal_gradients(self, tape, pseudo, variables, records, deltas):
+        """``(b, size)`` per-example gradients of the diagonal variables, in their order."""
+        from tf_influence.engine.factored import FactoredGradients, Use
+
+        size = tf.shape(pseudo)[0]
+        found = {}
+        if variables:
+            jacobians = tape.jacobian(pseudo, variables, experimental_use_pfor=True)
+            for index, g, v in zip(self.pfor_diagonal, jacobians, variables, strict=True):
+                found[index] = (
+                    tf.zeros([size, int(np.prod(v.shape))], tf.float64)
+                    if g is None
+                    else tf.reshape(tf.cast(g, tf.float64), [size, -1])
+                )
+        norms = {id(e.layer) for e in self.norms}
+        uses = [
+            Use(entry, inputs, delta)
+            for (entry, inputs, _), delta in zip(records, deltas, strict=True)
+            if id(entry.layer) in norms
+        ]
+        if uses:
+            found.update(
+                FactoredGradients(self.objective, self.norms).per_example(uses, size, tf.float64)
+            )
+        return [
+            found.get(i, tf.zeros([size, self.objective.layout.sizes[i]], tf.float64))
+            for i in self.diagonal
+        ]
 
     def _by_block(self, records, deltas):
         """Per block: ``[(inputs, delta), ...]`` over its calls."""
@@ -183,22 +215,40 @@ class _Steps:
             ):
                 if not calls:
                     continue
-                rotated = [
-                    (
-                        tf.einsum("bti,ij->btj", _rows_in(block, inputs, dtype), qa[index]),
-                        tf.einsum("bto,op->btp", _rows_out(block, delta, dtype), qs[index]),
-                    )
+                rows = [
+                    (_rows_in(block, inputs, dtype), _rows_out(block, delta, dtype))
                     for inputs, delta in calls
                 ]
-                if len(rotated) == 1 and rotated[0][0].shape[1] == 1:
-                    # One vector per example: (a~ d~^T)^2 = a~^2 d~^2^T, summed over examples.
-                    a, d = rotated[0][0][:, 0], rotated[0][1][:, 0]
-                    total = tf.matmul(tf.square(a), tf.square(d), transpose_a=True)
-                else:
-                    grads = tf.add_n([tf.einsum("bti,bto->bio", a, d) for a, d in rotated])
-                    total = tf.reduce_sum(tf.square(grads), axis=0)
+                total = _rotated_squares(rows, qa[index], qs[index], block)
                 sums[index] += weight * tf.cast(total, tf.float64)
         return sums
+
+
+def _rotated_squares(rows, qa, qs, block: _Block) -> tf.Tensor:
+    """``sum_j (Q_A^T G_j Q_S)^2`` over a batch, ``G_j = sum_t a_jt delta_jt^T`` (all calls).
+
+    The factors are rotated first (``Q_A^T a``, ``Q_S^T delta``), then multiplied into
+    the rotated per-example gradient of this layer alone. One vector per example (a
+    Dense layer) needs no gradient at all. (Forming the per-example gradient first
+    and rotating it needs fewer multiplications for a convolution with many
+    positions, but measured slower on CPU.)
+    """
+    if len(rows) == 1 and rows[0][0].shape[1] == 1:
+        # (a~ d~^T)^2 = a~^2 d~^2^T, summed over examples.
+        a = tf.matmul(rows[0][0][:, 0], qa)
+        d = tf.matmul(rows[0][1][:, 0], qs)
+        return tf.matmul(tf.square(a), tf.square(d), transpose_a=True)
+    grads = tf.add_n(
+        [
+            tf.matmul(
+                tf.reshape(tf.matmul(tf.reshape(a, [-1, block.rows]), qa), tf.shape(a)),
+                tf.reshape(tf.matmul(tf.reshape(d, [-1, block.cols]), qs), tf.shape(d)),
+                transpose_a=True,
+            )
+            for a, d in rows
+        ]
+    )  # (b, rows, cols)
+    return tf.reduce_sum(tf.square(grads), axis=0)
 
 
 def _regularizer_diagonal(objective) -> list[tf.Tensor] | None:

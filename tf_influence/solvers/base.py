@@ -238,6 +238,19 @@ class Solver:
                 and ``done()``, for work that takes long.
         """
 
+    def mean_eigenvalue(
+        self, operator: CurvatureOperator, progress: ProgressFactory = silent_progress
+    ) -> float | None:
+        """The mean eigenvalue of the undamped curvature, if the solver knows it cheaply.
+
+        ``damping="auto"`` takes ten times the mean eigenvalue (see
+        ``tf_influence.engine.damping``). None (the default) estimates it with
+        products; a solver whose approximation has a known trace (K-FAC) returns
+        it. Called at ``fit`` with the operator's damping at 0, before ``prepare``;
+        what it computes is carried over through ``get_state`` / ``set_state``.
+        """
+        return None
+
     def self_products(
         self, operator: CurvatureOperator, vectors: tf.Tensor
     ) -> tuple[tf.Tensor, Diagnostics | None]:

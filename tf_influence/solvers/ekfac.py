@@ -107,13 +107,13 @@ class KroneckerState:
 
 def structure(objective) -> tuple[list[_Block], list[int]]:
     """The Kronecker-factored layers of ``objective`` and the variables left diagonal."""
-    from tf_influence.engine.factored import find_layers
+    from tf_influence.engine.factored import KERNEL_KINDS, find_layers
 
     layout = objective.layout
     blocks, covered = [], set()
     for entry in find_layers(objective):
-        if entry.kernel is None:
-            continue  # a bias alone: diagonal
+        if entry.kernel is None or entry.kind not in KERNEL_KINDS:
+            continue  # a bias alone, or a normalisation layer: diagonal
         shape = layout.shapes[entry.kernel]
         blocks.append(
             _Block(entry, int(np.prod(shape[:-1])), int(shape[-1]), entry.bias is not None)
@@ -202,6 +202,21 @@ class KFAC(Solver):
         self, operator: CurvatureOperator, progress: ProgressFactory = silent_progress
     ) -> None:
         operator.cached(self._key(), lambda: self._fit(operator, progress))
+
+    def mean_eigenvalue(
+        self, operator: CurvatureOperator, progress: ProgressFactory = silent_progress
+    ) -> float:
+        """The trace of the approximation over the number of parameters.
+
+        For EK-FAC the trace is the mean squared gradient norm over the training data,
+        an unbiased estimate of the Gauss-Newton trace (exact with
+        ``samples="exact"``), so ``damping="auto"`` has the meaning it has with the
+        other solvers, without the products of the default estimate.
+        """
+        state = operator.cached(self._key(), lambda: self._fit(operator, progress))
+        total = sum(float(tf.reduce_sum(v)) for v in state.values)
+        total += sum(float(tf.reduce_sum(d)) for d in state.diagonals)
+        return total / operator.num_params
 
     def _fit(self, operator: CurvatureOperator, progress: ProgressFactory) -> KroneckerState:
         from tf_influence.solvers import _kronecker
