@@ -17,7 +17,8 @@ Models (``--models``), on scikit-learn's 8x8 digits (``benchmarks.common.digits`
 
 Methods (``--methods``, default ``METHODS`` per model): Exact (``logreg`` only: it
 forms the Hessian), CG on the Hessian and on Gauss-Newton, LiSSA (Gauss-Newton),
-Arnoldi at several ranks, TracIn (a checkpoint every 5 epochs of the training;
+Arnoldi at several ranks, K-FAC and EK-FAC (``tfi.solvers.KFAC`` / ``EKFAC``),
+TracIn (a checkpoint every 5 epochs of the training;
 ``logreg`` has none) and random scores (the floor, about 0). Damping is ``"auto"``
 unless the method name says otherwise (``cg_gn@0.001``).
 
@@ -64,6 +65,8 @@ NETWORK_METHODS = (
     "arnoldi_20",
     "arnoldi_100",
     "arnoldi_400",
+    "kfac",
+    "ekfac",
     "tracin",
     "random",
 )
@@ -78,6 +81,8 @@ METHODS = {
         "arnoldi_20",
         "arnoldi_100",
         "arnoldi_400",
+        "kfac",
+        "ekfac",
         "random",
     ),
     "mlp": NETWORK_METHODS,
@@ -183,6 +188,8 @@ def settings(method, num_params):
         "cg_hessian": (tfi.solvers.CG(), "hessian"),
         "cg_gn": (tfi.solvers.CG(), "gauss_newton"),
         "lissa": (tfi.solvers.LiSSA(), "gauss_newton"),
+        "kfac": (tfi.solvers.KFAC(), "gauss_newton"),
+        "ekfac": (tfi.solvers.EKFAC(), "gauss_newton"),
     }.get(method)
     return None if found is None else (found[0], damping, found[1])
 

@@ -198,7 +198,7 @@ def test_other_parameters_get_the_gauss_newton_diagonal(data):
     )
     model.layers[1].gamma.assign(np.linspace(0.5, 1.5, 5))
     im = fitted(model, x, y, tfi.solvers.EKFAC(samples="exact"))
-    coverage = tfi.solvers.ekfac.coverage(im.operator.objective)
+    coverage = tfi.solvers.ekfac.coverage(im)
     diagonal = [k.split("/", 1)[1] for k, v in coverage.items() if v == "diagonal"]
     assert diagonal == ["norm/gamma", "norm/beta"]
     ggn = dense_ggn(im.operator.objective, x, y)
@@ -321,3 +321,38 @@ def test_auto_damping_is_ten_times_the_gauss_newton_mean_eigenvalue(data):
     np.testing.assert_allclose(im.damping, 10 * np.trace(ggn) / len(ggn), rtol=1e-7)
     expected = kronecker_inverse(mlp_factors(model, x, y), corrected_from=ggn, damping=im.damping)
     np.testing.assert_allclose(approximate_inverse(im), expected, rtol=1e-6, atol=1e-9)
+
+
+def test_per_layer_scores_sum_to_the_total(data):
+    x, y = data
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((4,), dtype="float64"),
+            keras.layers.Dense(5, activation="tanh", dtype="float64", name="hidden"),
+            keras.layers.LayerNormalization(dtype="float64", name="norm"),
+            keras.layers.Dense(3, dtype="float64", name="logits"),
+        ]
+    )
+    im = fitted(model, x, y, tfi.solvers.EKFAC(samples="exact"))
+    total = im.explain(x[:4], y[:4], verbose=0)
+    parts = im.explain(x[:4], y[:4], verbose=0, per_layer=True)
+    assert list(parts) == ["hidden", "logits", "norm"]
+    np.testing.assert_allclose(sum(parts.values()), total, rtol=1e-10, atol=1e-12)
+    # Each part is the test gradient's layer block, preconditioned, against the training
+    # gradients' same block: the inverse is block-diagonal over these layers.
+    grads = im.state.gradients(tf.constant(x), tf.constant(y)).numpy()  # (n, p)
+    tests = im.state.gradients(tf.constant(x[:4]), tf.constant(y[:4])).numpy()
+    inverse = approximate_inverse(im)
+    hidden = slice(0, 25)
+    expected = -(tests[:, hidden] @ inverse[hidden, hidden]) @ grads[:, hidden].T
+    np.testing.assert_allclose(parts["hidden"], expected, rtol=1e-8, atol=1e-10)
+
+
+def test_per_layer_needs_a_solver_with_layers(data):
+    x, y = data
+    im = fitted(make_mlp(), x, y, tfi.solvers.CG())
+    with pytest.raises(ValueError, match=r"per_layer=True. needs a solver.*solver=\"ekfac\""):
+        im.explain(x[:2], y[:2], per_layer=True, verbose=0)
+    with pytest.raises(ValueError, match=r"cannot be combined with `top_k`"):
+        im.explain(x[:2], y[:2], per_layer=True, top_k=3, verbose=0)

@@ -311,7 +311,8 @@ class InfluenceModel(Analyses):
         relative: str | None = None,
         candidates: int | None = None,
         feature_layer: Any = None,
-    ) -> np.ndarray | TopK | Candidates:
+        per_layer: bool = False,
+    ) -> np.ndarray | TopK | Candidates | dict[str, np.ndarray]:
         """Influence of every training example on the loss of every test point.
 
         Returns ``I_up,loss``: ``scores[i, j] = -grad L(z_test_i)^T @ inv(H) @ grad L(z_j)``.
@@ -356,14 +357,27 @@ class InfluenceModel(Analyses):
                 ``top_k``).
             feature_layer: a layer of the model, its name, or ``fn(model, x) ->
                 features``; needed with ``candidates``.
+            per_layer: return ``{layer name: (n_test, n_train) scores}``, each
+                layer's part of the scores (they sum to the matrix ``explain``
+                returns), for solvers with layers (``KFAC``, ``EKFAC``).
 
         Returns:
             ``np.ndarray`` of shape ``(n_test, n_train)`` (a memmap with ``output``),
             or ``TopK`` with arrays of shape ``(n_test, top_k)`` when ``top_k`` is set.
         """
-        check_explain_options(top_k, output, relative, candidates, feature_layer)
+        check_explain_options(top_k, output, relative, candidates, feature_layer, per_layer)
         state = self._current("explain")
         verbose = resolve_verbose(verbose)
+        if per_layer:
+            groups = state.solver.layers(state.operator)
+            if groups is None:
+                raise ValueError(
+                    "Argument `per_layer=True` needs a solver that approximates the "
+                    f"curvature layer by layer. Received: solver={state.solver!r}. Compile "
+                    'with solver="ekfac" or solver="kfac" to see each layer\'s part.'
+                )
+            solutions = state.inverse_hvp_tests(x_test, y_test, batch_size, verbose, target)
+            return state.score_per_layer(solutions, groups, verbose)
         if output is not None:
             options = {"relative": relative, "target": describe_function(target)}
             return explain_to_file(

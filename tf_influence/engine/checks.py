@@ -176,9 +176,19 @@ def check_explain_options(
     relative: str | None,
     candidates: int | None,
     feature_layer: str | keras.layers.Layer | Callable | None,
+    per_layer: bool = False,
 ) -> None:
     """The options of ``explain`` that exclude or need each other."""
     check_sink_args(top_k, output)
+    if not isinstance(per_layer, bool):
+        raise ValueError(f"Argument `per_layer` must be True or False. Received: {per_layer!r}")
+    if per_layer and any(v is not None for v in (top_k, output, relative, candidates)):
+        raise ValueError(
+            "Argument `per_layer=True` returns one full score matrix per layer and cannot "
+            "be combined with `top_k`, `output`, `relative` or `candidates`. Received: "
+            f"top_k={top_k!r}, output={output!r}, relative={relative!r}, "
+            f"candidates={candidates!r}."
+        )
     if relative not in (None, "theta", "loss"):
         raise ValueError(
             f'Argument `relative` must be None, "theta" or "loss". Received: relative={relative!r}'

@@ -35,6 +35,7 @@ from tf_influence.engine.gradients import PerExampleGradients
 from tf_influence.engine.objective import Objective
 from tf_influence.engine.settings import Settings
 from tf_influence.engine.weights import unweigh
+from tf_influence.outputs import make_sink
 from tf_influence.solvers.base import Diagnostics, LowRankInverse, Solver
 
 _Result = TypeVar("_Result", covariant=True)
@@ -54,6 +55,9 @@ class ScoreSink(Protocol[_Result]):
     def result(self) -> _Result:
         """What ``explain`` returns, once every block was written."""
 
+
+# explain(per_layer=True): the masked solutions of one scoring pass stay within this.
+PER_LAYER_BYTES = 512 * 2**20
 
 NONFINITE_TRAINING = (
     "The loss gradient is NaN or inf at training example {index}. Check that example and "
@@ -483,6 +487,35 @@ class FittedState:
             progress.update(step)
         progress.done()
         return sink.result()
+
+    def score_per_layer(
+        self, solutions: tf.Tensor, groups: list[tuple[str, list[int]]], verbose: int
+    ) -> dict[str, np.ndarray]:
+        """``{layer: -solutions_layer^T grad_layer L(z_j)}``: each group's part of the scores.
+
+        The solutions are masked to each group's variables, so the parts sum to the
+        scores of ``score_training``. Groups are scored together in passes that keep
+        the masked solutions within ``PER_LAYER_BYTES``.
+        """
+        p, k = int(solutions.shape[0]), int(solutions.shape[1])
+        offsets = np.concatenate([[0], np.cumsum(self.objective.layout.sizes)])
+        masks = []
+        for _, indices in groups:
+            mask = np.zeros(p, solutions.dtype.as_numpy_dtype)
+            for i in indices:
+                mask[offsets[i] : offsets[i + 1]] = 1
+            masks.append(mask)
+        per_pass = max(1, PER_LAYER_BYTES // max(1, p * k * solutions.dtype.size))
+        dtype = self.objective.dtype.as_numpy_dtype
+        found: dict[str, np.ndarray] = {}
+        for start in range(0, len(groups), per_pass):
+            chosen = range(start, min(start + per_pass, len(groups)))
+            masked = tf.concat([solutions * masks[g][:, None] for g in chosen], axis=1)
+            sink = make_sink(k * len(chosen), self.num_train, dtype, None, None)
+            scores = self.score_training(masked, verbose, sink)
+            for position, g in enumerate(chosen):
+                found[groups[g][0]] = scores[position * k : (position + 1) * k]
+        return found
 
     def _score_from_index(
         self,

@@ -267,6 +267,15 @@ class Solver:
         solution, diagnostics = self.solve(operator, vectors)
         return tf.reduce_sum(tf.cast(vectors, solution.dtype) * solution, axis=0), diagnostics
 
+    def layers(self, operator: CurvatureOperator) -> list[tuple[str, list[int]]] | None:
+        """``[(layer name, variable indices), ...]`` for ``explain(per_layer=True)``.
+
+        The groups partition the analysed variables (indices into
+        ``operator.objective.variables``); each group's part of the score is
+        reported on its own. None (the default): the solver has no layers.
+        """
+        return None
+
     def low_rank(self, operator: CurvatureOperator) -> LowRankInverse | None:
         """The inverse as ``basis diag(inverse_values) basis^T``, or None (the default).
 

@@ -123,9 +123,24 @@ def structure(objective) -> tuple[list[_Block], list[int]]:
     return blocks, diagonal
 
 
-def coverage(objective) -> dict[str, str]:
-    """``{variable path: "kronecker (<layer>)" or "diagonal"}`` for every chosen variable."""
+def coverage(source: Any) -> dict[str, str]:
+    """Which approximation each analysed variable gets from ``KFAC`` / ``EKFAC``.
+
+    Args:
+        source: a fitted ``InfluenceModel`` (or its ``operator.objective``).
+
+    Returns:
+        ``{variable path: "kronecker (<layer name>)" or "diagonal"}``, in the order of
+        the parameters.
+
+    Example:
+        >>> tfi.solvers.ekfac.coverage(im)
+        {'model/dense/kernel': 'kronecker (dense)', ..., 'model/norm/gamma': 'diagonal'}
+    """
     from tf_influence.engine.objective import variable_name
+
+    operator = getattr(source, "operator", None)
+    objective = operator.objective if operator is not None else source
 
     blocks, _ = structure(objective)
     found = {}
@@ -244,6 +259,22 @@ class KFAC(Solver):
             },
         )
         return solution, diagnostics
+
+    def layers(self, operator: CurvatureOperator) -> list[tuple[str, list[int]]]:
+        """One group per Kronecker-factored layer, then the diagonal variables by layer."""
+        from tf_influence.engine.objective import variable_name
+
+        blocks, diagonal = structure(operator.objective)
+        groups = [
+            (b.entry.layer.name, [i for i in (b.entry.kernel, b.entry.bias) if i is not None])
+            for b in blocks
+        ]
+        owners: dict[str, list[int]] = {}
+        for index in diagonal:
+            path = variable_name(operator.objective.variables[index])
+            owner = path.rsplit("/", 2)[-2] if "/" in path else path
+            owners.setdefault(owner, []).append(index)
+        return groups + list(owners.items())
 
     # -- saving -------------------------------------------------------------------------
     def get_state(self, operator: CurvatureOperator) -> dict[str, np.ndarray]:
