@@ -238,6 +238,11 @@ def main(argv=None):
     parser.add_argument("--tests", type=int, default=100, help="test points")
     parser.add_argument("--store-dir", default="lds_runs", help="where retrainings are kept")
     add_plot_dir_argument(parser)
+    parser.add_argument(
+        "--plot-name",
+        default="",
+        help="file name of the plot (default lds_vs_time_<protocols>.png)",
+    )
     args = parser.parse_args(argv)
     import tf_influence as tfi
 
@@ -289,10 +294,10 @@ def main(argv=None):
             )
         log(f"{name}: retraining took {retrain_seconds} s in this run")
     print(f"\nwhole run: {time.perf_counter() - start_all:.0f} s")
-    plot(points, args.plot_dir)
+    plot(points, args.plot_dir, args.plot_name)
 
 
-def plot(points, plot_dir):
+def plot(points, plot_dir, name=""):
     if not points:
         return
     plt = pyplot()
@@ -310,7 +315,7 @@ def plot(points, plot_dir):
         ax.set_ylabel("LDS")
         ax.set_title(f"{protocol} protocol")
         ax.axhline(0.0, color="grey", linewidth=0.5)
-    save_figure(figure, plot_dir, f"lds_vs_time_{'_'.join(protocols)}.png")
+    save_figure(figure, plot_dir, name or f"lds_vs_time_{'_'.join(protocols)}.png")
 
 
 if __name__ == "__main__":

@@ -64,6 +64,19 @@ def test_callback_only_at_the_end_by_default():
     assert cb.self_influence_.shape == (40,)
 
 
+def test_callback_with_ekfac_refits_the_factors_for_each_analysis():
+    model, x, y = model_and_data()
+    cb = tfi.callbacks.InfluenceCallback(x, y, solver="ekfac", damping=0.5, every_n_epochs=2)
+    model.fit(x, y, epochs=4, batch_size=8, verbose=0, callbacks=[cb])
+    assert cb.history["epoch"] == [2, 4]
+    assert cb.history["error"] == [None, None]
+    assert cb.influence_model.get_compile_config()["curvature"] == "gauss_newton"
+    fresh = tfi.InfluenceModel(model)
+    fresh.compile(solver="ekfac", damping=0.5)
+    fresh.fit(x, y, verbose=0)
+    np.testing.assert_allclose(cb.self_influence_, fresh.self_influence(verbose=0), rtol=1e-5)
+
+
 def test_curvature_error_is_warned_and_training_finishes():
     _, x, y = model_and_data()
     # Untrained and unregularised: the Hessian is indefinite.

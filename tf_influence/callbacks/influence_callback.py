@@ -99,7 +99,7 @@ class InfluenceCallback(keras.callbacks.Callback):
         self._weights = {"sample_weight": sample_weight, "class_weight": class_weight}
         self.solver = solvers_lib.get(solver)
         self.damping = check_damping(damping)
-        self.curvature = resolve_curvature(curvature, self.damping)
+        self.curvature = resolve_curvature(curvature, self.damping, self.solver)
         self.every_n_epochs = check_every_n_epochs(every_n_epochs)
         self.top_k = check_positive_int("top_k", top_k)
         if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):

@@ -41,7 +41,7 @@ def check_damping(damping: Any, allow_auto: bool = True) -> float | str:
     return value
 
 
-def resolve_curvature(curvature: Any, damping: Any) -> str:
+def resolve_curvature(curvature: Any, damping: Any, solver: Any = None) -> str:
     """The curvature ``compile`` uses: ``curvature`` itself, or the default for ``damping``.
 
     ``curvature=None`` (the default of ``compile`` and ``InfluenceCallback``) takes
@@ -53,16 +53,29 @@ def resolve_curvature(curvature: Any, damping: Any) -> str:
     either way, which is what the Gauss-Newton matrix equals there. The evidence is in
     ``docs/solvers.md`` ("The defaults", ``python -m benchmarks.defaults``).
 
+    A solver that approximates one curvature (``Solver.curvature``: K-FAC and EK-FAC
+    approximate Gauss-Newton) takes it whatever the damping, and refuses another.
+
     Args:
         curvature: ``"hessian"``, ``"gauss_newton"`` or None.
         damping: the ``damping`` of ``compile`` (a number or ``"auto"``).
+        solver: the solver, or None.
 
     Returns:
         ``"hessian"`` or ``"gauss_newton"``.
 
     Raises:
-        ValueError: an unknown curvature name.
+        ValueError: an unknown curvature name, or one the solver does not approximate.
     """
+    fixed = getattr(solver, "curvature", None)
+    if fixed is not None:
+        if curvature not in (None, fixed):
+            raise ValueError(
+                f"The solver {type(solver).__name__} approximates the {fixed!r} curvature. "
+                f"Received: curvature={curvature!r}. Leave `curvature` out (or pass "
+                f"curvature={fixed!r}) with this solver."
+            )
+        curvature = fixed
     if curvature is None:
         return "gauss_newton" if isinstance(damping, str) and damping == "auto" else "hessian"
     return check_curvature(curvature)
@@ -98,15 +111,9 @@ class Settings:
         check_hvp_mode(self.hvp)
         check_scoring_mode(self.scoring)
         object.__setattr__(self, "jit_compile", check_bool("jit_compile", self.jit_compile))
-        fixed = getattr(self.solver, "curvature", None)
-        if fixed is not None and self.curvature not in (None, fixed):
-            raise ValueError(
-                f"The solver {type(self.solver).__name__} approximates the {fixed!r} "
-                f"curvature. Received: curvature={self.curvature!r}. Leave `curvature` out "
-                f"of `compile` (or pass curvature={fixed!r}) with this solver."
-            )
-        curvature = fixed if fixed is not None else self.curvature
-        object.__setattr__(self, "curvature", resolve_curvature(curvature, self.damping))
+        object.__setattr__(
+            self, "curvature", resolve_curvature(self.curvature, self.damping, self.solver)
+        )
 
     def to_config(self) -> dict[str, Any]:
         """Plain JSON values: the solver as ``{"class_name", "config"}``.
