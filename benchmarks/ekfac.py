@@ -1,7 +1,8 @@
 """K-FAC and EK-FAC against the exact Gauss-Newton inverse: python -m benchmarks.ekfac.
 
 On the digits MLP of ``benchmarks.common.digits`` (64 -> 128 tanh -> 128 tanh -> 10
-logits, 26k parameters, L2 1e-4, ``--epochs`` epochs of Adam), for each damping
+logits, 26k parameters, L2 1e-4, ``--epochs`` epochs of Adam), or its CNN
+(``--model cnn``: Conv2D(16) -> Conv2D(32) -> Dense(10)), for each damping
 of ``--dampings``: the score matrix of ``--tests`` test points over the 1,437
 training points from CG on the Gauss-Newton matrix at a tight tolerance (the exact
 answer of that curvature), and from ``KFAC`` and ``EKFAC`` (one sampled output
@@ -13,6 +14,7 @@ Usage, from the repository root::
 
     .venv/bin/python -m benchmarks.ekfac                     # about 3 minutes
     .venv/bin/python -m benchmarks.ekfac --dampings 0.01 --epochs 30
+    .venv/bin/python -m benchmarks.ekfac --model cnn
 """
 
 from __future__ import annotations
@@ -71,19 +73,21 @@ def main(argv=None):
     parser.add_argument("--dampings", default=",".join(str(d) for d in DAMPINGS))
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--tests", type=int, default=50)
+    parser.add_argument("--model", default="mlp", choices=("mlp", "cnn"))
     args = parser.parse_args(argv)
     import tf_influence as tfi
 
     warnings.simplefilter("ignore", UserWarning)
     x_train, y_train, x_test, y_test = digits.load_data()
+    x_train, x_test = digits.inputs(args.model, x_train), digits.inputs(args.model, x_test)
     data = (x_train, y_train, x_test[: args.tests], y_test[: args.tests])
-    model = digits.build_model("mlp")
-    log(f"training the digits MLP for {args.epochs} epochs")
+    model = digits.build_model(args.model)
+    log(f"training the digits {args.model} for {args.epochs} epochs")
     model.fit(x_train, y_train, epochs=args.epochs, batch_size=32, verbose=0)
     print(
-        f"\ndigits MLP, {model.count_params():,} parameters, {len(x_train)} training points, "
-        f"{args.tests} test points, {args.epochs} epochs; reference: CG(tol={CG_TOL:g}) on "
-        "the Gauss-Newton matrix\n"
+        f"\ndigits {args.model}, {model.count_params():,} parameters, {len(x_train)} "
+        f"training points, {args.tests} test points, {args.epochs} epochs; "
+        f"reference: CG(tol={CG_TOL:g}) on the Gauss-Newton matrix\n"
     )
     print("| damping | method | Pearson | Spearman | top-10 overlap | seconds |")
     print("| --- | --- | --- | --- | --- | --- |")

@@ -17,7 +17,8 @@ Models (``--models``), on scikit-learn's 8x8 digits (``benchmarks.common.digits`
 
 Methods (``--methods``, default ``METHODS`` per model): Exact (``logreg`` only: it
 forms the Hessian), CG on the Hessian and on Gauss-Newton, LiSSA (Gauss-Newton),
-Arnoldi at several ranks, K-FAC and EK-FAC (``tfi.solvers.KFAC`` / ``EKFAC``),
+Arnoldi at several ranks, K-FAC and EK-FAC (``tfi.solvers.KFAC`` / ``EKFAC``; and
+``ekfac_exact``, the exact expectation over output draws),
 TracIn (a checkpoint every 5 epochs of the training;
 ``logreg`` has none) and random scores (the floor, about 0). Damping is ``"auto"``
 unless the method name says otherwise (``cg_gn@0.001``).
@@ -190,6 +191,7 @@ def settings(method, num_params):
         "lissa": (tfi.solvers.LiSSA(), "gauss_newton"),
         "kfac": (tfi.solvers.KFAC(), "gauss_newton"),
         "ekfac": (tfi.solvers.EKFAC(), "gauss_newton"),
+        "ekfac_exact": (tfi.solvers.EKFAC(samples="exact"), "gauss_newton"),
     }.get(method)
     return None if found is None else (found[0], damping, found[1])
 
@@ -297,7 +299,7 @@ def main(argv=None):
     plot(points, args.plot_dir, args.plot_name)
 
 
-def plot(points, plot_dir, name=""):
+def plot(points, plot_dir, filename=""):
     if not points:
         return
     plt = pyplot()
@@ -315,7 +317,7 @@ def plot(points, plot_dir, name=""):
         ax.set_ylabel("LDS")
         ax.set_title(f"{protocol} protocol")
         ax.axhline(0.0, color="grey", linewidth=0.5)
-    save_figure(figure, plot_dir, name or f"lds_vs_time_{'_'.join(protocols)}.png")
+    save_figure(figure, plot_dir, filename or f"lds_vs_time_{'_'.join(protocols)}.png")
 
 
 if __name__ == "__main__":
