@@ -369,15 +369,7 @@ class InfluenceModel(Analyses):
         state = self._current("explain")
         verbose = resolve_verbose(verbose)
         if per_layer:
-            groups = state.solver.layers(state.operator)
-            if groups is None:
-                raise ValueError(
-                    "Argument `per_layer=True` needs a solver that approximates the "
-                    f"curvature layer by layer. Received: solver={state.solver!r}. Compile "
-                    'with solver="ekfac" or solver="kfac" to see each layer\'s part.'
-                )
-            solutions = state.inverse_hvp_tests(x_test, y_test, batch_size, verbose, target)
-            return state.score_per_layer(solutions, groups, verbose)
+            return state.explain_per_layer(x_test, y_test, batch_size, verbose, target)
         if output is not None:
             options = {"relative": relative, "target": describe_function(target)}
             return explain_to_file(

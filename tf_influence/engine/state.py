@@ -488,6 +488,29 @@ class FittedState:
         progress.done()
         return sink.result()
 
+    def explain_per_layer(
+        self,
+        x_test: Any,
+        y_test: Any = None,
+        batch_size: int | None = None,
+        verbose: int = 0,
+        target: Callable | None = None,
+    ) -> dict[str, np.ndarray]:
+        """``explain(per_layer=True)``: ``{layer name: (n_test, n_train) scores}``.
+
+        Raises:
+            ValueError: the solver has no layers (``Solver.layers`` is None).
+        """
+        groups = self.solver.layers(self.operator)
+        if groups is None:
+            raise ValueError(
+                "Argument `per_layer=True` needs a solver that approximates the "
+                f"curvature layer by layer. Received: solver={self.solver!r}. Compile "
+                'with solver="ekfac" or solver="kfac" to see each layer\'s part.'
+            )
+        solutions = self.inverse_hvp_tests(x_test, y_test, batch_size, verbose, target)
+        return self.score_per_layer(solutions, groups, verbose)
+
     def score_per_layer(
         self, solutions: tf.Tensor, groups: list[tuple[str, list[int]]], verbose: int
     ) -> dict[str, np.ndarray]:
