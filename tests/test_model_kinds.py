@@ -12,9 +12,9 @@ from tf_influence.engine.objective import MIXED_PRECISION_KERAS, _keras_version
 SPARSE_LOGITS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
-def scores(model, x, y, loss=None, params=None, damping=0.5):
+def scores(model, x, y, loss=None, params=None, damping=0.5, solver="exact"):
     im = tfi.InfluenceModel(model, loss=loss, params=params)
-    im.compile(solver="exact", damping=damping)
+    im.compile(solver=solver, damping=damping)
     return im.fit(x, y, batch_size=16, verbose=0).explain(_take(x, 4), y[:4], verbose=0)
 
 
@@ -100,6 +100,14 @@ def test_mixed_float16_model_is_analysed_in_float32(blobs):
         scores(mixed, x, y, loss=SPARSE_LOGITS, damping=1.0), expected, rtol=1e-5, atol=1e-7
     )
     assert mixed.layers[1].compute_dtype == "float16"  # the model's own policy is restored
+    # K-FAC's factors are taken in full precision too: the same factors, the same scores.
+    ekfac = tfi.solvers.EKFAC(samples="exact")
+    np.testing.assert_allclose(
+        scores(mixed, x, y, loss=SPARSE_LOGITS, damping=1.0, solver=ekfac),
+        scores(plain, x, y, loss=SPARSE_LOGITS, damping=1.0, solver=ekfac),
+        rtol=1e-5,
+        atol=1e-7,
+    )
 
 
 def test_frozen_layers_are_held_fixed(mlp, blobs):
