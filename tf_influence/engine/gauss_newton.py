@@ -80,7 +80,16 @@ def check_loss_curvature(objective: Objective, batch: tuple) -> None:
 
 def _output_hessians(objective: Objective, x: Any, y: Any) -> tf.Tensor | None:
     """Every example's ``d2 L_j / d z_j^2``, ``(batch, outputs, outputs)``, or None."""
-    outputs = objective.predict(x)
+    return output_hessians(objective, objective.predict(x), y)
+
+
+def output_hessians(objective: Objective, outputs: Any, y: Any) -> tf.Tensor | None:
+    """``d2 L_j / d z_j^2`` at the model's ``outputs`` on a batch, ``(batch, K, K)``.
+
+    ``K`` is the number of output values per example, over every output, in the
+    order of ``tf.nest.flatten(outputs)``. None when the loss does not depend on the
+    outputs.
+    """
     flat = tf.nest.flatten(outputs)
     size = tf.shape(flat[0])[0]
     widths = [int(np.prod(t.shape[1:], dtype=np.int64)) for t in flat]

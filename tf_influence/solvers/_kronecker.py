@@ -30,25 +30,15 @@ def _output_draws(solver: KFAC, objective, outputs, y, seed) -> list[tuple[float
     flat = tf.nest.flatten(outputs)
     if solver.fisher == "empirical":
         return [(1.0, objective.loss_from_outputs(outputs, y))]
-    size = tf.shape(flat[0])[0]
-    widths = [int(np.prod(t.shape[1:], dtype=np.int64)) for t in flat]
-    joined = tf.stop_gradient(tf.concat([tf.reshape(t, [size, -1]) for t in flat], axis=1))
-    with tf.GradientTape() as outer:
-        outer.watch(joined)
-        with tf.GradientTape() as inner:
-            inner.watch(joined)
-            parts = tf.split(joined, widths, axis=1)
-            parts = [tf.reshape(p, tf.shape(t)) for p, t in zip(parts, flat, strict=True)]
-            total = tf.reduce_sum(
-                objective.loss_from_outputs(tf.nest.pack_sequence_as(outputs, parts), y)
-            )
-        gradient = inner.gradient(total, joined)
-    if gradient is None:
+    from tf_influence.engine.gauss_newton import output_hessians
+
+    hessians = output_hessians(objective, outputs, y)  # (b, K, K)
+    if hessians is None:
         return []
-    hessians = outer.batch_jacobian(gradient, joined)  # (b, K, K)
+    size = tf.shape(flat[0])[0]
     values, vectors = tf.linalg.eigh(tf.cast(hessians, tf.float64))
     root = vectors * tf.sqrt(tf.maximum(values, 0.0))[:, None, :]  # L, L L^T = H_L
-    width = sum(widths)
+    width = sum(int(np.prod(t.shape[1:], dtype=np.int64)) for t in flat)
     if solver.samples == "exact":
         columns, weight = [root[:, :, i] for i in range(width)], 1.0
     else:
