@@ -76,9 +76,7 @@ def _rows_out(block: _Block, delta: tf.Tensor, dtype) -> tf.Tensor:
 class _Steps:
     """The compiled per-batch steps of the factor and correction passes."""
 
-    def __init__(
-        self, solver: KFAC, objective, blocks: list[_Block], diagonal: list[int], norms=None
-    ):
+    def __init__(self, solver: KFAC, objective, blocks: list[_Block], diagonal: list[int]):
         from tf_influence.engine.compile import SpecFunction
         from tf_influence.engine.factored import NORM_KINDS, find_layers
 
@@ -89,10 +87,8 @@ class _Steps:
         self.dtype = objective.dtype
         # Normalisation layers: per-example gradients of their scales and shifts from
         # the same backward pass (engine.factored); pfor only for what is left.
-        if norms is None:
-            norms = [e for e in find_layers(objective) if e.kind in NORM_KINDS]
-        self.norms = norms
-        by_norm = {i for e in norms for i in (e.kernel, e.bias) if i is not None}
+        self.norms = [e for e in find_layers(objective) if e.kind in NORM_KINDS]
+        by_norm = {i for e in self.norms for i in (e.kernel, e.bias) if i is not None}
         self.pfor_diagonal = [i for i in diagonal if i not in by_norm]
         self.factors = SpecFunction(self._factors, relaxed=(0, 1))
         self.corrections = SpecFunction(self._corrections, relaxed=(0, 1))
@@ -375,11 +371,7 @@ def from_arrays(operator, arrays: dict[str, np.ndarray]) -> KroneckerState:
 def precondition(state: KroneckerState, operator, rhs: tf.Tensor) -> tf.Tensor:
     """``inv(G_approx + damping*I) @ rhs`` for ``(p, k)`` right-hand sides."""
     damping = float(operator.damping)
-    smallest = min(
-        [float(tf.reduce_min(v)) for v in state.values]
-        + [float(tf.reduce_min(d)) for d in state.diagonals if d.shape[0]]
-    )
-    if not smallest + damping > 0:
+    if not state.smallest + damping > 0:
         raise CurvatureError(
             "The Kronecker-factored curvature has a zero eigenvalue (a direction no "
             "training example's gradient reaches), so it cannot be inverted without "

@@ -51,6 +51,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import numpy as np
@@ -103,6 +104,19 @@ class KroneckerState:
     qs: list[tf.Tensor]
     values: list[tf.Tensor]
     diagonals: list[tf.Tensor]
+
+    @functools.cached_property
+    def trace(self) -> float:
+        """The sum of the approximation's eigenvalues (its trace)."""
+        return sum(float(tf.reduce_sum(t)) for t in self.values + self.diagonals)
+
+    @functools.cached_property
+    def smallest(self) -> float:
+        """The approximation's smallest eigenvalue (inf without any)."""
+        return min(
+            [float(tf.reduce_min(t)) for t in self.values + self.diagonals if t.shape[0]],
+            default=float("inf"),
+        )
 
 
 def structure(objective) -> tuple[list[_Block], list[int]]:
@@ -209,14 +223,16 @@ class KFAC(Solver):
     def _key(self) -> tuple:
         return (_STATE, type(self).__name__, self.fisher, self.samples, self.seed, self.batch_size)
 
-    def state(self, operator: CurvatureOperator) -> KroneckerState:
+    def state(
+        self, operator: CurvatureOperator, progress: ProgressFactory = silent_progress
+    ) -> KroneckerState:
         """The fitted factors of ``operator`` (computed once, kept in its cache)."""
-        return operator.cached(self._key(), lambda: self._fit(operator, silent_progress))
+        return operator.cached(self._key(), lambda: self._fit(operator, progress))
 
     def prepare(
         self, operator: CurvatureOperator, progress: ProgressFactory = silent_progress
     ) -> None:
-        operator.cached(self._key(), lambda: self._fit(operator, progress))
+        self.state(operator, progress)
 
     def mean_eigenvalue(
         self, operator: CurvatureOperator, progress: ProgressFactory = silent_progress
@@ -228,10 +244,7 @@ class KFAC(Solver):
         ``samples="exact"``), so ``damping="auto"`` has the meaning it has with the
         other solvers, without the products of the default estimate.
         """
-        state = operator.cached(self._key(), lambda: self._fit(operator, progress))
-        total = sum(float(tf.reduce_sum(v)) for v in state.values)
-        total += sum(float(tf.reduce_sum(d)) for d in state.diagonals)
-        return total / operator.num_params
+        return self.state(operator, progress).trace / operator.num_params
 
     def _fit(self, operator: CurvatureOperator, progress: ProgressFactory) -> KroneckerState:
         from tf_influence.solvers import _kronecker
