@@ -72,16 +72,33 @@ _STATE = "kfac.state"
 
 @dataclasses.dataclass(frozen=True)
 class _Block:
-    """A Kronecker-factored layer: its ``[kernel; bias]`` as a ``(rows, cols)`` matrix."""
+    """A Kronecker-factored layer: its ``[kernel; bias]`` as ``(rows, cols)`` matrices.
+
+    One matrix for the matrix kinds (Dense, EinsumDense, convolutions) and an
+    Embedding (``fan_in`` its vocabulary); a DepthwiseConv2D is ``groups`` of them, one
+    per input channel, each ``(kh * kw + 1, depth_multiplier)``.
+    """
 
     entry: Any  # engine.factored.FactoredLayer
     fan_in: int
     cols: int
     bias: bool
+    groups: int = 0  # DepthwiseConv2D: its input channels; 0: one matrix
 
     @property
     def rows(self) -> int:
         return self.fan_in + (1 if self.bias else 0)
+
+    @property
+    def one_hot(self) -> bool:
+        """An Embedding: its ``A`` is diagonal over tokens (``Q_A`` the identity, not kept)."""
+        return self.entry.kind == "embedding"
+
+    def shapes(self) -> tuple[tuple[int, ...] | None, tuple[int, ...], tuple[int, ...]]:
+        """The shapes of ``(Q_A, Q_S, eigenvalues)`` (``Q_A`` None for an Embedding)."""
+        group = (self.groups,) if self.groups else ()
+        qa = None if self.one_hot else (*group, self.rows, self.rows)
+        return qa, (*group, self.cols, self.cols), (*group, self.rows, self.cols)
 
 
 @dataclasses.dataclass
@@ -92,7 +109,8 @@ class KroneckerState:
         blocks: the Kronecker-factored layers.
         diagonal: indices of the variables with a diagonal approximation.
         qa, qs: per block, the ``(rows, rows)`` and ``(cols, cols)`` eigenbases
-            (float64).
+            (float64; with a leading ``groups`` axis for a DepthwiseConv2D; ``qa`` None
+            for an Embedding, whose input eigenbasis is the identity).
         values: per block, the ``(rows, cols)`` eigenvalues (``l_A l_S^T`` for
             K-FAC, the corrected ones for EK-FAC; with the regulariser), float64.
         diagonals: per diagonal variable, the flat diagonal (float64).
@@ -100,7 +118,7 @@ class KroneckerState:
 
     blocks: list[_Block]
     diagonal: list[int]
-    qa: list[tf.Tensor]
+    qa: list[tf.Tensor | None]
     qs: list[tf.Tensor]
     values: list[tf.Tensor]
     diagonals: list[tf.Tensor]
@@ -128,10 +146,15 @@ def structure(objective) -> tuple[list[_Block], list[int]]:
     for entry in find_layers(objective):
         if entry.kernel is None or entry.kind not in KERNEL_KINDS:
             continue  # a bias alone, or a normalisation layer: diagonal
-        shape = layout.shapes[entry.kernel]
-        blocks.append(
-            _Block(entry, int(np.prod(shape[:-1])), int(shape[-1]), entry.bias is not None)
-        )
+        shape = [int(d) for d in layout.shapes[entry.kernel]]
+        bias = entry.bias is not None
+        if entry.kind == "depthwise":
+            kh, kw, channels, multiplier = shape
+            block = _Block(entry, kh * kw, multiplier, bias, groups=channels)
+        else:
+            split = entry.einsum.split if entry.kind == "einsum" else len(shape) - 1
+            block = _Block(entry, int(np.prod(shape[:split])), int(np.prod(shape[split:])), bias)
+        blocks.append(block)
         covered.update(i for i in (entry.kernel, entry.bias) if i is not None)
     diagonal = [i for i in range(len(layout.shapes)) if i not in covered]
     return blocks, diagonal
@@ -294,7 +317,8 @@ class KFAC(Solver):
         state = self.state(operator)
         arrays = {"num_blocks": np.array(len(state.blocks))}
         for i, (qa, qs, values) in enumerate(zip(state.qa, state.qs, state.values, strict=True)):
-            arrays[f"block{i}_qa"] = qa.numpy()
+            if qa is not None:  # an Embedding's is the identity
+                arrays[f"block{i}_qa"] = qa.numpy()
             arrays[f"block{i}_qs"] = qs.numpy()
             arrays[f"block{i}_values"] = values.numpy()
         for index, diagonal in zip(state.diagonal, state.diagonals, strict=True):
