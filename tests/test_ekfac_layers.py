@@ -24,6 +24,7 @@ from test_ekfac import DAMPING, LOSS, approximate_inverse, loss_hessians
 from test_gauss_newton import dense_ggn
 
 import tf_influence as tfi
+from tf_influence.solvers import _kronecker
 
 F64 = "float64"
 L2 = 0.02
@@ -363,3 +364,22 @@ def test_multi_head_attention_projections_are_kronecker_factored():
     assert {"query", "key", "value", "attention_output", "logits"} <= set(parts)
     np.testing.assert_allclose(sum(parts.values()), total, rtol=1e-9, atol=1e-12)
     assert np.isfinite(total).all() and total.shape == (3, 12)
+
+
+@pytest.mark.parametrize("name", ["depthwise", "embedding"])
+def test_saved_factors_round_trip(name, tmp_path):
+    """A depthwise block (one product per channel) and an Embedding (no ``Q_A``)."""
+    build, args = KINDS[name]
+    model, kind, shape = build(**args)
+    x, y = data(kind, shape)
+    im = fitted(model, x, y, tfi.solvers.EKFAC(samples="exact"))
+    expected = im.explain(x[:3], y[:3], verbose=0)
+    path = tmp_path / "state.npz"
+    im.save(path, include_data=True)
+    loaded = tfi.InfluenceModel.load(path, model, loss=LOSS, verbose=0)
+    np.testing.assert_allclose(loaded.explain(x[:3], y[:3], verbose=0), expected, rtol=1e-10)
+    arrays = im.settings.solver.get_state(im.operator)
+    assert ("block0_qa" in arrays) is (name != "embedding")
+    arrays["block0_qs"] = arrays["block0_qs"][..., :1, :1]
+    with pytest.raises(ValueError, match=r"do not belong to this model.*'layer' has other shapes"):
+        _kronecker.from_arrays(im.operator, arrays)

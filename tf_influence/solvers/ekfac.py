@@ -13,6 +13,13 @@ vec(Q_A [(Q_A^T V Q_S) / (l_A l_S^T + damping)] Q_S^T)``. A convolution's gradie
 is the same product summed over output positions with the input patches as ``a``;
 under the usual assumptions (Grosse & Martens 2016) ``A`` averages the patches'
 products over positions and ``S`` sums the output gradients' over positions.
+``Conv1D`` is factored the same way, and an ``EinsumDense`` whose kernel axes are
+contracted input axes then output axes (the projections of ``MultiHeadAttention``)
+too, its other input axes being positions. A ``DepthwiseConv2D`` is a block of one
+Kronecker product per input channel (``A_c`` over the channel's patch values,
+``S_c`` over its ``depth_multiplier`` outputs); an ``Embedding``'s ``A`` is diagonal
+over tokens (their frequencies per position), so its eigenbasis is the identity
+over tokens times ``Q_S`` (``engine.factored_layers``, ``solvers._kronecker_blocks``).
 
 EK-FAC (George et al. 2018) keeps the eigenbasis ``Q_A (x) Q_S`` and replaces the
 eigenvalues ``l_A l_S^T`` by the exact second moments of the gradients in that
@@ -21,8 +28,8 @@ true Gauss-Newton block in the Kronecker eigenbasis. A second pass over the
 training data computes it from the layer factors (``Q_A^T a`` and ``Q_S^T delta``);
 for a Dense layer on one vector per example without ever forming a gradient.
 
-Every other chosen parameter (normalisation scales, biases of other layers,
-embeddings, ...) gets the diagonal of the Gauss-Newton matrix, ``E[g_i^2]``, from
+Every other chosen parameter (normalisation scales, biases that fit no block,
+layers of other kinds, ...) gets the diagonal of the Gauss-Newton matrix, ``E[g_i^2]``, from
 per-example gradients. The regulariser's Hessian enters through its diagonal (exact
 for L2): added to the diagonal parameters, and projected on each layer's
 eigenbasis (the diagonal of ``Q^T D Q``).
@@ -191,8 +198,9 @@ def coverage(source: Any) -> dict[str, str]:
 class KFAC(Solver):
     """``inv(G + damping*I) @ rhs`` with G approximated per layer by Kronecker factors.
 
-    Dense and Conv2D layers (channels last) get ``A (x) S`` (see the module
-    docstring); every other chosen parameter gets the Gauss-Newton diagonal. The
+    Dense, EinsumDense, Conv1D, Conv2D, DepthwiseConv2D and Embedding layers get
+    ``A (x) S`` (see the module docstring; ``coverage`` lists what each variable
+    got); every other chosen parameter gets the Gauss-Newton diagonal. The
     factors are fitted once per ``InfluenceModel.fit`` (one pass over the training
     data with a progress bar), decomposed in float64, saved with the state, and
     reused by every query; a solve is a few small matrix products per layer.
