@@ -16,9 +16,10 @@ otherwise ``"jvp"`` up to ``JVP_MAX_TESTS`` test points and ``"jacobian"`` above
 Memory is bounded by the batch and the number of test points, never by the size
 of the training set.
 
-With ``"jacobian"``, the parameters of ``Dense`` and ``Conv2D`` layers get their
+With ``"jacobian"``, the parameters of ``Dense``, ``EinsumDense``, ``Conv1D``,
+``Conv2D``, ``DepthwiseConv2D``, ``Embedding`` and normalisation layers get their
 per-example gradients (and scores) from the layers' inputs and output gradients
-in one batched pass (``tf_influence/factored.py``), once a check on a real batch
+in one batched pass (``tf_influence/engine/factored.py``), once a check on a real batch
 has shown that these add up to the batch gradient; the other parameters go
 through pfor. Then a pass may take several batches at once, up to
 ``SCORING_BUDGET`` values of intermediate results.
@@ -51,7 +52,6 @@ from tf_influence.engine import vectorize
 from tf_influence.engine.compile import BatchFunction, objective_key, shared_function
 from tf_influence.engine.curvature import tf_variable
 from tf_influence.engine.factored import (
-    NORM_KINDS,
     FactoredGradients,
     FactoredUnavailable,
     find_layers,
@@ -99,7 +99,7 @@ class PerExampleGradients:
         objective: the per-example loss and the parameters.
         scoring: ``"auto"``, ``"jacobian"`` or ``"jvp"`` (see the module docstring).
         jit_compile: compile the per-batch functions with XLA.
-        factored: take the gradients of Dense and convolution layers from their
+        factored: take the gradients of the factored layers (Dense, convolutions, ...) from their
             inputs and output gradients (``factored.py``) where that is checked to
             agree; False computes every gradient by pfor (for comparisons).
     """
@@ -203,7 +203,7 @@ class PerExampleGradients:
         finite = tf.reduce_all(tf.math.is_finite(scores), axis=0)  # (b,)
         return scores, finite
 
-    # -- factored Dense / Conv2D parameters (tf_influence/factored.py) -------------------
+    # -- factored layers (tf_influence/engine/factored.py) ------------------------------
     def _factored_check_impl(self, x, y):
         uses, losses, batch_grads = self._factored.uses(x, y, batch_grads=True)
         return self._factored.check(uses, tf.shape(losses)[0], batch_grads)
@@ -265,9 +265,9 @@ class PerExampleGradients:
         layout = self.objective.layout
         per_row = sum(layout.sizes[i] for i in self._pfor_indices)
         for entry in self._factored.layers:
-            if entry.kernel is not None and entry.kind not in NORM_KINDS:
+            if entry.kind == "dense" and entry.kernel is not None:
                 fan_in, fan_out = layout.shapes[entry.kernel][-2:]
-                ghost = entry.kind == "dense" and num_tests <= max(fan_in, fan_out)
+                ghost = num_tests <= max(fan_in, fan_out)
                 width = min(fan_in, fan_out) * num_tests
                 per_row += width if ghost else layout.sizes[entry.kernel]
             elif entry.kernel is not None:

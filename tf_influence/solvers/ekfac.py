@@ -13,6 +13,13 @@ vec(Q_A [(Q_A^T V Q_S) / (l_A l_S^T + damping)] Q_S^T)``. A convolution's gradie
 is the same product summed over output positions with the input patches as ``a``;
 under the usual assumptions (Grosse & Martens 2016) ``A`` averages the patches'
 products over positions and ``S`` sums the output gradients' over positions.
+``Conv1D`` is factored the same way, and an ``EinsumDense`` whose kernel axes are
+contracted input axes then output axes (the projections of ``MultiHeadAttention``)
+too, its other input axes being positions. A ``DepthwiseConv2D`` is a block of one
+Kronecker product per input channel (``A_c`` over the channel's patch values,
+``S_c`` over its ``depth_multiplier`` outputs); an ``Embedding``'s ``A`` is diagonal
+over tokens (their frequencies per position), so its eigenbasis is the identity
+over tokens times ``Q_S`` (``engine.factored_layers``, ``solvers._kronecker_blocks``).
 
 EK-FAC (George et al. 2018) keeps the eigenbasis ``Q_A (x) Q_S`` and replaces the
 eigenvalues ``l_A l_S^T`` by the exact second moments of the gradients in that
@@ -21,8 +28,8 @@ true Gauss-Newton block in the Kronecker eigenbasis. A second pass over the
 training data computes it from the layer factors (``Q_A^T a`` and ``Q_S^T delta``);
 for a Dense layer on one vector per example without ever forming a gradient.
 
-Every other chosen parameter (normalisation scales, biases of other layers,
-embeddings, ...) gets the diagonal of the Gauss-Newton matrix, ``E[g_i^2]``, from
+Every other chosen parameter (normalisation scales, biases that fit no block,
+layers of other kinds, ...) gets the diagonal of the Gauss-Newton matrix, ``E[g_i^2]``, from
 per-example gradients. The regulariser's Hessian enters through its diagonal (exact
 for L2): added to the diagonal parameters, and projected on each layer's
 eigenbasis (the diagonal of ``Q^T D Q``).
@@ -72,16 +79,33 @@ _STATE = "kfac.state"
 
 @dataclasses.dataclass(frozen=True)
 class _Block:
-    """A Kronecker-factored layer: its ``[kernel; bias]`` as a ``(rows, cols)`` matrix."""
+    """A Kronecker-factored layer: its ``[kernel; bias]`` as ``(rows, cols)`` matrices.
+
+    One matrix for the matrix kinds (Dense, EinsumDense, convolutions) and an
+    Embedding (``fan_in`` its vocabulary); a DepthwiseConv2D is ``groups`` of them, one
+    per input channel, each ``(kh * kw + 1, depth_multiplier)``.
+    """
 
     entry: Any  # engine.factored.FactoredLayer
     fan_in: int
     cols: int
     bias: bool
+    groups: int = 0  # DepthwiseConv2D: its input channels; 0: one matrix
 
     @property
     def rows(self) -> int:
         return self.fan_in + (1 if self.bias else 0)
+
+    @property
+    def one_hot(self) -> bool:
+        """An Embedding: its ``A`` is diagonal over tokens (``Q_A`` the identity, not kept)."""
+        return self.entry.kind == "embedding"
+
+    def shapes(self) -> tuple[tuple[int, ...] | None, tuple[int, ...], tuple[int, ...]]:
+        """The shapes of ``(Q_A, Q_S, eigenvalues)`` (``Q_A`` None for an Embedding)."""
+        group = (self.groups,) if self.groups else ()
+        qa = None if self.one_hot else (*group, self.rows, self.rows)
+        return qa, (*group, self.cols, self.cols), (*group, self.rows, self.cols)
 
 
 @dataclasses.dataclass
@@ -92,7 +116,8 @@ class KroneckerState:
         blocks: the Kronecker-factored layers.
         diagonal: indices of the variables with a diagonal approximation.
         qa, qs: per block, the ``(rows, rows)`` and ``(cols, cols)`` eigenbases
-            (float64).
+            (float64; with a leading ``groups`` axis for a DepthwiseConv2D; ``qa`` None
+            for an Embedding, whose input eigenbasis is the identity).
         values: per block, the ``(rows, cols)`` eigenvalues (``l_A l_S^T`` for
             K-FAC, the corrected ones for EK-FAC; with the regulariser), float64.
         diagonals: per diagonal variable, the flat diagonal (float64).
@@ -100,7 +125,7 @@ class KroneckerState:
 
     blocks: list[_Block]
     diagonal: list[int]
-    qa: list[tf.Tensor]
+    qa: list[tf.Tensor | None]
     qs: list[tf.Tensor]
     values: list[tf.Tensor]
     diagonals: list[tf.Tensor]
@@ -128,10 +153,15 @@ def structure(objective) -> tuple[list[_Block], list[int]]:
     for entry in find_layers(objective):
         if entry.kernel is None or entry.kind not in KERNEL_KINDS:
             continue  # a bias alone, or a normalisation layer: diagonal
-        shape = layout.shapes[entry.kernel]
-        blocks.append(
-            _Block(entry, int(np.prod(shape[:-1])), int(shape[-1]), entry.bias is not None)
-        )
+        shape = [int(d) for d in layout.shapes[entry.kernel]]
+        bias = entry.bias is not None
+        if entry.kind == "depthwise":
+            kh, kw, channels, multiplier = shape
+            block = _Block(entry, kh * kw, multiplier, bias, groups=channels)
+        else:
+            split = entry.einsum.split if entry.kind == "einsum" else len(shape) - 1
+            block = _Block(entry, int(np.prod(shape[:split])), int(np.prod(shape[split:])), bias)
+        blocks.append(block)
         covered.update(i for i in (entry.kernel, entry.bias) if i is not None)
     diagonal = [i for i in range(len(layout.shapes)) if i not in covered]
     return blocks, diagonal
@@ -168,8 +198,9 @@ def coverage(source: Any) -> dict[str, str]:
 class KFAC(Solver):
     """``inv(G + damping*I) @ rhs`` with G approximated per layer by Kronecker factors.
 
-    Dense and Conv2D layers (channels last) get ``A (x) S`` (see the module
-    docstring); every other chosen parameter gets the Gauss-Newton diagonal. The
+    Dense, EinsumDense, Conv1D, Conv2D, DepthwiseConv2D and Embedding layers get
+    ``A (x) S`` (see the module docstring; ``coverage`` lists what each variable
+    got); every other chosen parameter gets the Gauss-Newton diagonal. The
     factors are fitted once per ``InfluenceModel.fit`` (one pass over the training
     data with a progress bar), decomposed in float64, saved with the state, and
     reused by every query; a solve is a few small matrix products per layer.
@@ -294,7 +325,8 @@ class KFAC(Solver):
         state = self.state(operator)
         arrays = {"num_blocks": np.array(len(state.blocks))}
         for i, (qa, qs, values) in enumerate(zip(state.qa, state.qs, state.values, strict=True)):
-            arrays[f"block{i}_qa"] = qa.numpy()
+            if qa is not None:  # an Embedding's is the identity
+                arrays[f"block{i}_qa"] = qa.numpy()
             arrays[f"block{i}_qs"] = qs.numpy()
             arrays[f"block{i}_values"] = values.numpy()
         for index, diagonal in zip(state.diagonal, state.diagonals, strict=True):
