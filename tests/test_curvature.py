@@ -183,3 +183,47 @@ def test_hvp_per_variable_accumulation_equals_dense(blobs, hvp, source):
             rtol=1e-7,
             atol=1e-12,
         )
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_regularizer_products_closed_form_and_by_tapes_equal_the_dense_hessian(blobs, dtype):
+    """L1L2 / L1 / L2 products are taken in closed form, any other regularizer by tapes."""
+    from tf_influence.engine.curvature import regularizer_curvatures
+
+    x, y = blobs
+    keras.utils.set_random_seed(0)
+
+    def quartic(w):
+        return 0.03 * tf.reduce_sum(w**4)
+
+    layers = [
+        keras.Input((4,), dtype=dtype),
+        keras.layers.Dense(
+            5, "tanh", dtype=dtype, kernel_regularizer=keras.regularizers.L1L2(0.02, 0.07)
+        ),
+        keras.layers.Dense(
+            4,
+            "tanh",
+            dtype=dtype,
+            kernel_regularizer=keras.regularizers.L1(0.05),
+            bias_regularizer=keras.regularizers.L2(0.3),
+        ),
+        keras.layers.Dense(3, dtype=dtype, kernel_regularizer=keras.regularizers.L2(1e-3)),
+    ]
+    model = keras.Sequential(layers)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    objective = tfi.engine.Objective(model, loss=loss)
+    scales = regularizer_curvatures(objective)
+    assert scales is not None and scales[2] == 0.0 and scales[1] == 0.0  # L1, no bias reg.
+    reference = dense_hessian(objective, x, y)
+    operator = HessianOperator(objective, ExampleData(x, y, 16), 0.0)
+    rtol = 1e-6 if dtype == "float64" else 1e-3
+    np.testing.assert_allclose(operator.dense().numpy(), reference, rtol=rtol, atol=rtol * 1e-3)
+
+    # A regularizer of its own: no closed form, its product goes through tapes.
+    model.layers[2].kernel.regularizer = quartic
+    objective = tfi.engine.Objective(model, loss=loss)
+    assert regularizer_curvatures(objective) is None
+    reference = dense_hessian(objective, x, y)
+    operator = HessianOperator(objective, ExampleData(x, y, 16), 0.0)
+    np.testing.assert_allclose(operator.dense().numpy(), reference, rtol=rtol, atol=rtol * 1e-3)
