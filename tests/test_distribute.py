@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import make_mlp
+from test_ekfac import approximate_inverse
 
 import tf_influence as tfi
+from tf_influence.solvers import _kronecker
 
 DAMPING = 0.2
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -83,6 +85,53 @@ def test_mirrored_matches_one_device(strategy, name):
     top, top_reference = im.top_k(*tests, k=5, verbose=0), reference.top_k(*tests, k=5, verbose=0)
     np.testing.assert_array_equal(top.harmful_indices, top_reference.harmful_indices)
     np.testing.assert_array_equal(top.helpful_indices, top_reference.helpful_indices)
+
+
+@pytest.mark.parametrize(
+    ("make", "scores"),
+    [
+        # EK-FAC's scores with exact draws: test_mirrored_matches_one_device.
+        (lambda: tfi.solvers.KFAC(samples="exact"), False),
+        (lambda: tfi.solvers.EKFAC(samples=2, seed=3), True),
+    ],
+    ids=["kfac-exact", "ekfac-sampled"],
+)
+def test_kronecker_passes_run_on_the_replicas(strategy, monkeypatch, make, scores):
+    """Each replica sums the factors (and corrections) of its half of every batch.
+
+    The sums are all-reduced before the eigendecomposition, and the output draws are
+    seeded by each example's position in the data, so the factors and scores equal
+    one device's, sampled draws included. 50 examples in batches of 7: the shards are
+    4 + 3 examples, and the last batch (1 example) leaves a replica out.
+    """
+    shards, contexts = [], []
+    for name in ("_factors", "_corrections"):
+        original = getattr(_kronecker._Steps, name)
+
+        def recording(self, x, y, positions, *args, original=original, name=name):
+            context = tf.distribute.get_replica_context()  # while tracing
+            contexts.append(None if context is None else context.num_replicas_in_sync)
+            tf.py_function(lambda i, name=name: shards.append((name, i.numpy())), [positions], [])
+            return original(self, x, y, positions, *args)
+
+        monkeypatch.setattr(_kronecker._Steps, name, recording)
+    x, y = _data()
+    plain, mirrored = _models(strategy)
+    im = _run(mirrored, make(), x, y, 7)
+    passes = ["_factors", "_corrections"] if make().corrected else ["_factors"]
+    assert set(contexts) == {2}  # traced in the replicas of the two-device strategy
+    for name in passes:
+        seen = [index for which, index in shards if which == name]
+        assert sorted(len(index) for index in seen) == [1] + [3] * 7 + [4] * 7
+        np.testing.assert_array_equal(np.sort(np.concatenate(seen)), np.arange(50))
+    shards.clear()
+    reference = _run(plain, make(), x, y, 7)
+    assert sorted(len(index) for _, index in shards) == sorted(([1] + [7] * 7) * len(passes))
+    inverse = approximate_inverse(im)
+    np.testing.assert_allclose(inverse, approximate_inverse(reference), rtol=1e-10, atol=1e-12)
+    if scores:
+        tests = (x[:3] + 0.1, y[:3])
+        _close(im.explain(*tests, verbose=0), reference.explain(*tests, verbose=0))
 
 
 @pytest.mark.parametrize("scoring", ["jvp", "jacobian"])

@@ -10,6 +10,10 @@ A model built under ``strategy.scope()`` is analysed with ``model.distribute_str
   all-reduced (``strategy.reduce(SUM)``) once per global batch.
 * **Stochastic products** (LiSSA): the sampled batch is drawn identically on
   every worker (stateless, seeded) and each replica takes its slice of it.
+* **K-FAC / EK-FAC factors**: each replica adds up the factor (and eigenvalue
+  correction) sums of its shards of every global batch on its own device; the
+  per-replica sums are all-reduced once per pass, before the float64
+  eigendecomposition, which runs outside the replicas.
 * **Solvers** run in cross-replica context on every worker, on the all-reduced
   products, so every worker holds the same solution.
 * **Scoring** of training examples: each replica scores its shard and returns
@@ -221,14 +225,25 @@ class ReplicaData:
         self.data = data
         self.strategy = strategy
         self.num_replicas = int(strategy.num_replicas_in_sync)
-        indexed = data.indexed_dataset()
-        options = tf.data.Options()
-        options.deterministic = True
-        # Shard by element: examples may come from one file or from memory.
-        policy = tf.data.experimental.AutoShardPolicy.DATA
-        options.experimental_distribute.auto_shard_policy = policy
-        self.dataset = strategy.experimental_distribute_dataset(indexed.with_options(options))
+        self._datasets: dict = {}
+        self.dataset = self.distributed()
         self._score_steps: dict = {}
+
+    def distributed(self, batch_size: int | None = None) -> tf.distribute.DistributedDataset:
+        """The ``(index, x, y)`` global batches of ``batch_size``, split over the replicas.
+
+        ``batch_size`` defaults to the data's; one distributed dataset is kept per size.
+        """
+        size = batch_size or self.data.batch_size
+        if size not in self._datasets:
+            options = tf.data.Options()
+            options.deterministic = True
+            # Shard by element: examples may come from one file or from memory.
+            policy = tf.data.experimental.AutoShardPolicy.DATA
+            options.experimental_distribute.auto_shard_policy = policy
+            indexed = self.data.indexed_dataset(size).with_options(options)
+            self._datasets[size] = self.strategy.experimental_distribute_dataset(indexed)
+        return self._datasets[size]
 
     # -- products (called while tracing, in cross-replica context) ----------------------
     def fold_sum(
@@ -265,6 +280,73 @@ class ReplicaData:
         partial = self.strategy.run(lambda xy: _unless_empty(replica_fn, *xy, like), args=(pieces,))
         reduced = self.strategy.reduce(tf.distribute.ReduceOp.SUM, partial, axis=None)
         return tf.ensure_shape(reduced, like.shape)
+
+    # -- sums over the examples (eager loop over global batches) -------------------------
+    def replica_sums(
+        self,
+        replica_fn: Callable[..., Any],
+        like: Any,
+        batch_size: int | None = None,
+        args: tuple = (),
+        on_batch: Callable[[], None] | None = None,
+    ) -> Any:
+        """The sum of ``replica_fn`` over every training example, all-reduced over the replicas.
+
+        Each replica adds up ``replica_fn(x, y, index, *args)`` over its shards of the
+        global batches of ``batch_size``, on its own device (``index``: the ``(b,)``
+        positions of the shard's examples in the data, int64). The per-replica sums are
+        all-reduced (``strategy.reduce(SUM)``) once, after the last batch, so one pass
+        costs one all-reduce whatever its number of batches.
+
+        Args:
+            replica_fn: ``(x, y, index, *args) -> ``a structure of tensors shaped as
+                ``like``, the sums over the shard's examples. Called in replica context.
+            like: the structure of the sums (tensors of their shapes and dtypes).
+            batch_size: examples per global batch (default: the data's batch size).
+            args: tensors every replica gets as they are.
+            on_batch: called after each global batch (e.g. a progress bar's update).
+
+        Returns:
+            The all-reduced sums, shaped as ``like``, in cross-replica context.
+        """
+        strategy = self.strategy
+        dataset = self.distributed(batch_size)
+        args = tuple(args)
+        specs = [(t.shape, t.dtype) for t in tf.nest.flatten(like)]
+
+        def zeros():
+            return [tf.zeros(shape, dtype) for shape, dtype in specs]
+
+        def replica(sums, batch, args):
+            index, x, y = batch
+            # A replica left without examples by an uneven last batch adds nothing
+            # (pfor's per-example gradients fail on an empty shard).
+            found = tf.cond(
+                tf.size(index) > 0,
+                lambda: tf.nest.flatten(replica_fn(x, y, index, *args)),
+                zeros,
+            )
+            return [a + b for a, b in zip(sums, found, strict=True)]
+
+        def step(sums, batch, args):
+            return strategy.run(replica, args=(sums, batch, args))
+
+        def reduce(sums):
+            return [strategy.reduce(tf.distribute.ReduceOp.SUM, t, axis=None) for t in sums]
+
+        sums = tf.function(lambda: strategy.run(zeros), autograph=False)()
+        # The dataset's spec leaves the shards' sizes free: one trace for every batch.
+        spec = [
+            tf.nest.map_structure(tf.type_spec_from_value, sums),
+            dataset.element_spec,
+            tf.nest.map_structure(tf.type_spec_from_value, args),
+        ]
+        step = tf.function(step, input_signature=spec, autograph=False)
+        for batch in dataset:
+            sums = step(sums, batch, args)
+            if on_batch is not None:
+                on_batch()
+        return tf.nest.pack_sequence_as(like, tf.function(reduce, autograph=False)(sums))
 
     # -- scoring (eager loop over global batches) ----------------------------------------
     def _score_step(self, impl):

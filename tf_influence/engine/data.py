@@ -472,17 +472,18 @@ class ExampleData:
         iterator = iter(stream)
         return lambda step: next(iterator)
 
-    def indexed_dataset(self) -> tf.data.Dataset:
+    def indexed_dataset(self, batch_size: int | None = None) -> tf.data.Dataset:
         """Batches ``(index, x, y)`` in the fixed order, ``index`` the examples' positions (int64).
 
         For distributing the data: the indices say which column each score belongs to.
+        ``batch_size`` examples per batch (default: the batch size of the data).
         """
         if self.in_memory:
             index = tf.range(self.num_examples, dtype=tf.int64)
             elements = tf.data.Dataset.from_tensor_slices((index, *self._tensors))
         else:
             elements = self._unbatched.enumerate().map(lambda i, e: (i, *e))
-        return elements.batch(self.batch_size)
+        return elements.batch(batch_size or self.batch_size)
 
     def first_batch(self) -> tuple:
         return next(iter(self.batches()))

@@ -3,7 +3,14 @@
 See ``tf_influence.solvers.ekfac`` for the mathematics. Each pass is one compiled
 step per batch (a forward pass recording the factored layers' inputs and outputs,
 one backward pass per output draw); the sums stay on the device and are
-accumulated in float64.
+accumulated in float64. Under a ``tf.distribute`` strategy each replica runs the
+step on its shard of every global batch and keeps its own sums, which are
+all-reduced once per pass (``ReplicaData.replica_sums``); the eigendecompositions
+run once, on the reduced sums.
+
+Output draws (``fisher="true"`` with an integer ``samples``) are seeded per example,
+from ``seed`` and the example's position in the training data: the same seed gives
+the same factors whatever the batch size and the number of replicas or workers.
 """
 
 from __future__ import annotations
@@ -19,14 +26,18 @@ from tf_influence.solvers.ekfac import KFAC, KroneckerState, _Block, structure
 
 
 # -- output draws ------------------------------------------------------------------------
-def _output_draws(solver: KFAC, objective, outputs, y, seed) -> list[tuple[float, Any]]:
+def _output_draws(
+    solver: KFAC, objective, outputs, y, positions, stream: int
+) -> list[tuple[float, Any]]:
     """``[(weight, per-example pseudo-loss (b,))]`` whose gradients are the draws ``J^T u``.
 
     ``fisher="true"``: ``u = L eps`` with ``L L^T`` the loss's output Hessian per
     example; ``"exact"`` samples take ``eps`` as every column of the identity
     (weight 1 each: the columns of ``L`` sum ``u u^T`` to ``H_L``), an integer
-    ``m`` takes ``m`` normal draws (weight ``1/m``). ``fisher="empirical"``: the
-    training losses themselves.
+    ``m`` takes ``m`` normal draws (weight ``1/m``), seeded per example by
+    ``_example_noise``. ``fisher="empirical"``: the training losses themselves.
+    ``positions``: the ``(b,)`` positions of the examples in the data; ``stream``: 0 for
+    the factor pass, 1 for the correction pass.
     """
     flat = tf.nest.flatten(outputs)
     if solver.fisher == "empirical":
@@ -38,12 +49,16 @@ def _output_draws(solver: KFAC, objective, outputs, y, seed) -> list[tuple[float
         return []
     size = tf.shape(flat[0])[0]
     values, vectors = tf.linalg.eigh(tf.cast(hessians, tf.float64))
-    root = vectors * tf.sqrt(tf.maximum(values, 0.0))[:, None, :]  # L, L L^T = H_L
+    # L = H_L^(1/2), the symmetric root: unique, so a draw L eps does not depend on
+    # the signs eigh gives the eigenvectors (which rounding may flip between batches).
+    root = tf.matmul(
+        vectors * tf.sqrt(tf.maximum(values, 0.0))[:, None, :], vectors, transpose_b=True
+    )
     width = sum(int(np.prod(t.shape[1:], dtype=np.int64)) for t in flat)
     if solver.samples == "exact":
         columns, weight = [root[:, :, i] for i in range(width)], 1.0
     else:
-        noise = tf.random.stateless_normal([size, width, solver.samples], seed, dtype=tf.float64)
+        noise = _example_noise(solver.seed, positions, stream, [width, solver.samples])
         drawn = tf.matmul(root, noise)
         columns, weight = [drawn[:, :, i] for i in range(solver.samples)], 1.0 / solver.samples
     joined_outputs = tf.concat(
@@ -59,6 +74,22 @@ def _output_draws(solver: KFAC, objective, outputs, y, seed) -> list[tuple[float
 
 # The layers with Kronecker factors, for messages.
 COVERED = "Dense, EinsumDense, Conv1D, Conv2D, DepthwiseConv2D and Embedding"
+
+
+def _example_noise(seed: int, positions: tf.Tensor, stream: int, shape: list[int]) -> tf.Tensor:
+    """``(b, *shape)`` standard normal float64 draws, one stateless draw per example.
+
+    Example ``j``'s draw is seeded by ``(seed, 2 * j + stream)``: a function of its
+    position ``j`` in the data alone, not of its batch or replica.
+    """
+    positions = tf.cast(positions, tf.int64)
+    seeds = tf.fill(tf.shape(positions), tf.constant(seed, tf.int64))
+    keys = tf.stack([seeds, 2 * positions + stream], axis=1)
+    return tf.map_fn(
+        lambda key: tf.random.stateless_normal(shape, key, dtype=tf.float64),
+        keys,
+        fn_output_signature=tf.TensorSpec(shape, tf.float64),
+    )
 
 
 class _Steps:
@@ -78,10 +109,10 @@ class _Steps:
         self.norms = [e for e in find_layers(objective) if e.kind in NORM_KINDS]
         by_norm = {i for e in self.norms for i in (e.kernel, e.bias) if i is not None}
         self.pfor_diagonal = [i for i in diagonal if i not in by_norm]
-        self.factors = SpecFunction(self._factors, relaxed=(0, 1))
-        self.corrections = SpecFunction(self._corrections, relaxed=(0, 1))
+        self.factors = SpecFunction(self._factors, relaxed=(0, 1, 2))
+        self.corrections = SpecFunction(self._corrections, relaxed=(0, 1, 2))
 
-    def _forward(self, x, y, seed, with_diagonal):
+    def _forward(self, x, y, positions, stream, with_diagonal):
         """Records the factored layers, draws the output gradients, backpropagates them.
 
         Returns ``(grouped records, [(weight, deltas per record, diagonal grads)])``.
@@ -96,7 +127,7 @@ class _Steps:
             tape.watch(variables)
             with _recording(layers, records):
                 outputs = self.objective.predict(x)
-            draws = _output_draws(self.solver, self.objective, outputs, y, seed)
+            draws = _output_draws(self.solver, self.objective, outputs, y, positions, stream)
         zs = [z for _, _, z in records]
         results = []
         for weight, pseudo in draws:
@@ -145,9 +176,12 @@ class _Steps:
             grouped.setdefault(id(entry.layer), []).append((inputs, delta))
         return [grouped.get(id(b.entry.layer), []) for b in self.blocks]
 
-    def _factors(self, x, y, seed):
-        """Batch sums of ``A`` (position means), ``S`` (position sums) and the diagonals."""
-        records, results = self._forward(x, y, seed, with_diagonal=True)
+    def _factors(self, x, y, positions):
+        """Batch sums of ``A`` (position means), ``S`` (position sums) and the diagonals.
+
+        ``positions``: the ``(b,)`` positions of the batch's examples in the data (int64).
+        """
+        records, results = self._forward(x, y, positions, 0, with_diagonal=True)
         dtype = self.dtype
         a_sums, s_sums = [], []
         for block, calls in zip(
@@ -177,9 +211,9 @@ class _Steps:
                 diagonal_sums[index] += weight * tf.reduce_sum(tf.square(grads), axis=0)
         return a_sums, s_sums, diagonal_sums
 
-    def _corrections(self, x, y, seed, qa, qs):
+    def _corrections(self, x, y, positions, qa, qs):
         """Batch sums of the squared gradients in each block's Kronecker eigenbasis."""
-        records, results = self._forward(x, y, seed, with_diagonal=False)
+        records, results = self._forward(x, y, positions, 1, with_diagonal=False)
         sums = [tf.zeros(b.shapes()[2], tf.float64) for b in self.blocks]
         for weight, deltas, _ in results:
             for index, (block, calls) in enumerate(
@@ -217,6 +251,25 @@ def _regularizer_diagonal(objective) -> list[tf.Tensor] | None:
     ]
 
 
+def _sums(operator, step, like, batch_size: int, args: tuple, on_batch) -> Any:
+    """``step(x, y, positions, *args)`` summed over the training data (``like``'s structure).
+
+    Under a strategy every replica sums its shards and the sums are all-reduced once
+    (``ReplicaData.replica_sums``); else one device loops over the batches.
+    """
+    if operator.replicas is not None:
+        return operator.replicas.replica_sums(step, like, batch_size, args, on_batch)
+    flat, offset = tf.nest.flatten(like), 0
+    for batch in operator.data.batches(batch_size):
+        size = int(tf.nest.flatten(batch[0])[0].shape[0])
+        positions = tf.range(offset, offset + size, dtype=tf.int64)
+        found = tf.nest.flatten(step(batch[0], batch[1], positions, *args))
+        flat = [t + u for t, u in zip(flat, found, strict=True)]
+        offset += size
+        on_batch()
+    return tf.nest.pack_sequence_as(like, flat)
+
+
 def fit(solver: KFAC, operator, progress: ProgressFactory) -> KroneckerState:
     """The factors of ``operator``'s training data: one pass (K-FAC) or two (EK-FAC)."""
     objective = operator.objective
@@ -235,18 +288,18 @@ def fit(solver: KFAC, operator, progress: ProgressFactory) -> KroneckerState:
     steps = _Steps(solver, objective, blocks, diagonal)
     passes = 2 if solver.corrected else 1
     bar = progress(num_batches * passes, f"{type(solver).__name__} factors")
-    a_sums = [tf.zeros(b.shapes()[0] or [b.fan_in], tf.float64) for b in blocks]
-    s_sums = [tf.zeros(b.shapes()[1], tf.float64) for b in blocks]
-    d_sums = [tf.zeros([objective.layout.sizes[i]], tf.float64) for i in diagonal]
-    step = 0
-    for number, batch in enumerate(data.batches(batch_size)):
-        seed = tf.constant([solver.seed, 2 * number], tf.int64)
-        a, s, d = steps.factors(batch[0], batch[1], seed)
-        a_sums = [t + u for t, u in zip(a_sums, a, strict=True)]
-        s_sums = [t + u for t, u in zip(s_sums, s, strict=True)]
-        d_sums = [t + u for t, u in zip(d_sums, d, strict=True)]
-        step += 1
-        bar.update(step)
+    done = [0]
+
+    def advance():
+        done[0] += 1
+        bar.update(done[0])
+
+    zeros = (
+        [tf.zeros(b.shapes()[0] or [b.fan_in], tf.float64) for b in blocks],
+        [tf.zeros(b.shapes()[1], tf.float64) for b in blocks],
+        [tf.zeros([objective.layout.sizes[i]], tf.float64) for i in diagonal],
+    )
+    a_sums, s_sums, d_sums = _sums(operator, steps.factors, zeros, batch_size, (), advance)
     n = float(operator.num_examples)
     qa, qs, values = [], [], []
     for block, a_sum, s_sum in zip(blocks, a_sums, s_sums, strict=True):
@@ -259,13 +312,8 @@ def fit(solver: KFAC, operator, progress: ProgressFactory) -> KroneckerState:
         # An Embedding has no Q_A (the step's arguments are tensors: an empty one).
         qa_c = [tf.zeros([0], compute) if q is None else tf.cast(q, compute) for q in qa]
         qs_c = [tf.cast(q, compute) for q in qs]
-        sums = [tf.zeros_like(v) for v in values]
-        for number, batch in enumerate(data.batches(batch_size)):
-            seed = tf.constant([solver.seed, 2 * number + 1], tf.int64)
-            found = steps.corrections(batch[0], batch[1], seed, qa_c, qs_c)
-            sums = [t + u for t, u in zip(sums, found, strict=True)]
-            step += 1
-            bar.update(step)
+        zeros = [tf.zeros_like(v) for v in values]
+        sums = _sums(operator, steps.corrections, zeros, batch_size, (qa_c, qs_c), advance)
         values = [t / n for t in sums]
     regular = _regularizer_diagonal(objective)
     if regular is not None:

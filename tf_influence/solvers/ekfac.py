@@ -215,7 +215,9 @@ class KFAC(Solver):
         samples: draws per example for ``fisher="true"``, or ``"exact"`` for the
             exact expectation (one backward pass per model output: for a few
             outputs only).
-        seed: seed of the draws.
+        seed: seed of the draws. Each example's draws are seeded by ``seed`` and its
+            position in the training data: the same factors for any ``batch_size``
+            and any number of ``tf.distribute`` replicas.
         batch_size: examples per step of the factor passes (default: the
             ``fit`` batch size).
     """
