@@ -154,6 +154,41 @@ def test_kernel_read_outside_its_layer_falls_back_to_pfor():
     assert_factored_equal(model, x, np.arange(8) % 3, factored=False)
 
 
+def test_check_runs_on_a_few_examples_then_factors_the_whole_batch(monkeypatch):
+    # The check holds float64 per-example gradients, so it takes CHECK_ROWS examples of
+    # the batch (eagerly), never all of them; what it decides holds for the whole batch.
+    from tf_influence.engine.gradients import CHECK_ROWS
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((5, 5, 2), dtype="float64"),
+            keras.layers.Conv2D(3, 3, activation="tanh", dtype="float64"),
+            keras.layers.Flatten(dtype="float64"),
+            keras.layers.Dense(3, dtype="float64"),
+        ]
+    )
+    x = np.random.default_rng(1).normal(size=(3 * CHECK_ROWS, 5, 5, 2))
+    y = tf.constant(np.arange(len(x)) % 3)
+    objective = tfi.engine.Objective(model, loss=LOSS)
+    gradients = tfi.engine.PerExampleGradients(objective, scoring="jacobian")
+    seen = []
+    check = gradients._factored_check_impl
+
+    def spy(xs, ys):
+        seen.append((int(xs.shape[0]), int(ys.shape[0])))
+        return check(xs, ys)
+
+    monkeypatch.setattr(gradients, "_factored_check_impl", spy)
+    assert gradients.check_factored(x, y) is True
+    assert seen == [(CHECK_ROWS, CHECK_ROWS)]
+    solutions = np.random.default_rng(2).normal(size=(objective.num_params, 4))
+    expected_grads, expected_scores = reference(objective, x, y, solutions)
+    np.testing.assert_allclose(gradients(x, y).numpy(), expected_grads, rtol=1e-10, atol=1e-13)
+    scores, _ = gradients.scores(x, y, tf.constant(solutions))
+    np.testing.assert_allclose(scores.numpy(), expected_scores, rtol=1e-10, atol=1e-12)
+
+
 def test_time_distributed_steps_are_uses():
     keras.utils.set_random_seed(0)
     model = keras.Sequential(
