@@ -254,14 +254,31 @@ class FactoredGradients:
         rows_out = _rows(delta, size, delta.shape[-1])  # (b, t, out)
         return tf.einsum("bti,bto->bio", rows_in, rows_out)
 
-    def scores(self, uses: list[Use], size, blocks: list[tf.Tensor]) -> tf.Tensor:
-        """``(b, k)``: ``g_j . s_i`` over the factored variables (``blocks[i]`` is ``(n_i, k)``)."""
+    def scores(
+        self,
+        uses: list[Use],
+        size,
+        blocks: list[tf.Tensor],
+        queries: dict[int, tuple[tf.Tensor, tf.Tensor]] | None = None,
+    ) -> tf.Tensor:
+        """``(b, k)``: ``g_j . s_i`` over the factored variables (``blocks[i]`` is ``(n_i, k)``).
+
+        ``queries``: ``{kernel index: (left (k, rows, r), right (k, cols, r))}`` for
+        layers whose part of ``s_i`` is ``left[i] @ right[i]^T`` (kernel rows, then
+        the bias row if any; ``blocks`` holds the same values densely). Those layers
+        are scored from the factors where that takes fewer products.
+        """
         k = tf.shape(blocks[0])[1]
         dtype = blocks[0].dtype
         total = tf.zeros([size, k], dtype)
+        queries = queries or {}
         for use in uses:
             entry = use.entry
             delta = tf.cast(use.delta, dtype)
+            factors = queries.get(entry.kernel) if entry.kernel is not None else None
+            if factors is not None and low_rank_pays(use, *factors):
+                total += self._low_rank_scores(use, size, *factors)
+                continue
             if entry.kernel is not None:
                 block = blocks[entry.kernel]
                 if entry.kind == "dense" and use.inputs.shape.rank == 2:
@@ -273,6 +290,24 @@ class FactoredGradients:
                 rows = _rows(delta, size, delta.shape[-1], reduce=True)
                 total += tf.matmul(rows, blocks[entry.bias])
         return total
+
+    @staticmethod
+    def _low_rank_scores(use: Use, size, left, right) -> tf.Tensor:
+        """``sum_t (a_t^T left_i) . (right_i^T delta_t)``, ``(b, k)``, bias included."""
+        dtype = left.dtype
+        k, rows, rank = tf.shape(left)[0], left.shape[1], left.shape[2]
+        cols = right.shape[1]
+        inputs = tf.cast(_inputs_for(use), dtype)
+        fan_in = inputs.shape[-1]
+        rows_in = tf.reshape(inputs, [-1, fan_in])  # (b * t, in)
+        rows_out = tf.reshape(tf.cast(use.delta, dtype), [-1, cols])  # (b * t, out)
+        left = tf.reshape(tf.transpose(left, [1, 0, 2]), [rows, -1])  # (rows, k * r)
+        right = tf.reshape(tf.transpose(right, [1, 0, 2]), [cols, -1])
+        projected = tf.matmul(rows_in, left[:fan_in])
+        if rows > fan_in:  # the bias row meets a constant 1
+            projected += left[fan_in]
+        products = projected * tf.matmul(rows_out, right)  # (b * t, k * r)
+        return tf.reduce_sum(tf.reshape(products, [size, -1, k, rank]), axis=[1, 3])
 
     @staticmethod
     def _ghost_scores(inputs, delta, block, k) -> tf.Tensor:
@@ -328,6 +363,29 @@ class FactoredGradients:
             error = tf.norm(tf.reduce_sum(mine, axis=0) - batch)
             ok = tf.logical_and(ok, error <= CHECK_RTOL * scale + 1e-30)
         return ok
+
+
+def positions(use: Use) -> int | None:
+    """Rows per example of the layer's factors (output positions), if known when tracing."""
+    if use.entry.kind == "dense":
+        shape = use.inputs.shape
+    else:
+        shape = use.delta.shape  # one patch per output position
+    if shape.rank is None:
+        return None
+    return shape[1:-1].num_elements()
+
+
+def low_rank_pays(use: Use, left: tf.Tensor, right: tf.Tensor) -> bool:
+    """Whether scoring from rank-r factors takes fewer products than from the gradients.
+
+    Per example and test vector: ``t * r * (rows + cols)`` from the factors, against
+    ``rows * cols`` for the dot product with the per-example gradient, formed once
+    for all test vectors (``t`` output positions: 1 for a Dense layer on vectors).
+    """
+    t = positions(use)
+    rows, cols, rank = left.shape[1], right.shape[1], left.shape[2]
+    return t is not None and t * rank * (rows + cols) < rows * cols
 
 
 def _inputs_for(use: Use) -> tf.Tensor:

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from tf_influence.solvers.base import CurvatureError, ProgressFactory
+from tf_influence.solvers.base import CurvatureError, LowRankQueries, ProgressFactory
 from tf_influence.solvers.ekfac import KFAC, KroneckerState, _Block, structure
 
 
@@ -321,6 +321,10 @@ def fit(solver: KFAC, operator, progress: ProgressFactory) -> KroneckerState:
         ]
         diagonals = [d + regular[i] for d, i in zip(diagonals, diagonal, strict=True)]
     bar.done()
+    stored = tf.as_dtype(solver.factor_dtype)
+    qa, qs, values, diagonals = (
+        [tf.cast(t, stored) for t in tensors] for tensors in (qa, qs, values, diagonals)
+    )
     return KroneckerState(blocks, diagonal, qa, qs, values, diagonals)
 
 
@@ -332,8 +336,8 @@ def _projected(regular: list[tf.Tensor], block: _Block, qa, qs) -> tf.Tensor:
     return tf.matmul(tf.matmul(tf.square(qa), kernel, transpose_a=True), tf.square(qs))
 
 
-def from_arrays(operator, arrays: dict[str, np.ndarray]) -> KroneckerState:
-    """The state ``KFAC.get_state`` saved, checked against ``operator``'s model."""
+def from_arrays(operator, arrays: dict[str, np.ndarray], dtype: str = "float64") -> KroneckerState:
+    """The state ``KFAC.get_state`` saved, checked against ``operator``'s model, in ``dtype``."""
     blocks, diagonal = structure(operator.objective)
     saved = int(arrays.get("num_blocks", -1))
     problems = []
@@ -348,16 +352,16 @@ def from_arrays(operator, arrays: dict[str, np.ndarray]) -> KroneckerState:
         if any(f is None or tuple(f.shape) != s for f, s in zip(found, shapes, strict=True)):
             problems.append(f"layer {block.entry.layer.name!r} has other shapes")
             break
-        qa.append(tf.constant(found[0], tf.float64))
-        qs.append(tf.constant(found[1], tf.float64))
-        values.append(tf.constant(found[2], tf.float64))
+        qa.append(tf.constant(found[0], dtype))
+        qs.append(tf.constant(found[1], dtype))
+        values.append(tf.constant(found[2], dtype))
     diagonals = []
     for index in diagonal:
         found = arrays.get(f"diagonal{index}")
         if found is None or found.shape != (operator.objective.layout.sizes[index],):
             problems.append(f"variable {index} has no saved diagonal of its size")
             break
-        diagonals.append(tf.constant(found, tf.float64))
+        diagonals.append(tf.constant(found, dtype))
     if problems:
         raise ValueError(
             "The saved K-FAC factors do not belong to this model: "
@@ -398,3 +402,51 @@ def precondition(state: KroneckerState, operator, rhs: tf.Tensor) -> tf.Tensor:
     for index, diagonal in zip(state.diagonal, state.diagonals, strict=True):
         out[index] = parts[index] / tf.cast(diagonal + damping, dtype)[:, None]
     return tf.concat(out, axis=0)
+
+
+def compress(
+    operator, blocks: list[_Block], ranks: list[int | None], solutions: tf.Tensor
+) -> tuple[tf.Tensor, list[LowRankQueries]]:
+    """Each block's part of ``(p, k)`` solutions truncated to its rank (None: kept).
+
+    Returns the truncated solutions and, per truncated block, its ``LowRankQueries``
+    (``left @ right^T`` is the block's part of the truncated solutions).
+    """
+    layout = operator.objective.layout
+    k = tf.shape(solutions)[1]
+    parts = list(tf.split(solutions, layout.sizes, axis=0))
+    queries = []
+    for block, rank in zip(blocks, ranks, strict=True):
+        if rank is None:
+            continue
+        kernel = tf.reshape(parts[block.entry.kernel], [block.fan_in, block.cols, k])
+        if block.bias:
+            kernel = tf.concat([kernel, parts[block.entry.bias][None]], axis=0)
+        left, right = truncated(tf.transpose(kernel, [2, 0, 1]), rank)
+        queries.append(LowRankQueries(block.entry.kernel, block.entry.bias, left, right))
+        product = tf.transpose(tf.matmul(left, right, transpose_b=True), [1, 2, 0])
+        parts[block.entry.kernel] = tf.reshape(product[: block.fan_in], [-1, k])
+        if block.bias:
+            parts[block.entry.bias] = product[block.fan_in]
+    return tf.concat(parts, axis=0), queries
+
+
+def truncated(matrices: tf.Tensor, rank: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """``(left (k, rows, r), right (k, cols, r))`` with ``left @ right^T`` the rank-r SVD.
+
+    The top ``rank`` singular vectors of each ``(rows, cols)`` matrix ``M`` come from
+    the eigendecomposition of the smaller Gram matrix (``M^T M`` or ``M M^T``); the
+    other factor is ``M`` times them, so ``left @ right^T`` is ``M`` projected on the
+    span of its top singular vectors: its truncated SVD. This is two to three times
+    faster than ``tf.linalg.svd`` on CPU; as squared singular values enter, the
+    directions are resolved to about ``sqrt(eps)`` of the largest singular value
+    (exact at ``rank = min(rows, cols)``, where the projection is the identity).
+    """
+    rows, cols = int(matrices.shape[1]), int(matrices.shape[2])
+    if cols <= rows:  # M = (M V) V^T with V the top eigenvectors of M^T M
+        gram = tf.matmul(matrices, matrices, transpose_a=True)
+        vectors = tf.linalg.eigh(gram)[1][:, :, cols - rank :]
+        return tf.matmul(matrices, vectors), vectors
+    gram = tf.matmul(matrices, matrices, transpose_b=True)
+    vectors = tf.linalg.eigh(gram)[1][:, :, rows - rank :]
+    return vectors, tf.matmul(matrices, vectors, transpose_a=True)

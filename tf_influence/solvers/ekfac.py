@@ -61,12 +61,14 @@ from tf_influence._validation import check_int, check_positive_int
 from tf_influence.solvers.base import (
     CurvatureOperator,
     Diagnostics,
+    LowRankQueries,
     ProgressFactory,
     Solver,
     silent_progress,
 )
 
 FISHER = ("true", "empirical")
+FACTOR_DTYPES = ("float64", "float32")
 _STATE = "kfac.state"
 
 
@@ -83,6 +85,11 @@ class _Block:
     def rows(self) -> int:
         return self.fan_in + (1 if self.bias else 0)
 
+    @property
+    def size(self) -> int:
+        """``min(rows, cols)``: the largest rank of the layer's ``(rows, cols)`` matrices."""
+        return min(self.rows, self.cols)
+
 
 @dataclasses.dataclass
 class KroneckerState:
@@ -91,11 +98,13 @@ class KroneckerState:
     Attributes:
         blocks: the Kronecker-factored layers.
         diagonal: indices of the variables with a diagonal approximation.
-        qa, qs: per block, the ``(rows, rows)`` and ``(cols, cols)`` eigenbases
-            (float64).
+        qa, qs: per block, the ``(rows, rows)`` and ``(cols, cols)`` eigenbases.
         values: per block, the ``(rows, cols)`` eigenvalues (``l_A l_S^T`` for
-            K-FAC, the corrected ones for EK-FAC; with the regulariser), float64.
-        diagonals: per diagonal variable, the flat diagonal (float64).
+            K-FAC, the corrected ones for EK-FAC; with the regulariser).
+        diagonals: per diagonal variable, the flat diagonal.
+
+    Every tensor has the solver's ``factor_dtype`` (float64 by default); the sums
+    behind them are accumulated, and the factors decomposed, in float64.
     """
 
     blocks: list[_Block]
@@ -171,11 +180,22 @@ class KFAC(Solver):
     Dense and Conv2D layers (channels last) get ``A (x) S`` (see the module
     docstring); every other chosen parameter gets the Gauss-Newton diagonal. The
     factors are fitted once per ``InfluenceModel.fit`` (one pass over the training
-    data with a progress bar), decomposed in float64, saved with the state, and
-    reused by every query; a solve is a few small matrix products per layer.
-    The approximation is of the Gauss-Newton matrix, so ``compile`` takes
-    ``curvature="gauss_newton"`` with it (the default); ``damping`` is added to
-    every eigenvalue, which is ``inv(G_approx + damping*I)`` exactly.
+    data with a progress bar), summed and decomposed in float64, kept in
+    ``factor_dtype``, saved with the state, and reused by every query; a solve is
+    a few small matrix products per layer. The approximation is of the
+    Gauss-Newton matrix, so ``compile`` takes ``curvature="gauss_newton"`` with it
+    (the default); ``damping`` is added to every eigenvalue, which is
+    ``inv(G_approx + damping*I)`` exactly.
+
+    Query batching (``query_rank=r``): before the solved test vectors are scored
+    against the training data (``explain``, ``top_k``), each factored layer's
+    part of each, a ``(rows, cols)`` matrix ``P_i`` (the kernel with its bias as a
+    last row), is replaced by its best rank-``r`` approximation (truncated SVD)
+    ``U_i diag(s_i) V_i^T``. A Dense training example ``(a, delta)`` then scores
+    ``(a^T U_i) diag(s_i) (V_i^T delta)`` per layer: ``r * (rows + cols)``
+    products instead of ``rows * cols``. Layers whose ``min(rows, cols)`` is
+    below ``r`` are kept exact, as are the diagonal parameters,
+    ``self_influence`` and ``inverse_hvp_tests``.
 
     Args:
         fisher: ``"true"`` (the default: output gradients drawn from the model's
@@ -187,6 +207,19 @@ class KFAC(Solver):
         seed: seed of the draws.
         batch_size: examples per step of the factor passes (default: the
             ``fit`` batch size).
+        query_rank: None (the default: exact scores), or the rank ``r`` each
+            factored layer's part of a solved test vector is truncated to before
+            scoring. Layers smaller than ``r`` (``min(rows, cols) < r``) stay
+            exact; a rank above every factored layer's size is refused at
+            ``fit``.
+        factor_dtype: ``"float64"`` (the default) or ``"float32"``: the dtype the
+            eigenbases, eigenvalues and diagonals are kept, saved and applied in.
+            ``"float32"`` halves their memory and file size; the sums are still
+            accumulated, and decomposed, in float64.
+
+    Raises:
+        ValueError: an argument is out of range (at construction), or
+            ``query_rank`` exceeds every factored layer's size (at ``fit``).
     """
 
     name = "kfac"
@@ -199,6 +232,8 @@ class KFAC(Solver):
         samples: int | str = 1,
         seed: int = 0,
         batch_size: int | None = None,
+        query_rank: int | None = None,
+        factor_dtype: str = "float64",
     ):
         if fisher not in FISHER:
             raise ValueError(
@@ -210,6 +245,15 @@ class KFAC(Solver):
         self.samples = samples
         self.seed = check_int("seed", seed)
         self.batch_size = check_positive_int("batch_size", batch_size, allow_none=True)
+        self.query_rank = check_positive_int(
+            "query_rank", query_rank, allow_none=True, none_means="exact scores"
+        )
+        if factor_dtype not in FACTOR_DTYPES:
+            raise ValueError(
+                'Argument `factor_dtype` must be "float64" or "float32". '
+                f"Received: factor_dtype={factor_dtype!r}"
+            )
+        self.factor_dtype = factor_dtype
 
     def get_config(self) -> dict[str, Any]:
         return {
@@ -217,11 +261,22 @@ class KFAC(Solver):
             "samples": self.samples,
             "seed": self.seed,
             "batch_size": self.batch_size,
+            "query_rank": self.query_rank,
+            "factor_dtype": self.factor_dtype,
         }
 
     # -- fitting ------------------------------------------------------------------------
     def _key(self) -> tuple:
-        return (_STATE, type(self).__name__, self.fisher, self.samples, self.seed, self.batch_size)
+        # query_rank is left out: it changes the scoring, not the factors.
+        return (
+            _STATE,
+            type(self).__name__,
+            self.fisher,
+            self.samples,
+            self.seed,
+            self.batch_size,
+            self.factor_dtype,
+        )
 
     def state(
         self, operator: CurvatureOperator, progress: ProgressFactory = silent_progress
@@ -232,7 +287,24 @@ class KFAC(Solver):
     def prepare(
         self, operator: CurvatureOperator, progress: ProgressFactory = silent_progress
     ) -> None:
-        self.state(operator, progress)
+        self._query_ranks(self.state(operator, progress).blocks)
+
+    def _query_ranks(self, blocks: list[_Block]) -> list[int | None]:
+        """Per block, the rank its queries are truncated to (None: exact)."""
+        rank = self.query_rank
+        if rank is None:
+            return [None] * len(blocks)
+        largest = max(blocks, key=lambda b: b.size)
+        if rank > largest.size:
+            raise ValueError(
+                f"Argument `query_rank` is larger than every Kronecker-factored layer, so it "
+                f"would compress none: the largest, {largest.entry.layer.name!r}, holds "
+                f"{largest.rows} x {largest.cols} matrices (its kernel"
+                f"{' and bias row' if largest.bias else ''}), of rank at most {largest.size}. "
+                f"Received: query_rank={rank}. Pass query_rank <= {largest.size}, or "
+                "query_rank=None for exact scores."
+            )
+        return [rank if rank <= b.size else None for b in blocks]
 
     def mean_eigenvalue(
         self, operator: CurvatureOperator, progress: ProgressFactory = silent_progress
@@ -249,6 +321,9 @@ class KFAC(Solver):
     def _fit(self, operator: CurvatureOperator, progress: ProgressFactory) -> KroneckerState:
         from tf_influence.solvers import _kronecker
 
+        blocks = structure(operator.objective)[0]
+        if blocks:  # a bad query_rank is refused before the passes over the data
+            self._query_ranks(blocks)
         return _kronecker.fit(self, operator, progress)
 
     # -- solving ------------------------------------------------------------------------
@@ -269,9 +344,29 @@ class KFAC(Solver):
                     sum(operator.objective.layout.sizes[i] for i in state.diagonal)
                 ),
                 "residual": "of the approximation (exact solve)",
+                "query_ranks": {
+                    b.entry.layer.name: r
+                    for b, r in zip(state.blocks, self._query_ranks(state.blocks), strict=True)
+                },
             },
         )
         return solution, diagnostics
+
+    def compress_queries(
+        self, operator: CurvatureOperator, solutions: tf.Tensor
+    ) -> tuple[tf.Tensor, list[LowRankQueries]]:
+        """Each factored layer's part of ``solutions`` truncated to rank ``query_rank``.
+
+        Returns ``(solutions, [])`` unchanged without ``query_rank``; see
+        ``Solver.compress_queries``.
+        """
+        if self.query_rank is None:
+            return solutions, []
+        from tf_influence.solvers import _kronecker
+
+        blocks = self.state(operator).blocks
+        ranks = self._query_ranks(blocks)
+        return _kronecker.compress(operator, blocks, ranks, solutions)
 
     def layers(self, operator: CurvatureOperator) -> list[tuple[str, list[int]]]:
         """One group per Kronecker-factored layer, then the diagonal variables by layer."""
@@ -304,7 +399,7 @@ class KFAC(Solver):
     def set_state(self, operator: CurvatureOperator, arrays: dict[str, np.ndarray]) -> None:
         from tf_influence.solvers import _kronecker
 
-        state = _kronecker.from_arrays(operator, arrays)
+        state = _kronecker.from_arrays(operator, arrays, self.factor_dtype)
         operator.cached(self._key(), lambda: state)
 
 
