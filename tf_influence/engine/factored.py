@@ -14,7 +14,10 @@ layer: ``g_j . s_i = a_j^T S_i delta_j`` with ``S_i`` the kernel block of ``s_i`
 one ``(b, in) x (in, out * k)`` matrix product for all k vectors (the "ghost"
 product of Li et al., 2022), or ``(b, out) x (out, in * k)`` when ``in < out``. It
 is used while ``k <= max(in, out)``, where it needs no more memory than the
-gradients would.
+gradients would. When a layer's part of each ``s_i`` is of low rank,
+``S_i = U_i V_i^T`` with ``r`` columns (K-FAC's ``query_rank``), the score is
+``sum_t (a_jt^T U_i) . (V_i^T delta_jt)``: ``r * (in + out)`` products per
+position instead of ``in * out`` (``low_rank_pays`` decides per layer).
 
 The factors are taken by swapping, while one batch function is traced, the
 ``call`` of each eligible layer for one that records its input and

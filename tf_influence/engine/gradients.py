@@ -299,15 +299,16 @@ class PerExampleGradients:
         for entry in self._factored.layers:
             rank = ranks.get(entry.kernel)
             if rank is not None:
-                # The (t, k * r) products from the factors, when they are taken.
-                rows = layout.sizes[entry.kernel] // layout.shapes[entry.kernel][-1]
-                rows, cols = rows + (entry.bias is not None), layout.shapes[entry.kernel][-1]
-                if entry.kind == "dense" and rank * (rows + cols) < rows * cols:
-                    per_row += 2 * rank * num_tests
-                else:  # t * r * (rows + cols) < rows * cols bounds them
-                    product = 2 * num_tests * rows * cols // (rows + cols)
-                    per_row += max(layout.sizes[entry.kernel], product)
-                continue
+                cols = layout.shapes[entry.kernel][-1]
+                rows = layout.sizes[entry.kernel] // cols + (entry.bias is not None)
+                # The (t, k * r) products from the factors, if they can pay (t >= 1).
+                if rank * (rows + cols) < rows * cols:
+                    if entry.kind == "dense":
+                        per_row += 2 * rank * num_tests
+                    else:  # taken only where t * r * (rows + cols) < rows * cols
+                        product = 2 * num_tests * rows * cols // (rows + cols)
+                        per_row += max(layout.sizes[entry.kernel], product)
+                    continue
             if entry.kernel is not None and entry.kind not in NORM_KINDS:
                 fan_in, fan_out = layout.shapes[entry.kernel][-2:]
                 ghost = entry.kind == "dense" and num_tests <= max(fan_in, fan_out)
