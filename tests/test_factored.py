@@ -119,7 +119,7 @@ def test_only_some_parameters_and_other_layers_by_pfor():
     model = keras.Sequential(
         [
             keras.Input((6, 3), dtype="float64"),
-            keras.layers.Conv1D(4, 2, activation="tanh", dtype="float64"),  # pfor
+            keras.layers.Conv1DTranspose(4, 2, activation="tanh", dtype="float64"),  # pfor
             keras.layers.Flatten(dtype="float64"),
             keras.layers.Dense(5, activation="tanh", dtype="float64", name="hidden"),
             keras.layers.Dense(3, dtype="float64", name="logits"),
@@ -128,7 +128,7 @@ def test_only_some_parameters_and_other_layers_by_pfor():
     x = np.random.default_rng(1).normal(size=(7, 6, 3))
     y = np.arange(7) % 3
     gradients = assert_factored_equal(model, x, y)
-    assert gradients._pfor_indices == [0, 1]  # the Conv1D kernel and bias
+    assert gradients._pfor_indices == [0, 1]  # the Conv1DTranspose kernel and bias
     kernel_only = [model.get_layer("hidden").kernel, model.layers[0]]
     assert_factored_equal(model, x, y, params=kernel_only)
 
@@ -242,3 +242,105 @@ def test_called_layer_without_gradient_scores_zero():
     gradients = assert_factored_equal(model, x, np.arange(6) % 3)
     side = sum(int(np.prod(v.shape)) for v in model.side.trainable_variables)
     assert np.all(gradients(x, tf.constant(np.arange(6) % 3)).numpy()[:, :side] == 0)
+
+
+@pytest.mark.parametrize(
+    "conv_args",
+    [
+        {"padding": "valid"},
+        {"padding": "same", "strides": 2},
+        {"padding": "causal", "dilation_rate": 2},
+    ],
+)
+def test_conv1d_layers(conv_args):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((7, 2), dtype="float64"),
+            keras.layers.Conv1D(3, 3, activation="tanh", dtype="float64", **conv_args),
+            keras.layers.Flatten(dtype="float64"),
+            keras.layers.Dense(3, dtype="float64"),
+        ]
+    )
+    x = np.random.default_rng(1).normal(size=(5, 7, 2))
+    gradients = assert_factored_equal(model, x, np.arange(5) % 3)
+    assert gradients._pfor_indices == []
+
+
+@pytest.mark.parametrize(
+    "conv_args",
+    [
+        {"padding": "valid", "depth_multiplier": 2},
+        {"padding": "same", "strides": 2, "kernel_size": (2, 3)},
+        {"padding": "valid", "dilation_rate": 2, "use_bias": False},
+    ],
+)
+def test_depthwise_conv2d_layers(conv_args):
+    keras.utils.set_random_seed(0)
+    args = {"kernel_size": 3, **conv_args}
+    model = keras.Sequential(
+        [
+            keras.Input((6, 5, 3), dtype="float64"),
+            keras.layers.DepthwiseConv2D(activation="tanh", dtype="float64", **args),
+            keras.layers.Flatten(dtype="float64"),
+            keras.layers.Dense(3, dtype="float64"),
+        ]
+    )
+    x = np.random.default_rng(1).normal(size=(5, 6, 5, 3))
+    gradients = assert_factored_equal(model, x, np.arange(5) % 3)
+    assert gradients._pfor_indices == []
+
+
+@pytest.mark.parametrize(
+    ("equation", "output_shape", "bias_axes", "bias_factored"),
+    [
+        ("abc,cde->abde", (4, 2, 3), "de", True),  # MultiHeadAttention's projections
+        ("abc,cd->adb", (2, 4), "d", False),  # output axes before positions: bias by pfor
+        ("...c,cd->...d", 2, "d", True),
+        ("abc,cd->abd", (4, 2), "b", False),  # a bias over positions: by pfor
+        ("abc,cd->abd", (4, 2), None, False),
+    ],
+)
+def test_einsum_dense_layers(equation, output_shape, bias_axes, bias_factored):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4, 3), dtype="float64")
+    h = keras.layers.EinsumDense(
+        equation, output_shape, bias_axes=bias_axes, activation="tanh", dtype="float64"
+    )(inputs)
+    h = keras.layers.Flatten(dtype="float64")(h)
+    h = keras.layers.EinsumDense("ab,bc->ac", 3, bias_axes="c", dtype="float64")(h)
+    model = keras.Model(inputs, h)
+    x = np.random.default_rng(1).normal(size=(6, 4, 3))
+    gradients = assert_factored_equal(model, x, np.arange(6) % 3)
+    expected = [] if bias_factored or bias_axes is None else [1]
+    assert gradients._pfor_indices == expected
+
+
+def test_einsum_dense_outside_the_covered_equations_goes_through_pfor():
+    """A kernel axis that is also an input and output axis (one matrix per position)."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4, 3), dtype="float64")
+    h = keras.layers.EinsumDense("abc,bcd->abd", (4, 2), dtype="float64", name="per_step")(inputs)
+    h = keras.layers.Flatten(dtype="float64")(h)
+    model = keras.Model(inputs, keras.layers.Dense(3, dtype="float64")(h))
+    x = np.random.default_rng(1).normal(size=(6, 4, 3))
+    gradients = assert_factored_equal(model, x, np.arange(6) % 3)
+    assert gradients._pfor_indices == [0]
+
+
+def test_embedding_with_repeated_tokens():
+    """Tokens repeated within an example add up; unused rows get zero gradients; scores by
+    gathering (one vector) and by the gradients (more vectors than the vocabulary allows)."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((5,), dtype="int32"),
+            keras.layers.Embedding(9, 3, dtype="float64"),
+            keras.layers.Flatten(dtype="float64"),
+            keras.layers.Dense(3, dtype="float64"),
+        ]
+    )
+    x = np.random.default_rng(1).integers(0, 7, size=(6, 5)).astype("int32")
+    x[0, :3] = 2
+    gradients = assert_factored_equal(model, x, np.arange(6) % 3)
+    assert gradients._pfor_indices == []

@@ -30,6 +30,7 @@ import weakref
 from collections.abc import Callable, Hashable
 from typing import Any
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -141,6 +142,8 @@ class HessianOperator:
         self.num_params = objective.num_params
         self.num_examples = data.num_examples
         self.dtype = objective.dtype
+        # Eagerly (the factors as Keras applies them), for the products of Omega.
+        self._regularizer_scales = regularizer_curvatures(objective)
         self._cache: dict = {}
         self._values_key = None  # the key of the shared values (see `cached`)
         # Everything the traces depend on besides argument shapes (the data, its size
@@ -291,6 +294,17 @@ class HessianOperator:
         ``tangents`` and the result are shaped as ``_tangents`` gives them; the sum over
         batches is accumulated in this form and flattened once per product.
         """
+        if x is None and isinstance(loss_weight, (int, float)) and loss_weight == 0:
+            scales = self._regularizer_scales
+            if scales is not None:
+                # Omega alone, of elementwise quadratic regularizers: no tapes to trace.
+                weight = tf.cast(regularization_weight, self.dtype)
+                return [
+                    tf.zeros_like(t, self.dtype)
+                    if c == 0
+                    else (weight * c) * tf.cast(t, self.dtype)
+                    for c, t in zip(scales, tangents, strict=True)
+                ]
         single = tangents[0].shape.rank == len(self.objective.layout.shapes[0])
         if self.hvp_mode == "forward_over_reverse":
             return self._hvp_forward_over_reverse(
@@ -533,6 +547,34 @@ class HessianOperator:
             return 0.5 * (matrix + tf.transpose(matrix))
 
         return self.cached("dense", make)
+
+
+def regularizer_curvatures(objective: Objective) -> list[float] | None:
+    """Per chosen variable, the constant diagonal of ``hessian(Omega)``, or None.
+
+    Keras's ``L1``, ``L2`` and ``L1L2`` weight regularizers are elementwise:
+    ``l1 * sum(|w|) + l2 * sum(w**2)`` has the Hessian ``2 * l2 * I`` (the L1 part's
+    is 0 where it is differentiable, as autodiff gives it), in the variable's dtype.
+    Any other regularizer (or a subclass) gives None: its product goes through tapes.
+    Call it eagerly (it evaluates the regularizers).
+    """
+    trainable = {id(v) for v in objective.model.trainable_variables}
+    scales = []
+    for variable in objective.variables:
+        regularizer = getattr(variable, "regularizer", None)
+        if regularizer is None or id(variable) not in trainable:
+            scales.append(0.0)
+        elif type(regularizer) in (keras.regularizers.L2, keras.regularizers.L1L2):
+            l2 = getattr(regularizer, "l2", 0.0) or 0.0
+            # The factor as Keras applies it (it may round it to float32 first).
+            ones = np.ones([1], variable.dtype)
+            factor = float(keras.regularizers.L2(l2)(ones)) if l2 else 0.0
+            scales.append(2.0 * factor)
+        elif type(regularizer) is keras.regularizers.L1:
+            scales.append(0.0)
+        else:
+            return None
+    return scales
 
 
 class _WithInputs:

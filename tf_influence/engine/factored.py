@@ -1,33 +1,38 @@
-"""Per-example gradients of Dense and Conv2D layers from their factors.
+"""Per-example gradients of Dense, EinsumDense, convolution and Embedding layers from their factors.
 
 A ``Dense`` layer computes ``z = a @ W + b`` (then its activation). The gradient
 of one example's loss with respect to ``W`` is the outer product ``a_j (x) delta_j``
 of the layer's input ``a_j`` and of ``delta_j = dL(z_j)/dz``; with respect to ``b``
 it is ``delta_j``. Both factors come out of one ordinary batched forward and
 backward pass, so per-example gradients of these layers need neither pfor nor
-one backward pass per example (Goodfellow, 2015). A ``Conv2D`` kernel gradient
-is the same product summed over output positions, with ``a`` replaced by the
-input patches (``tf.image.extract_patches``).
+one backward pass per example (Goodfellow, 2015). A convolution's kernel
+gradient is the same product summed over output positions, with ``a`` replaced
+by the input patches (``tf.image.extract_patches``); an ``EinsumDense``, a
+``DepthwiseConv2D`` and an ``Embedding`` have factors of their own
+(``engine.factored_layers``).
 
-Scores against solved vectors ``s_i`` then need no gradient at all for a Dense
-layer: ``g_j . s_i = a_j^T S_i delta_j`` with ``S_i`` the kernel block of ``s_i``,
-one ``(b, in) x (in, out * k)`` matrix product for all k vectors (the "ghost"
-product of Li et al., 2022), or ``(b, out) x (out, in * k)`` when ``in < out``. It
-is used while ``k <= max(in, out)``, where it needs no more memory than the
-gradients would. When a layer's part of each ``s_i`` is of low rank,
+Scores against solved vectors ``s_i`` then need no gradient at all for a layer
+with one input vector per example: ``g_j . s_i = a_j^T S_i delta_j`` with ``S_i``
+the kernel block of ``s_i``, one ``(b, in) x (in, out * k)`` matrix product for all
+k vectors (the "ghost" product of Li et al., 2022), or ``(b, out) x (out, in * k)``
+when ``in < out``. It is used while ``k <= max(in, out)``, where it needs no more
+memory than the gradients would. An Embedding's scores gather the rows of ``S_i``
+of the example's tokens. When a matrix kind's part of each ``s_i`` is of low rank,
 ``S_i = U_i V_i^T`` with ``r`` columns (K-FAC's ``query_rank``), the score is
 ``sum_t (a_jt^T U_i) . (V_i^T delta_jt)``: ``r * (in + out)`` products per
 position instead of ``in * out`` (``low_rank_pays`` decides per layer).
 
 The factors are taken by swapping, while one batch function is traced, the
 ``call`` of each eligible layer for one that records its input and
-pre-activation output. A layer is eligible when it is exactly ``keras.layers.Dense``
-or ``keras.layers.Conv2D`` (channels last, ``groups=1``), without LoRA or
-quantisation, and holds chosen parameters. Everything else (and every layer
-if the model does something this cannot see, such as reading a Dense kernel
-outside the layer) goes through vectorised per-example gradients; ``check``
-compares, on a real batch, the summed factored gradients with the batch
-gradient before any factored result is used.
+pre-activation output. A layer is eligible when it is exactly one of the kinds
+of ``engine.factored_layers`` (``Dense``, ``EinsumDense`` with a covered
+equation, ``Conv1D`` / ``Conv2D`` with channels last and ``groups=1``,
+``DepthwiseConv2D``, ``Embedding``, ``BatchNormalization``, ``LayerNormalization``),
+without LoRA or quantisation, and holds chosen parameters. Everything else (and
+every layer if the model does something this cannot see, such as reading a Dense
+kernel outside the layer) goes through vectorised per-example gradients; ``check``
+compares, on a real batch, the summed factored gradients with the batch gradient
+before any factored result is used.
 
 References:
     Goodfellow, "Efficient Per-Example Gradient Computations", arXiv 1510.01799, 2015.
@@ -40,29 +45,38 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
-import keras
 import tensorflow as tf
 
 from tf_influence.engine.curvature import tf_variable
+from tf_influence.engine.factored_layers import (
+    KERNEL_KINDS,
+    MATRIX_KINDS,
+    NORM_KINDS,
+    FactoredLayer,
+    FactoredUnavailable,
+    bias_gradients,
+    factored_layer,
+    input_rows,
+    kernel_gradients,
+    output_rows,
+    recorded_call,
+)
 from tf_influence.engine.objective import Objective
+
+__all__ = [
+    "KERNEL_KINDS",
+    "MATRIX_KINDS",
+    "NORM_KINDS",
+    "FactoredGradients",
+    "FactoredLayer",
+    "FactoredUnavailable",
+    "Use",
+    "find_layers",
+]
 
 # Summed factored gradients must match the batch gradient to this fraction of
 # the summed per-example gradient norms (float32 rounding is near 1e-6).
 CHECK_RTOL = 1e-4
-
-
-class FactoredUnavailable(Exception):
-    """Raised while tracing when a layer's factors cannot be taken (then pfor is used)."""
-
-
-@dataclass(frozen=True)
-class FactoredLayer:
-    """An eligible layer and the positions of its kernel and bias among the parameters."""
-
-    layer: keras.layers.Layer
-    kind: str  # "dense" or "conv2d"
-    kernel: int | None
-    bias: int | None
 
 
 @dataclass(frozen=True)
@@ -79,44 +93,10 @@ def find_layers(objective: Objective) -> list[FactoredLayer]:
     position = {id(v): i for i, v in enumerate(objective.variables)}
     found = []
     for layer in objective.model._flatten_layers(include_self=False):
-        kind = _kind(layer)
-        if kind is None:
-            continue
-        scale, shift = (
-            (layer.kernel, layer.bias) if kind in KERNEL_KINDS else (layer.gamma, layer.beta)
-        )
-        kernel = position.get(id(scale)) if scale is not None else None
-        bias = position.get(id(shift)) if shift is not None else None
-        if kernel is not None or bias is not None:
-            found.append(FactoredLayer(layer, kind, kernel, bias))
+        entry = factored_layer(layer, position)
+        if entry is not None:
+            found.append(entry)
     return found
-
-
-# Layers whose kernel multiplies their input (``a @ W``), and the normalisation
-# layers whose scale and shift act per feature on the normalised input
-# (``x_hat * gamma + beta``): the per-example gradients of both come from one
-# batched backward pass.
-KERNEL_KINDS = ("dense", "conv2d")
-NORM_KINDS = ("batchnorm", "layernorm")
-
-
-def _kind(layer) -> str | None:
-    if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
-        return None
-    if type(layer) is keras.layers.Dense:
-        return "dense"
-    if type(layer) is keras.layers.BatchNormalization and not getattr(layer, "renorm", False):
-        return "batchnorm"
-    if type(layer) is keras.layers.LayerNormalization and not layer.rms_scaling:
-        return "layernorm"
-    if (
-        type(layer) is keras.layers.Conv2D
-        and layer.data_format == "channels_last"
-        and getattr(layer, "groups", 1) == 1
-        and layer.padding in ("valid", "same")
-    ):
-        return "conv2d"
-    return None
 
 
 @contextlib.contextmanager
@@ -137,56 +117,11 @@ def _recording(layers: list[FactoredLayer], records: list):
                 object.__setattr__(layer, "call", previous)
 
 
-def _last_axis(axis, rank) -> bool:
-    axes = list(axis) if isinstance(axis, (list, tuple)) else [axis]
-    return len(axes) == 1 and axes[0] in (-1, rank - 1)
-
-
-def _normalised(entry: FactoredLayer, inputs, training):
-    """``(x_hat, z = x_hat * gamma + beta)`` of a normalisation layer in inference mode."""
-    layer = entry.layer
-    rank = inputs.shape.rank
-    if rank is None or not _last_axis(layer.axis, rank):
-        raise FactoredUnavailable(f"layer {layer.name!r} does not normalise the last axis")
-    dtype = keras.backend.result_type(inputs.dtype, "float32")
-    x = keras.ops.cast(inputs, dtype)
-    if entry.kind == "batchnorm":
-        if training and layer.trainable:
-            raise FactoredUnavailable(f"layer {layer.name!r} runs in training mode")
-        mean = keras.ops.cast(layer.moving_mean, dtype)
-        variance = keras.ops.cast(layer.moving_variance, dtype)
-    else:
-        mean, variance = keras.ops.moments(x, axes=[rank - 1], keepdims=True)
-    x_hat = (x - mean) * keras.ops.rsqrt(variance + layer.epsilon)
-    z = x_hat
-    if layer.gamma is not None:
-        z = z * keras.ops.cast(layer.gamma, dtype)
-    if layer.beta is not None:
-        z = z + keras.ops.cast(layer.beta, dtype)
-    return x_hat, z
-
-
 def _recording_call(entry: FactoredLayer, records: list):
-    layer = entry.layer
-
     def call(inputs, *args, **kwargs):
-        if not isinstance(inputs, tf.Tensor) or not inputs.dtype.is_floating:
-            raise FactoredUnavailable(f"layer {layer.name!r} got {type(inputs).__name__}")
-        if entry.kind in NORM_KINDS:
-            training = kwargs.get("training", args[0] if args else None)
-            x_hat, z = _normalised(entry, inputs, training)
-            records.append((entry, x_hat, z))
-            return keras.ops.cast(z, layer.compute_dtype)
-        if entry.kind == "dense":
-            z = keras.ops.matmul(inputs, layer.kernel)
-            if layer.bias is not None:
-                z = keras.ops.add(z, layer.bias)
-        else:
-            z = layer.convolution_op(inputs, layer.kernel)
-            if layer.bias is not None:
-                z = keras.ops.add(z, keras.ops.reshape(layer.bias, (1, 1, 1, -1)))
-        records.append((entry, inputs, z))
-        return layer.activation(z) if layer.activation is not None else z
+        recorded, z, outputs = recorded_call(entry, inputs, args, kwargs)
+        records.append((entry, recorded, z))
+        return outputs
 
     return call
 
@@ -243,19 +178,16 @@ class FactoredGradients:
             if entry.kernel is not None:
                 add(entry.kernel, self._kernel_gradients(use, size))
             if entry.bias is not None:
-                add(entry.bias, _rows(use.delta, size, use.delta.shape[-1], reduce=True))
+                add(entry.bias, bias_gradients(entry, use.delta, size))
         return out
 
     def _kernel_gradients(self, use: Use, size) -> tf.Tensor:
-        """``(b, *kernel.shape)`` kernel gradients of one use (``(b, features)`` scales)."""
+        """``(b, kernel size)`` kernel gradients of one use (``(b, features)`` scales)."""
         if use.entry.kind in NORM_KINDS:
             product = tf.cast(use.inputs, use.delta.dtype) * use.delta
             return _rows(product, size, product.shape[-1], reduce=True)
-        inputs, delta = _inputs_for(use), use.delta
-        inputs = tf.cast(inputs, delta.dtype)
-        rows_in = _rows(inputs, size, inputs.shape[-1])  # (b, t, in)
-        rows_out = _rows(delta, size, delta.shape[-1])  # (b, t, out)
-        return tf.einsum("bti,bto->bio", rows_in, rows_out)
+        rows_in = input_rows(use.entry, use.inputs, size)
+        return kernel_gradients(use.entry, rows_in, output_rows(use.entry, use.delta, size), size)
 
     def scores(
         self,
@@ -284,15 +216,39 @@ class FactoredGradients:
                 continue
             if entry.kernel is not None:
                 block = blocks[entry.kernel]
-                if entry.kind == "dense" and use.inputs.shape.rank == 2:
-                    total += self._ghost_scores(tf.cast(use.inputs, dtype), delta, block, k)
+                if _one_position(use):
+                    rows_in = tf.cast(input_rows(entry, use.inputs, size), dtype)[:, 0]
+                    rows_out = output_rows(entry, delta, size)[:, 0]
+                    total += self._ghost_scores(rows_in, rows_out, block, k)
+                elif entry.kind == "embedding":
+                    total += self._embedding_scores(use, delta, size, block, k)
                 else:
                     grads = tf.cast(self._kernel_gradients(use, size), dtype)
                     total += tf.matmul(tf.reshape(grads, [size, -1]), block)
             if entry.bias is not None:
-                rows = _rows(delta, size, delta.shape[-1], reduce=True)
+                rows = tf.cast(bias_gradients(entry, use.delta, size), dtype)
                 total += tf.matmul(rows, blocks[entry.bias])
         return total
+
+    def _embedding_scores(self, use: Use, delta, size, block, k) -> tf.Tensor:
+        """``sum_t S_i[token_t] . delta_t``: the solved vectors' rows of the example's tokens.
+
+        Gathering holds ``(b, t, dim, k)`` values, the gradients ``(b, vocabulary * dim)``;
+        the smaller is used.
+        """
+        vocabulary, dim = use.entry.layer.embeddings.shape
+        tokens = input_rows(use.entry, use.inputs, size)
+        rows_out = output_rows(use.entry, delta, size)  # (b, t, dim)
+
+        def gathered():
+            table = tf.reshape(block, [vocabulary, dim, k])
+            return tf.einsum("btdk,btd->bk", tf.gather(table, tokens), rows_out)
+
+        def materialised():
+            grads = kernel_gradients(use.entry, tokens, rows_out, size)
+            return tf.matmul(grads, block)
+
+        return tf.cond(tf.shape(tokens)[1] * k <= vocabulary, gathered, materialised)
 
     @staticmethod
     def _low_rank_scores(use: Use, size, left, right) -> tf.Tensor:
@@ -300,10 +256,11 @@ class FactoredGradients:
         dtype = left.dtype
         k, rows, rank = tf.shape(left)[0], left.shape[1], left.shape[2]
         cols = right.shape[1]
-        inputs = tf.cast(_inputs_for(use), dtype)
+        inputs = tf.cast(input_rows(use.entry, use.inputs, size), dtype)  # (b, t, in)
         fan_in = inputs.shape[-1]
         rows_in = tf.reshape(inputs, [-1, fan_in])  # (b * t, in)
-        rows_out = tf.reshape(tf.cast(use.delta, dtype), [-1, cols])  # (b * t, out)
+        delta = tf.cast(output_rows(use.entry, use.delta, size), dtype)  # (b, t, out)
+        rows_out = tf.reshape(delta, [-1, cols])  # (b * t, out)
         left = tf.reshape(tf.transpose(left, [1, 0, 2]), [rows, -1])  # (rows, k * r)
         right = tf.reshape(tf.transpose(right, [1, 0, 2]), [cols, -1])
         projected = tf.matmul(rows_in, left[:fan_in])
@@ -369,14 +326,18 @@ class FactoredGradients:
 
 
 def positions(use: Use) -> int | None:
-    """Rows per example of the layer's factors (output positions), if known when tracing."""
-    if use.entry.kind == "dense":
-        shape = use.inputs.shape
-    else:
-        shape = use.delta.shape  # one patch per output position
+    """Rows per example of a matrix kind's factors (its positions), if known when tracing."""
+    entry = use.entry
+    # Dense: the input's middle axes; a convolution: one patch per output position.
+    shape = use.inputs.shape if entry.kind in ("dense", "einsum") else use.delta.shape
     if shape.rank is None:
         return None
-    return shape[1:-1].num_elements()
+    if entry.kind == "einsum":  # the input axes that are neither the batch nor contracted
+        order = entry.einsum.input_order
+        middle = tf.TensorShape([shape[i] for i in order[1 : len(order) - entry.einsum.split]])
+    else:
+        middle = shape[1:-1]
+    return middle.num_elements()
 
 
 def low_rank_pays(use: Use, left: tf.Tensor, right: tf.Tensor) -> bool:
@@ -384,28 +345,19 @@ def low_rank_pays(use: Use, left: tf.Tensor, right: tf.Tensor) -> bool:
 
     Per example and test vector: ``t * r * (rows + cols)`` from the factors, against
     ``rows * cols`` for the dot product with the per-example gradient, formed once
-    for all test vectors (``t`` output positions: 1 for a Dense layer on vectors).
+    for all test vectors (``t`` positions: 1 for a Dense layer on vectors).
     """
     t = positions(use)
     rows, cols, rank = left.shape[1], right.shape[1], left.shape[2]
     return t is not None and t * rank * (rows + cols) < rows * cols
 
 
-def _inputs_for(use: Use) -> tf.Tensor:
-    """The layer input whose rows pair with ``delta``: patches for a convolution."""
-    if use.entry.kind != "conv2d":
-        return use.inputs
-    layer = use.entry.layer
-    kh, kw = layer.kernel_size
-    sh, sw = layer.strides
-    dh, dw = layer.dilation_rate
-    return tf.image.extract_patches(
-        use.inputs,
-        sizes=[1, kh, kw, 1],
-        strides=[1, sh, sw, 1],
-        rates=[1, dh, dw, 1],
-        padding=layer.padding.upper(),
-    )
+def _one_position(use: Use) -> bool:
+    """True for a matrix kind with one input vector per example (the ghost product applies)."""
+    entry = use.entry
+    if entry.kind == "dense":
+        return use.inputs.shape.rank == 2
+    return entry.kind == "einsum" and entry.einsum.one_position
 
 
 def _rows(tensor, size, width, reduce=False) -> tf.Tensor:

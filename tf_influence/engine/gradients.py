@@ -16,9 +16,10 @@ otherwise ``"jvp"`` up to ``JVP_MAX_TESTS`` test points and ``"jacobian"`` above
 Memory is bounded by the batch and the number of test points, never by the size
 of the training set.
 
-With ``"jacobian"``, the parameters of ``Dense`` and ``Conv2D`` layers get their
+With ``"jacobian"``, the parameters of ``Dense``, ``EinsumDense``, ``Conv1D``,
+``Conv2D``, ``DepthwiseConv2D``, ``Embedding`` and normalisation layers get their
 per-example gradients (and scores) from the layers' inputs and output gradients
-in one batched pass (``tf_influence/factored.py``), once a check on a real batch
+in one batched pass (``tf_influence/engine/factored.py``), once a check on a real batch
 has shown that these add up to the batch gradient; the other parameters go
 through pfor. Then a pass may take several batches at once, up to
 ``SCORING_BUDGET`` values of intermediate results.
@@ -44,6 +45,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from tf_influence.engine import vectorize
@@ -55,7 +57,6 @@ from tf_influence.engine.compile import (
 )
 from tf_influence.engine.curvature import tf_variable
 from tf_influence.engine.factored import (
-    NORM_KINDS,
     FactoredGradients,
     FactoredUnavailable,
     find_layers,
@@ -77,6 +78,8 @@ JVP_MAX_TESTS = 32
 # A factored scoring pass holds about this many intermediate values (64 MiB in
 # float32); it takes as many whole batches as fit in it.
 SCORING_BUDGET = 2**24
+# Rows of the first training batch on which the factored gradients are checked.
+CHECK_ROWS = 16
 
 
 class ForwardModeUnavailable(Exception):
@@ -104,7 +107,7 @@ class PerExampleGradients:
         objective: the per-example loss and the parameters.
         scoring: ``"auto"``, ``"jacobian"`` or ``"jvp"`` (see the module docstring).
         jit_compile: compile the per-batch functions with XLA.
-        factored: take the gradients of Dense and convolution layers from their
+        factored: take the gradients of the factored layers (Dense, convolutions, ...) from their
             inputs and output gradients (``factored.py``) where that is checked to
             agree; False computes every gradient by pfor (for comparisons).
     """
@@ -140,7 +143,6 @@ class PerExampleGradients:
         self._factored_state = "unchecked" if layers and factored else "off"
         factored = set(self._factored.indices) if layers else set()
         self._pfor_indices = [i for i in range(len(objective.variables)) if i not in factored]
-        self._factored_check = share("_factored_check_impl")
         self._factored_gradients = share("_factored_gradients_impl", (), jit_compile)
         self._factored_scores = share("_factored_scores_impl", [solutions], jit_compile)
         # One factored scoring function per structure of compressed test vectors.
@@ -211,7 +213,7 @@ class PerExampleGradients:
         finite = tf.reduce_all(tf.math.is_finite(scores), axis=0)  # (b,)
         return scores, finite
 
-    # -- factored Dense / Conv2D parameters (tf_influence/factored.py) -------------------
+    # -- factored layers (tf_influence/engine/factored.py) ------------------------------
     def _factored_check_impl(self, x, y):
         uses, losses, batch_grads = self._factored.uses(x, y, batch_grads=True)
         return self._factored.check(uses, tf.shape(losses)[0], batch_grads)
@@ -229,7 +231,9 @@ class PerExampleGradients:
         """
         if self._factored_state == "unchecked":
             try:
-                ok = bool(self._factored_check(x, y).numpy())
+                # Eagerly, on a few rows: a trace of its own would cost more than the
+                # check (0.6 s of a fresh process's first answer on the digits MLP).
+                ok = bool(self._factored_check_impl(*_first_rows((x, y), CHECK_ROWS)).numpy())
             except (FactoredUnavailable, tf.errors.InvalidArgumentError, TypeError, ValueError):
                 ok = False  # whatever the factors cannot express goes through pfor
             self._factored_state = "on" if ok else "off"
@@ -294,13 +298,12 @@ class PerExampleGradients:
         if self.mode_for(num_tests) != "jacobian" or not self._use_factored():
             return batch_size
         layout = self.objective.layout
-        ranks = {q.kernel: q.rank for q in queries}
+        compressed = {q.kernel: q for q in queries}
         per_row = sum(layout.sizes[i] for i in self._pfor_indices)
         for entry in self._factored.layers:
-            rank = ranks.get(entry.kernel)
-            if rank is not None:
-                cols = layout.shapes[entry.kernel][-1]
-                rows = layout.sizes[entry.kernel] // cols + (entry.bias is not None)
+            query = compressed.get(entry.kernel)
+            if query is not None:
+                rows, cols, rank = int(query.left.shape[1]), int(query.right.shape[1]), query.rank
                 # The (t, k * r) products from the factors, if they can pay (t >= 1).
                 if rank * (rows + cols) < rows * cols:
                     if entry.kind == "dense":
@@ -309,9 +312,9 @@ class PerExampleGradients:
                         product = 2 * num_tests * rows * cols // (rows + cols)
                         per_row += max(layout.sizes[entry.kernel], product)
                     continue
-            if entry.kernel is not None and entry.kind not in NORM_KINDS:
+            if entry.kind == "dense" and entry.kernel is not None:
                 fan_in, fan_out = layout.shapes[entry.kernel][-2:]
-                ghost = entry.kind == "dense" and num_tests <= max(fan_in, fan_out)
+                ghost = num_tests <= max(fan_in, fan_out)
                 width = min(fan_in, fan_out) * num_tests
                 per_row += width if ghost else layout.sizes[entry.kernel]
             elif entry.kernel is not None:
@@ -464,6 +467,14 @@ class PerExampleGradients:
         functions = [self._gradients, self._factored_gradients, self._factored_scores]
         functions += [*self._scores.values(), *self._query_functions.values()]
         return sum(f.tracing_count() for f in functions)
+
+
+def _first_rows(batch: Any, rows: int) -> Any:
+    """The first ``rows`` examples of a nested batch of dense tensors or arrays (else all)."""
+    leaves = tf.nest.flatten(batch)
+    if not all(isinstance(t, (tf.Tensor, np.ndarray)) and len(t.shape) > 0 for t in leaves):
+        return batch
+    return tf.nest.map_structure(lambda t: t[:rows], batch)
 
 
 def _forward_mode_refused() -> ValueError:

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from tf_influence.solvers import _kronecker_blocks as kinds
 from tf_influence.solvers.base import CurvatureError, LowRankQueries, ProgressFactory
 from tf_influence.solvers.ekfac import KFAC, KroneckerState, _Block, structure
 
@@ -56,21 +57,8 @@ def _output_draws(solver: KFAC, objective, outputs, y, seed) -> list[tuple[float
     return draws
 
 
-def _rows_in(block: _Block, inputs: tf.Tensor, dtype) -> tf.Tensor:
-    """``(b, t, rows)``: the layer's input (patches) per position, with a bias column."""
-    from tf_influence.engine.factored import Use, _inputs_for
-
-    found = _inputs_for(Use(block.entry, inputs, inputs))
-    size = tf.shape(found)[0]
-    rows = tf.reshape(tf.cast(found, dtype), [size, -1, block.fan_in])
-    if block.bias:
-        rows = tf.concat([rows, tf.ones_like(rows[:, :, :1])], axis=2)
-    return rows
-
-
-def _rows_out(block: _Block, delta: tf.Tensor, dtype) -> tf.Tensor:
-    size = tf.shape(delta)[0]
-    return tf.reshape(tf.cast(delta, dtype), [size, -1, block.cols])
+# The layers with Kronecker factors, for messages.
+COVERED = "Dense, EinsumDense, Conv1D, Conv2D, DepthwiseConv2D and Embedding"
 
 
 class _Steps:
@@ -165,14 +153,16 @@ class _Steps:
         for block, calls in zip(
             self.blocks, self._by_block(records, [None] * len(records)), strict=True
         ):
-            rows = [_rows_in(block, inputs, dtype) for inputs, _ in calls]
-            a_sum = tf.zeros([block.rows, block.rows], tf.float64)
-            for r in rows:
-                a_sum += tf.cast(tf.einsum("bti,btj->ij", r, r), tf.float64)
+            qa_shape, qs_shape, _ = block.shapes()
+            a_sum = tf.zeros(qa_shape or [block.fan_in], tf.float64)
+            positions = 0
+            for inputs, _ in calls:
+                moments, count = kinds.input_moments(block, inputs, dtype)
+                a_sum += moments
+                positions += count
             # A averages over positions (and calls) within an example.
-            positions = tf.add_n([tf.shape(r)[1] for r in rows]) if rows else 1
-            a_sums.append(a_sum / tf.cast(positions, tf.float64))
-            s_sums.append(tf.zeros([block.cols, block.cols], tf.float64))
+            a_sums.append(a_sum / tf.cast(tf.maximum(positions, 1), tf.float64))
+            s_sums.append(tf.zeros(qs_shape, tf.float64))
         diagonal_sums = [
             tf.zeros([int(np.prod(self.objective.layout.shapes[i]))], tf.float64)
             for i in self.diagonal
@@ -182,10 +172,7 @@ class _Steps:
                 zip(self.blocks, self._by_block(records, deltas), strict=True)
             ):
                 for _, delta in calls:
-                    rows = _rows_out(block, delta, dtype)
-                    s_sums[index] += weight * tf.cast(
-                        tf.einsum("bto,btp->op", rows, rows), tf.float64
-                    )
+                    s_sums[index] += weight * kinds.output_moments(block, delta, dtype)
             for index, grads in enumerate(per_example):
                 diagonal_sums[index] += weight * tf.reduce_sum(tf.square(grads), axis=0)
         return a_sums, s_sums, diagonal_sums
@@ -193,48 +180,16 @@ class _Steps:
     def _corrections(self, x, y, seed, qa, qs):
         """Batch sums of the squared gradients in each block's Kronecker eigenbasis."""
         records, results = self._forward(x, y, seed, with_diagonal=False)
-        dtype = self.dtype
-        sums = [tf.zeros([b.rows, b.cols], tf.float64) for b in self.blocks]
+        sums = [tf.zeros(b.shapes()[2], tf.float64) for b in self.blocks]
         for weight, deltas, _ in results:
             for index, (block, calls) in enumerate(
                 zip(self.blocks, self._by_block(records, deltas), strict=True)
             ):
                 if not calls:
                     continue
-                rows = [
-                    (_rows_in(block, inputs, dtype), _rows_out(block, delta, dtype))
-                    for inputs, delta in calls
-                ]
-                total = _rotated_squares(rows, qa[index], qs[index], block)
+                total = kinds.rotated_squares(block, calls, qa[index], qs[index], self.dtype)
                 sums[index] += weight * tf.cast(total, tf.float64)
         return sums
-
-
-def _rotated_squares(rows, qa, qs, block: _Block) -> tf.Tensor:
-    """``sum_j (Q_A^T G_j Q_S)^2`` over a batch, ``G_j = sum_t a_jt delta_jt^T`` (all calls).
-
-    The factors are rotated first (``Q_A^T a``, ``Q_S^T delta``), then multiplied into
-    the rotated per-example gradient of this layer alone. One vector per example (a
-    Dense layer) needs no gradient at all. (Forming the per-example gradient first
-    and rotating it needs fewer multiplications for a convolution with many
-    positions, but measured slower on CPU.)
-    """
-    if len(rows) == 1 and rows[0][0].shape[1] == 1:
-        # (a~ d~^T)^2 = a~^2 d~^2^T, summed over examples.
-        a = tf.matmul(rows[0][0][:, 0], qa)
-        d = tf.matmul(rows[0][1][:, 0], qs)
-        return tf.matmul(tf.square(a), tf.square(d), transpose_a=True)
-    grads = tf.add_n(
-        [
-            tf.matmul(
-                tf.reshape(tf.matmul(tf.reshape(a, [-1, block.rows]), qa), tf.shape(a)),
-                tf.reshape(tf.matmul(tf.reshape(d, [-1, block.cols]), qs), tf.shape(d)),
-                transpose_a=True,
-            )
-            for a, d in rows
-        ]
-    )  # (b, rows, cols)
-    return tf.reduce_sum(tf.square(grads), axis=0)
 
 
 def _regularizer_diagonal(objective) -> list[tf.Tensor] | None:
@@ -268,7 +223,7 @@ def fit(solver: KFAC, operator, progress: ProgressFactory) -> KroneckerState:
     blocks, diagonal = structure(objective)
     if not blocks:
         raise ValueError(
-            f"{type(solver).__name__} approximates the curvature of Dense and Conv2D layers, "
+            f"{type(solver).__name__} approximates the curvature of {COVERED} layers, "
             f"and the analysed parameters of model {objective.model.name!r} hold none. "
             "Received: variables "
             f"{[v.path if hasattr(v, 'path') else v.name for v in objective.variables][:8]}. "
@@ -280,8 +235,8 @@ def fit(solver: KFAC, operator, progress: ProgressFactory) -> KroneckerState:
     steps = _Steps(solver, objective, blocks, diagonal)
     passes = 2 if solver.corrected else 1
     bar = progress(num_batches * passes, f"{type(solver).__name__} factors")
-    a_sums = [tf.zeros([b.rows, b.rows], tf.float64) for b in blocks]
-    s_sums = [tf.zeros([b.cols, b.cols], tf.float64) for b in blocks]
+    a_sums = [tf.zeros(b.shapes()[0] or [b.fan_in], tf.float64) for b in blocks]
+    s_sums = [tf.zeros(b.shapes()[1], tf.float64) for b in blocks]
     d_sums = [tf.zeros([objective.layout.sizes[i]], tf.float64) for i in diagonal]
     step = 0
     for number, batch in enumerate(data.batches(batch_size)):
@@ -294,16 +249,15 @@ def fit(solver: KFAC, operator, progress: ProgressFactory) -> KroneckerState:
         bar.update(step)
     n = float(operator.num_examples)
     qa, qs, values = [], [], []
-    for a_sum, s_sum in zip(a_sums, s_sums, strict=True):
-        la, va = tf.linalg.eigh(a_sum / n)
-        ls, vs = tf.linalg.eigh(s_sum / n)
-        qa.append(va)
-        qs.append(vs)
-        values.append(tf.maximum(la, 0.0)[:, None] * tf.maximum(ls, 0.0)[None, :])
+    for block, a_sum, s_sum in zip(blocks, a_sums, s_sums, strict=True):
+        found = kinds.eigen(block, a_sum / n, s_sum / n)
+        for kept, value in zip((qa, qs, values), found, strict=True):
+            kept.append(value)
     diagonals = [d / n for d in d_sums]
     if solver.corrected:
         compute = objective.dtype
-        qa_c = [tf.cast(q, compute) for q in qa]
+        # An Embedding has no Q_A (the step's arguments are tensors: an empty one).
+        qa_c = [tf.zeros([0], compute) if q is None else tf.cast(q, compute) for q in qa]
         qs_c = [tf.cast(q, compute) for q in qs]
         sums = [tf.zeros_like(v) for v in values]
         for number, batch in enumerate(data.batches(batch_size)):
@@ -323,17 +277,16 @@ def fit(solver: KFAC, operator, progress: ProgressFactory) -> KroneckerState:
     bar.done()
     stored = tf.as_dtype(solver.factor_dtype)
     qa, qs, values, diagonals = (
-        [tf.cast(t, stored) for t in tensors] for tensors in (qa, qs, values, diagonals)
+        [None if t is None else tf.cast(t, stored) for t in tensors]
+        for tensors in (qa, qs, values, diagonals)
     )
     return KroneckerState(blocks, diagonal, qa, qs, values, diagonals)
 
 
 def _projected(regular: list[tf.Tensor], block: _Block, qa, qs) -> tf.Tensor:
     """The diagonal of ``Q^T D Q`` for the block's part ``D`` of the regulariser diagonal."""
-    kernel = tf.reshape(regular[block.entry.kernel], [block.fan_in, block.cols])
-    if block.bias:
-        kernel = tf.concat([kernel, tf.reshape(regular[block.entry.bias], [1, block.cols])], 0)
-    return tf.matmul(tf.matmul(tf.square(qa), kernel, transpose_a=True), tf.square(qs))
+    bias = regular[block.entry.bias] if block.bias else None
+    return kinds.projected(block, regular[block.entry.kernel], bias, qa, qs)
 
 
 def from_arrays(operator, arrays: dict[str, np.ndarray], dtype: str = "float64") -> KroneckerState:
@@ -348,11 +301,14 @@ def from_arrays(operator, arrays: dict[str, np.ndarray], dtype: str = "float64")
         if problems:
             break
         found = [arrays.get(f"block{i}_{name}") for name in ("qa", "qs", "values")]
-        shapes = [(block.rows, block.rows), (block.cols, block.cols), (block.rows, block.cols)]
-        if any(f is None or tuple(f.shape) != s for f, s in zip(found, shapes, strict=True)):
+        shapes = block.shapes()
+        if any(
+            (f is None) != (s is None) or (f is not None and tuple(f.shape) != s)
+            for f, s in zip(found, shapes, strict=True)
+        ):
             problems.append(f"layer {block.entry.layer.name!r} has other shapes")
             break
-        qa.append(tf.constant(found[0], dtype))
+        qa.append(None if found[0] is None else tf.constant(found[0], dtype))
         qs.append(tf.constant(found[1], dtype))
         values.append(tf.constant(found[2], dtype))
     diagonals = []
@@ -387,18 +343,16 @@ def precondition(state: KroneckerState, operator, rhs: tf.Tensor) -> tf.Tensor:
     parts = list(tf.split(rhs, layout.sizes, axis=0))
     out = list(parts)
     for block, qa, qs, values in zip(state.blocks, state.qa, state.qs, state.values, strict=True):
-        qa_c, qs_c = tf.cast(qa, dtype), tf.cast(qs, dtype)
+        qa_c = None if qa is None else tf.cast(qa, dtype)
+        qs_c = tf.cast(qs, dtype)
         inverse = tf.cast(1.0 / (values + damping), dtype)
-        kernel = tf.reshape(parts[block.entry.kernel], [block.fan_in, block.cols, -1])
+        bias = parts[block.entry.bias] if block.bias else None
+        matrices = kinds.to_matrices(block, parts[block.entry.kernel], bias)  # (k, ...)
+        rotated = kinds.rotate(block, matrices, qa_c, qs_c)
+        solved = kinds.rotate(block, rotated * inverse, qa_c, qs_c, back=True)
+        out[block.entry.kernel], solved_bias = kinds.from_matrices(block, solved)
         if block.bias:
-            kernel = tf.concat([kernel, parts[block.entry.bias][None]], axis=0)
-        matrices = tf.transpose(kernel, [2, 0, 1])  # (k, rows, cols)
-        rotated = tf.matmul(tf.matmul(qa_c, matrices, transpose_a=True), qs_c)
-        solved = tf.matmul(tf.matmul(qa_c, rotated * inverse), qs_c, transpose_b=True)
-        solved = tf.transpose(solved, [1, 2, 0])  # (rows, cols, k)
-        out[block.entry.kernel] = tf.reshape(solved[: block.fan_in], [-1, tf.shape(rhs)[1]])
-        if block.bias:
-            out[block.entry.bias] = solved[block.fan_in]
+            out[block.entry.bias] = solved_bias
     for index, diagonal in zip(state.diagonal, state.diagonals, strict=True):
         out[index] = parts[index] / tf.cast(diagonal + damping, dtype)[:, None]
     return tf.concat(out, axis=0)
@@ -409,25 +363,24 @@ def compress(
 ) -> tuple[tf.Tensor, list[LowRankQueries]]:
     """Each block's part of ``(p, k)`` solutions truncated to its rank (None: kept).
 
+    Only blocks of one ``(rows, cols)`` matrix are given a rank (``KFAC._query_ranks``).
     Returns the truncated solutions and, per truncated block, its ``LowRankQueries``
     (``left @ right^T`` is the block's part of the truncated solutions).
     """
     layout = operator.objective.layout
-    k = tf.shape(solutions)[1]
     parts = list(tf.split(solutions, layout.sizes, axis=0))
     queries = []
     for block, rank in zip(blocks, ranks, strict=True):
         if rank is None:
             continue
-        kernel = tf.reshape(parts[block.entry.kernel], [block.fan_in, block.cols, k])
-        if block.bias:
-            kernel = tf.concat([kernel, parts[block.entry.bias][None]], axis=0)
-        left, right = truncated(tf.transpose(kernel, [2, 0, 1]), rank)
+        bias = parts[block.entry.bias] if block.bias else None
+        matrices = kinds.to_matrices(block, parts[block.entry.kernel], bias)  # (k, rows, cols)
+        left, right = truncated(matrices, rank)
         queries.append(LowRankQueries(block.entry.kernel, block.entry.bias, left, right))
-        product = tf.transpose(tf.matmul(left, right, transpose_b=True), [1, 2, 0])
-        parts[block.entry.kernel] = tf.reshape(product[: block.fan_in], [-1, k])
+        product = tf.matmul(left, right, transpose_b=True)
+        parts[block.entry.kernel], truncated_bias = kinds.from_matrices(block, product)
         if block.bias:
-            parts[block.entry.bias] = product[block.fan_in]
+            parts[block.entry.bias] = truncated_bias
     return tf.concat(parts, axis=0), queries
 
 

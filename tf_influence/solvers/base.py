@@ -200,13 +200,15 @@ class LowRankInverse:
 class LowRankQueries:
     """One layer's part of ``k`` solved test vectors, each a rank-``r`` matrix.
 
-    The layer's kernel is read as a ``(rows, cols)`` matrix: its ``(fan_in, cols)``
-    reshape (``cols`` output units or channels), with the bias as a last row when
-    the layer has one. Test vector ``i`` holds ``left[i] @ right[i]^T`` there, so a
-    training example with layer factors ``(a_t, delta_t)`` (input rows with a 1
-    for the bias, and output gradients, at positions ``t``) scores
-    ``sum_t (a_t^T left[i]) . (right[i]^T delta_t)``: ``r * (rows + cols)``
-    products instead of ``rows * cols``.
+    The layer is one of the matrix kinds of ``engine.factored_layers`` (Dense,
+    EinsumDense, Conv1D, Conv2D), its kernel read as a ``(rows, cols)`` matrix: its
+    ``(fan_in, cols)`` reshape (``cols`` the output units or channels, or an
+    EinsumDense's output axes), with the bias as a last row when the layer has one.
+    Test vector ``i`` holds ``left[i] @ right[i]^T`` there, so a training example
+    with layer factors ``(a_t, delta_t)`` (input rows with a 1 for the bias, and
+    output gradients, at positions ``t``) scores ``sum_t (a_t^T left[i]) .
+    (right[i]^T delta_t)``: ``r * (rows + cols)`` products per position instead of
+    ``rows * cols``.
 
     Attributes:
         kernel: index of the layer's kernel among ``operator.objective.variables``.

@@ -8,7 +8,6 @@ in ``recycling.py``.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -150,11 +149,28 @@ class CG(Solver):
         return recycle_capacity(operator, self.recycle, RECYCLE_BUDGET)
 
     def _recycled(self, operator: CurvatureOperator, k: int) -> RecycledSpace | None:
-        """The operator's recycled space, or None if this solve does not recycle."""
-        capacity = self._recycle_capacity(operator)
-        if not self.block or capacity < 1 or k > operator.num_params - capacity:
+        """The operator's recycled space, or None if this solve does not recycle.
+
+        With ``recycle="auto"`` the capacity needs the forward flops (a trace of the
+        loss): they are counted when the space first takes directions in, at the
+        second solve, not before the first answer. Until then its bound decides
+        how much a solve records.
+        """
+        if not self.block:
             return None
-        return operator.cached(("cg.recycled", capacity), lambda: RecycledSpace(capacity))
+        bound = recycle_capacity(operator, self.recycle, RECYCLE_BUDGET, count=False)
+        if bound < 1:
+            return None
+        if self.recycle != "auto" or k > operator.num_params - bound:
+            capacity = self._recycle_capacity(operator)
+            if capacity < 1 or k > operator.num_params - capacity:
+                return None
+        space = operator.cached(
+            ("cg.recycled", self.recycle, RECYCLE_BUDGET), lambda: RecycledSpace(None, bound)
+        )
+        if space.needs_capacity:
+            space.capacity = self._recycle_capacity(operator)
+        return space
 
     def solve(self, operator: CurvatureOperator, rhs: tf.Tensor) -> tuple[tf.Tensor, Diagnostics]:
         if self.hessian_sample_size is not None:
@@ -173,15 +189,15 @@ class CG(Solver):
                 parts.append(graph(chunk))
                 continue
             graph = operator.cached(
-                ("cg.recycling", k, space.capacity) + tuple(self.get_config().values()),
+                ("cg.recycling", k) + tuple(self.get_config().values()),
                 lambda k=k: deflated_solve_graph(operator, k, self.tol, self._max_iter(operator)),
             )
             recycled = space.width
             # Record no more blocks of directions than the space has room for.
-            record = math.ceil((space.capacity - space.width) / k)
+            record = space.room(k)
             *out, directions, products = graph(chunk, *space.tensors(operator), record)
             if not out[3].numpy().any():
-                space.extend(directions, products)
+                space.extend(directions, products, k)
             parts.append(out)
         x = tf.concat([part[0] for part in parts], axis=1)
         iterations = max(int(part[1]) for part in parts)

@@ -13,6 +13,13 @@ vec(Q_A [(Q_A^T V Q_S) / (l_A l_S^T + damping)] Q_S^T)``. A convolution's gradie
 is the same product summed over output positions with the input patches as ``a``;
 under the usual assumptions (Grosse & Martens 2016) ``A`` averages the patches'
 products over positions and ``S`` sums the output gradients' over positions.
+``Conv1D`` is factored the same way, and an ``EinsumDense`` whose kernel axes are
+contracted input axes then output axes (the projections of ``MultiHeadAttention``)
+too, its other input axes being positions. A ``DepthwiseConv2D`` is a block of one
+Kronecker product per input channel (``A_c`` over the channel's patch values,
+``S_c`` over its ``depth_multiplier`` outputs); an ``Embedding``'s ``A`` is diagonal
+over tokens (their frequencies per position), so its eigenbasis is the identity
+over tokens times ``Q_S`` (``engine.factored_layers``, ``solvers._kronecker_blocks``).
 
 EK-FAC (George et al. 2018) keeps the eigenbasis ``Q_A (x) Q_S`` and replaces the
 eigenvalues ``l_A l_S^T`` by the exact second moments of the gradients in that
@@ -21,8 +28,8 @@ true Gauss-Newton block in the Kronecker eigenbasis. A second pass over the
 training data computes it from the layer factors (``Q_A^T a`` and ``Q_S^T delta``);
 for a Dense layer on one vector per example without ever forming a gradient.
 
-Every other chosen parameter (normalisation scales, biases of other layers,
-embeddings, ...) gets the diagonal of the Gauss-Newton matrix, ``E[g_i^2]``, from
+Every other chosen parameter (normalisation scales, biases that fit no block,
+layers of other kinds, ...) gets the diagonal of the Gauss-Newton matrix, ``E[g_i^2]``, from
 per-example gradients. The regulariser's Hessian enters through its diagonal (exact
 for L2): added to the diagonal parameters, and projected on each layer's
 eigenbasis (the diagonal of ``Q^T D Q``).
@@ -69,26 +76,50 @@ from tf_influence.solvers.base import (
 
 FISHER = ("true", "empirical")
 FACTOR_DTYPES = ("float64", "float32")
+# The layers whose queries ``query_rank`` truncates, for messages.
+COMPRESSED = "Dense, EinsumDense, Conv1D and Conv2D"
 _STATE = "kfac.state"
 
 
 @dataclasses.dataclass(frozen=True)
 class _Block:
-    """A Kronecker-factored layer: its ``[kernel; bias]`` as a ``(rows, cols)`` matrix."""
+    """A Kronecker-factored layer: its ``[kernel; bias]`` as ``(rows, cols)`` matrices.
+
+    One matrix for the matrix kinds (Dense, EinsumDense, convolutions) and an
+    Embedding (``fan_in`` its vocabulary); a DepthwiseConv2D is ``groups`` of them, one
+    per input channel, each ``(kh * kw + 1, depth_multiplier)``.
+    """
 
     entry: Any  # engine.factored.FactoredLayer
     fan_in: int
     cols: int
     bias: bool
+    groups: int = 0  # DepthwiseConv2D: its input channels; 0: one matrix
 
     @property
     def rows(self) -> int:
         return self.fan_in + (1 if self.bias else 0)
 
     @property
+    def one_hot(self) -> bool:
+        """An Embedding: its ``A`` is diagonal over tokens (``Q_A`` the identity, not kept)."""
+        return self.entry.kind == "embedding"
+
+    @property
+    def compressible(self) -> bool:
+        """One ``(rows, cols)`` matrix of a matrix kind: what ``query_rank`` truncates."""
+        return not self.groups and not self.one_hot
+
+    @property
     def size(self) -> int:
         """``min(rows, cols)``: the largest rank of the layer's ``(rows, cols)`` matrices."""
         return min(self.rows, self.cols)
+
+    def shapes(self) -> tuple[tuple[int, ...] | None, tuple[int, ...], tuple[int, ...]]:
+        """The shapes of ``(Q_A, Q_S, eigenvalues)`` (``Q_A`` None for an Embedding)."""
+        group = (self.groups,) if self.groups else ()
+        qa = None if self.one_hot else (*group, self.rows, self.rows)
+        return qa, (*group, self.cols, self.cols), (*group, self.rows, self.cols)
 
 
 @dataclasses.dataclass
@@ -98,9 +129,12 @@ class KroneckerState:
     Attributes:
         blocks: the Kronecker-factored layers.
         diagonal: indices of the variables with a diagonal approximation.
-        qa, qs: per block, the ``(rows, rows)`` and ``(cols, cols)`` eigenbases.
+        qa, qs: per block, the ``(rows, rows)`` and ``(cols, cols)`` eigenbases
+            (with a leading ``groups`` axis for a DepthwiseConv2D; ``qa`` None for an
+            Embedding, whose input eigenbasis is the identity).
         values: per block, the ``(rows, cols)`` eigenvalues (``l_A l_S^T`` for
-            K-FAC, the corrected ones for EK-FAC; with the regulariser).
+            K-FAC, the corrected ones for EK-FAC; with the regulariser), with the
+            leading ``groups`` axis of a DepthwiseConv2D.
         diagonals: per diagonal variable, the flat diagonal.
 
     Every tensor has the solver's ``factor_dtype`` (float64 by default); the sums
@@ -109,7 +143,7 @@ class KroneckerState:
 
     blocks: list[_Block]
     diagonal: list[int]
-    qa: list[tf.Tensor]
+    qa: list[tf.Tensor | None]
     qs: list[tf.Tensor]
     values: list[tf.Tensor]
     diagonals: list[tf.Tensor]
@@ -137,10 +171,15 @@ def structure(objective) -> tuple[list[_Block], list[int]]:
     for entry in find_layers(objective):
         if entry.kernel is None or entry.kind not in KERNEL_KINDS:
             continue  # a bias alone, or a normalisation layer: diagonal
-        shape = layout.shapes[entry.kernel]
-        blocks.append(
-            _Block(entry, int(np.prod(shape[:-1])), int(shape[-1]), entry.bias is not None)
-        )
+        shape = [int(d) for d in layout.shapes[entry.kernel]]
+        bias = entry.bias is not None
+        if entry.kind == "depthwise":
+            kh, kw, channels, multiplier = shape
+            block = _Block(entry, kh * kw, multiplier, bias, groups=channels)
+        else:
+            split = entry.einsum.split if entry.kind == "einsum" else len(shape) - 1
+            block = _Block(entry, int(np.prod(shape[:split])), int(np.prod(shape[split:])), bias)
+        blocks.append(block)
         covered.update(i for i in (entry.kernel, entry.bias) if i is not None)
     diagonal = [i for i in range(len(layout.shapes)) if i not in covered]
     return blocks, diagonal
@@ -177,8 +216,9 @@ def coverage(source: Any) -> dict[str, str]:
 class KFAC(Solver):
     """``inv(G + damping*I) @ rhs`` with G approximated per layer by Kronecker factors.
 
-    Dense and Conv2D layers (channels last) get ``A (x) S`` (see the module
-    docstring); every other chosen parameter gets the Gauss-Newton diagonal. The
+    Dense, EinsumDense, Conv1D, Conv2D, DepthwiseConv2D and Embedding layers get
+    ``A (x) S`` (see the module docstring; ``coverage`` lists what each variable
+    got); every other chosen parameter gets the Gauss-Newton diagonal. The
     factors are fitted once per ``InfluenceModel.fit`` (one pass over the training
     data with a progress bar), summed and decomposed in float64, kept in
     ``factor_dtype``, saved with the state, and reused by every query; a solve is
@@ -188,14 +228,19 @@ class KFAC(Solver):
     ``inv(G_approx + damping*I)`` exactly.
 
     Query batching (``query_rank=r``): before the solved test vectors are scored
-    against the training data (``explain``, ``top_k``), each factored layer's
-    part of each, a ``(rows, cols)`` matrix ``P_i`` (the kernel with its bias as a
-    last row), is replaced by its best rank-``r`` approximation (truncated SVD)
-    ``U_i diag(s_i) V_i^T``. A Dense training example ``(a, delta)`` then scores
-    ``(a^T U_i) diag(s_i) (V_i^T delta)`` per layer: ``r * (rows + cols)``
-    products instead of ``rows * cols``. Layers whose ``min(rows, cols)`` is
-    below ``r`` are kept exact, as are the diagonal parameters,
-    ``self_influence`` and ``inverse_hvp_tests``.
+    against the training data (``explain``, ``top_k``), their part in each Dense,
+    EinsumDense, Conv1D and Conv2D layer, a ``(rows, cols)`` matrix ``P_i`` (the
+    kernel as input features by outputs, with its bias as a last row), is replaced
+    by its best rank-``r`` approximation (truncated SVD) ``U_i diag(s_i) V_i^T``.
+    A training example with factors ``(a_t, delta_t)`` then scores
+    ``sum_t (a_t^T U_i) diag(s_i) (V_i^T delta_t)`` per layer: ``t * r * (rows +
+    cols)`` products instead of ``rows * cols``, taken where that is fewer (a
+    Dense layer on vectors, ``t = 1``). Kept exact: layers whose ``min(rows,
+    cols)`` is below ``r``; DepthwiseConv2D layers (per channel a ``(kh * kw + 1,
+    depth_multiplier)`` matrix, of rank at most ``depth_multiplier``, 1 by
+    default); Embedding layers (their scores gather ``dim`` products per token and
+    test vector, fewer than the ``r * (dim + 1)`` of rank-``r`` factors); the
+    diagonal parameters, ``self_influence`` and ``inverse_hvp_tests``.
 
     Args:
         fisher: ``"true"`` (the default: output gradients drawn from the model's
@@ -208,10 +253,10 @@ class KFAC(Solver):
         batch_size: examples per step of the factor passes (default: the
             ``fit`` batch size).
         query_rank: None (the default: exact scores), or the rank ``r`` each
-            factored layer's part of a solved test vector is truncated to before
-            scoring. Layers smaller than ``r`` (``min(rows, cols) < r``) stay
-            exact; a rank above every factored layer's size is refused at
-            ``fit``.
+            Dense, EinsumDense, Conv1D and Conv2D layer's part of a solved test
+            vector is truncated to before scoring. Layers smaller than ``r``
+            (``min(rows, cols) < r``) stay exact; a rank above every such layer's
+            size, or a model with none of them, is refused at ``fit``.
         factor_dtype: ``"float64"`` (the default) or ``"float32"``: the dtype the
             eigenbases, eigenvalues and diagonals are kept, saved and applied in.
             ``"float32"`` halves their memory and file size; the sums are still
@@ -219,7 +264,7 @@ class KFAC(Solver):
 
     Raises:
         ValueError: an argument is out of range (at construction), or
-            ``query_rank`` exceeds every factored layer's size (at ``fit``).
+            ``query_rank`` would compress no layer (at ``fit``).
     """
 
     name = "kfac"
@@ -294,7 +339,15 @@ class KFAC(Solver):
         rank = self.query_rank
         if rank is None:
             return [None] * len(blocks)
-        largest = max(blocks, key=lambda b: b.size)
+        matrices = [b for b in blocks if b.compressible]
+        if not matrices:
+            raise ValueError(
+                f"Argument `query_rank` truncates the queries of {COMPRESSED} layers, and "
+                "none of the Kronecker-factored layers here is one (DepthwiseConv2D and "
+                "Embedding layers keep exact queries), so it would compress none. "
+                f"Received: query_rank={rank}. Pass query_rank=None for exact scores."
+            )
+        largest = max(matrices, key=lambda b: b.size)
         if rank > largest.size:
             raise ValueError(
                 f"Argument `query_rank` is larger than every Kronecker-factored layer, so it "
@@ -304,7 +357,7 @@ class KFAC(Solver):
                 f"Received: query_rank={rank}. Pass query_rank <= {largest.size}, or "
                 "query_rank=None for exact scores."
             )
-        return [rank if rank <= b.size else None for b in blocks]
+        return [rank if b.compressible and rank <= b.size else None for b in blocks]
 
     def mean_eigenvalue(
         self, operator: CurvatureOperator, progress: ProgressFactory = silent_progress
@@ -355,7 +408,7 @@ class KFAC(Solver):
     def compress_queries(
         self, operator: CurvatureOperator, solutions: tf.Tensor
     ) -> tuple[tf.Tensor, list[LowRankQueries]]:
-        """Each factored layer's part of ``solutions`` truncated to rank ``query_rank``.
+        """Each compressed layer's part of ``solutions`` truncated to rank ``query_rank``.
 
         Returns ``(solutions, [])`` unchanged without ``query_rank``; see
         ``Solver.compress_queries``.
@@ -389,7 +442,8 @@ class KFAC(Solver):
         state = self.state(operator)
         arrays = {"num_blocks": np.array(len(state.blocks))}
         for i, (qa, qs, values) in enumerate(zip(state.qa, state.qs, state.values, strict=True)):
-            arrays[f"block{i}_qa"] = qa.numpy()
+            if qa is not None:  # an Embedding's is the identity
+                arrays[f"block{i}_qa"] = qa.numpy()
             arrays[f"block{i}_qs"] = qs.numpy()
             arrays[f"block{i}_values"] = values.numpy()
         for index, diagonal in zip(state.diagonal, state.diagonals, strict=True):

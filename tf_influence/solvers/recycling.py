@@ -39,7 +39,9 @@ RECYCLE_FALLBACK = 256
 _FLOPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def recycle_capacity(operator: CurvatureOperator, recycle: int | str, budget: int) -> int:
+def recycle_capacity(
+    operator: CurvatureOperator, recycle: int | str, budget: int, count: bool = True
+) -> int:
     """How many directions to keep on ``operator``.
 
     Args:
@@ -49,13 +51,17 @@ def recycle_capacity(operator: CurvatureOperator, recycle: int | str, budget: in
             ``RECYCLE_FALLBACK`` if it cannot be counted).
         budget: the most values the directions and their products may hold
             together (``2 * p`` per direction).
+        count: False gives an upper bound without counting flops (``"auto"`` is
+            taken as unbounded).
 
     Returns:
         ``min(recycle, budget // (2 * p), p // 2)``; 0 or less means no recycling.
     """
     p = operator.num_params
     wanted = recycle
-    if wanted == "auto":
+    if wanted == "auto" and not count:
+        wanted = p
+    elif wanted == "auto":
         flops = forward_flops(operator)
         if flops is None:
             wanted = RECYCLE_FALLBACK
@@ -127,33 +133,77 @@ class RecycledSpace:
     the products always belong to the current Hessian.
     """
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int | None, bound: int | None = None) -> None:
+        """``capacity``: the most directions kept, or None until it is counted (set it
+        before the space takes directions in: see ``needs_capacity``); ``bound``: an
+        upper bound of it."""
         self.capacity = capacity
+        self.bound = capacity if bound is None else int(bound)
         self.w = self.aw = self.e = self.e_inv = None
+        self._pending: list[tuple[tf.Tensor, tf.Tensor, int]] = []
+
+    @property
+    def needs_capacity(self) -> bool:
+        """True when directions wait to be taken in and the capacity is not set."""
+        return self.capacity is None and bool(self._pending)
+
+    def room(self, k: int) -> int:
+        """Blocks of ``k`` directions a solve should record: enough to fill the space.
+
+        Before the capacity is set (the first solve), its bound: what is recorded
+        beyond the capacity is dropped when the directions are taken in.
+        """
+        if self.capacity is None:
+            return math.ceil(self.bound / k)
+        return max(0, math.ceil((self.capacity - self.width) / k))
 
     @property
     def width(self) -> int:
         """How many directions the space holds now."""
+        self._settle()
         return 0 if self.w is None else int(self.w.shape[1])
 
     def tensors(self, operator: CurvatureOperator) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         """``(w, aw, e_inv)``, empty ``(p, 0)``/``(0, 0)`` tensors before any solve."""
+        self._settle()
         if self.w is None:
             empty = tf.zeros([operator.num_params, 0], operator.dtype)
             return empty, empty, tf.zeros([0, 0], operator.dtype)
         return self.w, self.aw, self.e_inv
 
-    def extend(self, directions: tf.Tensor, products: tf.Tensor) -> None:
+    def extend(self, directions: tf.Tensor, products: tf.Tensor, k: int) -> None:
         """Adds a solve's search directions until the space is full.
 
         When they would overflow it, the Ritz vectors of the largest values are
         kept. A full space stays as it is: refreshing it would cost about one CG
-        iteration per solve. The helpers run eagerly: once per solve, on small
-        matrices, a trace would cost more than they compute, and the growing space
-        would need one per size.
+        iteration per solve. The directions are taken in when a later solve reads
+        the space (``width`` or ``tensors``), so the solve that found them returns
+        without that work (on the digits MLP, 0.3 s of the first answer). The helpers
+        run eagerly: once per solve, on small matrices, a trace would cost more than
+        they compute, and the growing space would need one per size.
+
+        Args:
+            directions: ``(p, j * k)``, the recorded blocks of a solve's directions.
+            products: ``(p, j * k)``, their products.
+            k: the width of a block (the solve's number of columns).
         """
-        if int(directions.shape[1]) == 0 or self.width >= self.capacity:
+        if int(directions.shape[1]) > 0:
+            self._pending.append((directions, products, k))
+
+    def _settle(self) -> None:
+        if self.needs_capacity:
+            raise RuntimeError("RecycledSpace.capacity must be set before it is read.")
+        pending, self._pending = self._pending, []
+        for directions, products, k in pending:
+            self._extend_now(directions, products, k)
+
+    def _extend_now(self, directions: tf.Tensor, products: tf.Tensor, k: int) -> None:
+        held = 0 if self.w is None else int(self.w.shape[1])
+        if held >= self.capacity:
             return
+        # The whole blocks that fill the space (a solve recorded up to ``bound``).
+        keep = math.ceil((self.capacity - held) / k) * k
+        directions, products = directions[:, :keep], products[:, :keep]
         if self.w is None:
             self.w = tf.zeros_like(directions[:, :0])
             self.aw = self.w
