@@ -63,6 +63,8 @@ SOLVERS = {
     "lissa": lambda: tfi.solvers.LiSSA(recursion_depth=25, seed=5),
     "arnoldi": lambda: tfi.solvers.Arnoldi(rank=20),
     "ekfac": lambda: tfi.solvers.EKFAC(samples="exact"),
+    # Compressed test vectors (the hidden layer from its rank-2 factors) on the replicas.
+    "ekfac_query_rank": lambda: tfi.solvers.EKFAC(samples="exact", query_rank=2),
 }
 
 

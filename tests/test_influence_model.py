@@ -46,6 +46,7 @@ def test_public_api_is_pinned():
             "KFAC",
             "LiSSA",
             "LowRankInverse",
+            "LowRankQueries",
             "Solver",
             "deserialize",
             "get",

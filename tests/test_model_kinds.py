@@ -100,14 +100,16 @@ def test_mixed_float16_model_is_analysed_in_float32(blobs):
         scores(mixed, x, y, loss=SPARSE_LOGITS, damping=1.0), expected, rtol=1e-5, atol=1e-7
     )
     assert mixed.layers[1].compute_dtype == "float16"  # the model's own policy is restored
-    # K-FAC's factors are taken in full precision too: the same factors, the same scores.
-    ekfac = tfi.solvers.EKFAC(samples="exact")
-    np.testing.assert_allclose(
-        scores(mixed, x, y, loss=SPARSE_LOGITS, damping=1.0, solver=ekfac),
-        scores(plain, x, y, loss=SPARSE_LOGITS, damping=1.0, solver=ekfac),
-        rtol=1e-5,
-        atol=1e-7,
-    )
+    # K-FAC's factors are taken in full precision too: the same factors, the same scores,
+    # whether they are kept in float64 or float32.
+    for factor_dtype in ("float64", "float32"):
+        ekfac = tfi.solvers.EKFAC(samples="exact", factor_dtype=factor_dtype)
+        np.testing.assert_allclose(
+            scores(mixed, x, y, loss=SPARSE_LOGITS, damping=1.0, solver=ekfac),
+            scores(plain, x, y, loss=SPARSE_LOGITS, damping=1.0, solver=ekfac),
+            rtol=1e-5,
+            atol=1e-7,
+        )
 
 
 def test_frozen_layers_are_held_fixed(mlp, blobs):

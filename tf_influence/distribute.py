@@ -354,19 +354,19 @@ class ReplicaData:
         if key not in self._score_steps:
             strategy = self.strategy
 
-            def replica(batch, solutions):
+            def replica(batch, solutions, extra):
                 index, x, y = batch
                 k = tf.shape(solutions)[1]
                 empty = (tf.zeros([k, 0], solutions.dtype), tf.zeros([0], tf.bool))
                 scores, finite = tf.cond(
-                    tf.size(index) > 0, lambda: impl(x, y, solutions), lambda: empty
+                    tf.size(index) > 0, lambda: impl(x, y, solutions, *extra), lambda: empty
                 )
                 return index, scores, tf.cast(finite, tf.int32)
 
             # The last, shorter batch would trace a second time: relax the shapes instead.
             @tf.function(reduce_retracing=True)
-            def step(batch, solutions):
-                index, scores, finite = strategy.run(replica, args=(batch, solutions))
+            def step(batch, solutions, extra):
+                index, scores, finite = strategy.run(replica, args=(batch, solutions, extra))
                 return (
                     strategy.gather(index, axis=0),
                     strategy.gather(scores, axis=1),
@@ -377,13 +377,19 @@ class ReplicaData:
         return self._score_steps[key][1]
 
     def score_blocks(
-        self, gradients: PerExampleGradients, solutions: tf.Tensor | np.ndarray, start: int = 0
+        self,
+        gradients: PerExampleGradients,
+        solutions: tf.Tensor | np.ndarray,
+        start: int = 0,
+        queries: Sequence[Any] = (),
     ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         """Yields ``(start, scores (k, m), finite (m,))`` for consecutive training examples.
 
         Each replica scores its shard; the gathered columns are put back in global
         order by their indices (a worker's shard need not be contiguous). Global
         batches before ``start`` (a multiple of the batch size) are skipped unscored.
+        ``queries``: the ``LowRankQueries`` of compressed layers of ``solutions``
+        (see ``PerExampleGradients.scores``).
         """
         solutions = tf.convert_to_tensor(solutions, gradients.objective.dtype)
         pending_index, pending_scores, pending_finite = [], [], []
@@ -393,8 +399,9 @@ class ReplicaData:
             if step < skip:
                 continue
             index, scores, finite = gradients.run_scoring(
-                lambda impl, batch=batch: self._score_step(impl)(batch, solutions),
+                lambda impl, extra, batch=batch: self._score_step(impl)(batch, solutions, extra),
                 int(solutions.shape[1]),
+                queries,
             )
             pending_index.append(index.numpy())
             pending_scores.append(scores.numpy())

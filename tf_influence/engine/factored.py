@@ -17,7 +17,10 @@ the kernel block of ``s_i``, one ``(b, in) x (in, out * k)`` matrix product for 
 k vectors (the "ghost" product of Li et al., 2022), or ``(b, out) x (out, in * k)``
 when ``in < out``. It is used while ``k <= max(in, out)``, where it needs no more
 memory than the gradients would. An Embedding's scores gather the rows of ``S_i``
-of the example's tokens.
+of the example's tokens. When a matrix kind's part of each ``s_i`` is of low rank,
+``S_i = U_i V_i^T`` with ``r`` columns (K-FAC's ``query_rank``), the score is
+``sum_t (a_jt^T U_i) . (V_i^T delta_jt)``: ``r * (in + out)`` products per
+position instead of ``in * out`` (``low_rank_pays`` decides per layer).
 
 The factors are taken by swapping, while one batch function is traced, the
 ``call`` of each eligible layer for one that records its input and
@@ -186,14 +189,31 @@ class FactoredGradients:
         rows_in = input_rows(use.entry, use.inputs, size)
         return kernel_gradients(use.entry, rows_in, output_rows(use.entry, use.delta, size), size)
 
-    def scores(self, uses: list[Use], size, blocks: list[tf.Tensor]) -> tf.Tensor:
-        """``(b, k)``: ``g_j . s_i`` over the factored variables (``blocks[i]`` is ``(n_i, k)``)."""
+    def scores(
+        self,
+        uses: list[Use],
+        size,
+        blocks: list[tf.Tensor],
+        queries: dict[int, tuple[tf.Tensor, tf.Tensor]] | None = None,
+    ) -> tf.Tensor:
+        """``(b, k)``: ``g_j . s_i`` over the factored variables (``blocks[i]`` is ``(n_i, k)``).
+
+        ``queries``: ``{kernel index: (left (k, rows, r), right (k, cols, r))}`` for
+        layers whose part of ``s_i`` is ``left[i] @ right[i]^T`` (kernel rows, then
+        the bias row if any; ``blocks`` holds the same values densely). Those layers
+        are scored from the factors where that takes fewer products.
+        """
         k = tf.shape(blocks[0])[1]
         dtype = blocks[0].dtype
         total = tf.zeros([size, k], dtype)
+        queries = queries or {}
         for use in uses:
             entry = use.entry
             delta = tf.cast(use.delta, dtype)
+            factors = queries.get(entry.kernel) if entry.kernel is not None else None
+            if factors is not None and low_rank_pays(use, *factors):
+                total += self._low_rank_scores(use, size, *factors)
+                continue
             if entry.kernel is not None:
                 block = blocks[entry.kernel]
                 if _one_position(use):
@@ -229,6 +249,25 @@ class FactoredGradients:
             return tf.matmul(grads, block)
 
         return tf.cond(tf.shape(tokens)[1] * k <= vocabulary, gathered, materialised)
+
+    @staticmethod
+    def _low_rank_scores(use: Use, size, left, right) -> tf.Tensor:
+        """``sum_t (a_t^T left_i) . (right_i^T delta_t)``, ``(b, k)``, bias included."""
+        dtype = left.dtype
+        k, rows, rank = tf.shape(left)[0], left.shape[1], left.shape[2]
+        cols = right.shape[1]
+        inputs = tf.cast(input_rows(use.entry, use.inputs, size), dtype)  # (b, t, in)
+        fan_in = inputs.shape[-1]
+        rows_in = tf.reshape(inputs, [-1, fan_in])  # (b * t, in)
+        delta = tf.cast(output_rows(use.entry, use.delta, size), dtype)  # (b, t, out)
+        rows_out = tf.reshape(delta, [-1, cols])  # (b * t, out)
+        left = tf.reshape(tf.transpose(left, [1, 0, 2]), [rows, -1])  # (rows, k * r)
+        right = tf.reshape(tf.transpose(right, [1, 0, 2]), [cols, -1])
+        projected = tf.matmul(rows_in, left[:fan_in])
+        if rows > fan_in:  # the bias row meets a constant 1
+            projected += left[fan_in]
+        products = projected * tf.matmul(rows_out, right)  # (b * t, k * r)
+        return tf.reduce_sum(tf.reshape(products, [size, -1, k, rank]), axis=[1, 3])
 
     @staticmethod
     def _ghost_scores(inputs, delta, block, k) -> tf.Tensor:
@@ -284,6 +323,33 @@ class FactoredGradients:
             error = tf.norm(tf.reduce_sum(mine, axis=0) - batch)
             ok = tf.logical_and(ok, error <= CHECK_RTOL * scale + 1e-30)
         return ok
+
+
+def positions(use: Use) -> int | None:
+    """Rows per example of a matrix kind's factors (its positions), if known when tracing."""
+    entry = use.entry
+    # Dense: the input's middle axes; a convolution: one patch per output position.
+    shape = use.inputs.shape if entry.kind in ("dense", "einsum") else use.delta.shape
+    if shape.rank is None:
+        return None
+    if entry.kind == "einsum":  # the input axes that are neither the batch nor contracted
+        order = entry.einsum.input_order
+        middle = tf.TensorShape([shape[i] for i in order[1 : len(order) - entry.einsum.split]])
+    else:
+        middle = shape[1:-1]
+    return middle.num_elements()
+
+
+def low_rank_pays(use: Use, left: tf.Tensor, right: tf.Tensor) -> bool:
+    """Whether scoring from rank-r factors takes fewer products than from the gradients.
+
+    Per example and test vector: ``t * r * (rows + cols)`` from the factors, against
+    ``rows * cols`` for the dot product with the per-example gradient, formed once
+    for all test vectors (``t`` positions: 1 for a Dense layer on vectors).
+    """
+    t = positions(use)
+    rows, cols, rank = left.shape[1], right.shape[1], left.shape[2]
+    return t is not None and t * rank * (rows + cols) < rows * cols
 
 
 def _one_position(use: Use) -> bool:

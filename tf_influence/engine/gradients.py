@@ -41,15 +41,20 @@ short last batch does not trace again.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from tf_influence.engine import vectorize
-from tf_influence.engine.compile import BatchFunction, objective_key, shared_function
+from tf_influence.engine.compile import (
+    BatchFunction,
+    BoundFunction,
+    objective_key,
+    shared_function,
+)
 from tf_influence.engine.curvature import tf_variable
 from tf_influence.engine.factored import (
     FactoredGradients,
@@ -58,6 +63,9 @@ from tf_influence.engine.factored import (
 )
 from tf_influence.engine.objective import Objective
 from tf_influence.engine.vectorize import vectorized_map
+
+if TYPE_CHECKING:
+    from tf_influence.solvers.base import LowRankQueries
 
 _Result = TypeVar("_Result")
 
@@ -139,6 +147,8 @@ class PerExampleGradients:
         self._pfor_indices = [i for i in range(len(objective.variables)) if i not in factored]
         self._factored_gradients = share("_factored_gradients_impl", (), jit_compile)
         self._factored_scores = share("_factored_scores_impl", [solutions], jit_compile)
+        # One factored scoring function per structure of compressed test vectors.
+        self._query_functions: dict = {}
 
     def _per_variable_gradients(self, x, y, indices=None):
         """Per-example gradients, one ``(b, size)`` tensor per variable (None: no gradient).
@@ -245,10 +255,11 @@ class PerExampleGradients:
         tensors = [parts.get(i) for i in range(len(self.objective.variables))]
         return self.objective.layout.flatten_batched(tensors, size, dtype)
 
-    def _factored_scores_impl(self, x, y, solutions):
+    def _factored_scores_impl(self, x, y, solutions, lefts=(), rights=(), kernels=()):
         blocks = tf.split(solutions, self.objective.layout.sizes, axis=0)
         uses, losses, _ = self._factored.uses(x, y)
-        scores = self._factored.scores(uses, tf.shape(losses)[0], blocks)  # (b, k)
+        queries = dict(zip(kernels, zip(lefts, rights, strict=True), strict=True))
+        scores = self._factored.scores(uses, tf.shape(losses)[0], blocks, queries)  # (b, k)
         if self._pfor_indices:
             rest = self._per_variable_gradients(x, y, self._pfor_indices)
             for i, g in zip(self._pfor_indices, rest, strict=True):
@@ -263,13 +274,49 @@ class PerExampleGradients:
             self.check_factored(x, y)
         return self._factored_state == "on"
 
-    def rows_per_pass(self, num_tests: int, batch_size: int) -> int:
+    def _query_function(self, queries: Sequence[LowRankQueries]) -> BoundFunction:
+        """The factored scoring function for test vectors with these compressed layers."""
+        kernels = tuple(q.kernel for q in queries)
+        shapes = tuple((int(q.left.shape[1]), int(q.right.shape[1]), q.rank) for q in queries)
+        key = (kernels, shapes)
+        if key not in self._query_functions:
+            dtype = self.objective.dtype
+            specs = [
+                tf.TensorSpec([self.objective.num_params, None], dtype),
+                [tf.TensorSpec([None, rows, rank], dtype) for rows, _, rank in shapes],
+                [tf.TensorSpec([None, cols, rank], dtype) for _, cols, rank in shapes],
+            ]
+            self._query_functions[key] = shared_function(
+                self,
+                self.objective.model,
+                (*self.trace_key, "queries", key),
+                "_factored_scores_impl",
+                lambda fn: BatchFunction(fn, specs, self._jit_compile),
+                method=lambda owner, *args: owner._factored_scores_impl(*args, kernels=kernels),
+            )
+        return self._query_functions[key]
+
+    def rows_per_pass(
+        self, num_tests: int, batch_size: int, queries: Sequence[LowRankQueries] = ()
+    ) -> int:
         """Training examples per scoring pass: whole batches within ``SCORING_BUDGET``."""
         if self.mode_for(num_tests) != "jacobian" or not self._use_factored():
             return batch_size
         layout = self.objective.layout
+        compressed = {q.kernel: q for q in queries}
         per_row = sum(layout.sizes[i] for i in self._pfor_indices)
         for entry in self._factored.layers:
+            query = compressed.get(entry.kernel)
+            if query is not None:
+                rows, cols, rank = int(query.left.shape[1]), int(query.right.shape[1]), query.rank
+                # The (t, k * r) products from the factors, if they can pay (t >= 1).
+                if rank * (rows + cols) < rows * cols:
+                    if entry.kind == "dense":
+                        per_row += 2 * rank * num_tests
+                    else:  # taken only where t * r * (rows + cols) < rows * cols
+                        product = 2 * num_tests * rows * cols // (rows + cols)
+                        per_row += max(layout.sizes[entry.kernel], product)
+                    continue
             if entry.kind == "dense" and entry.kernel is not None:
                 fan_in, fan_out = layout.shapes[entry.kernel][-2:]
                 ghost = num_tests <= max(fan_in, fan_out)
@@ -360,13 +407,18 @@ class PerExampleGradients:
             return "jacobian"  # factored throughout: faster than jvp at any k measured
         return "jvp" if num_tests <= JVP_MAX_TESTS else "jacobian"
 
-    def scores(self, x: Any, y: Any, solutions: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    def scores(
+        self, x: Any, y: Any, solutions: tf.Tensor, queries: Sequence[LowRankQueries] = ()
+    ) -> tuple[tf.Tensor, tf.Tensor]:
         """``-grad L(z_j) . solutions[:, i]`` for the batch.
 
         Args:
             x: the inputs of a batch of b training examples.
             y: their targets.
             solutions: ``(num_params, k)``, the vectors ``inv(H) @ grad L(z_test_i)``.
+            queries: ``LowRankQueries`` of layers whose part of ``solutions`` is of low
+                rank (``Solver.compress_queries``); factored scoring multiplies their
+                factors instead of the dense blocks where that takes fewer products.
 
         Returns:
             ``(scores, finite)``: scores of shape ``(k, b)`` and a ``(b,)`` boolean that is
@@ -374,32 +426,42 @@ class PerExampleGradients:
         """
         solutions = tf.convert_to_tensor(solutions, self.objective.dtype)
         self._use_factored(x, y)
-        return self.run_scoring(lambda impl: impl(x, y, solutions), int(solutions.shape[1]))
+        return self.run_scoring(
+            lambda impl, extra: impl(x, y, solutions, *extra), int(solutions.shape[1]), queries
+        )
 
     def run_scoring(
-        self, call: Callable[[Callable[..., tuple[tf.Tensor, tf.Tensor]]], _Result], num_tests: int
+        self,
+        call: Callable[[Callable[..., tuple[tf.Tensor, tf.Tensor]], tuple], _Result],
+        num_tests: int,
+        queries: Sequence[LowRankQueries] = (),
     ) -> _Result:
-        """``call(impl)`` with the scoring function for ``num_tests`` vectors.
+        """``call(impl, extra)`` with the scoring function for ``num_tests`` vectors.
 
-        ``impl(x, y, solutions) -> (scores, finite)``; if forward mode cannot see
-        through the model, "auto" falls back to per-example gradients for good.
+        ``impl(x, y, solutions, *extra) -> (scores, finite)``: ``extra`` is ``()``, or
+        the factors ``(lefts, rights)`` of ``queries`` when factored scoring takes
+        them. If forward mode cannot see through the model, "auto" falls back to
+        per-example gradients for good.
         """
         if self._jvp_unavailable and self.scoring == "jvp":
             raise _forward_mode_refused()  # known from another owner of the trace
         mode = "jacobian" if self._jvp_unavailable else self.mode_for(num_tests)
         if mode == "jacobian" and self._factored_state == "on":
             try:
-                return call(self._factored_scores)
+                if queries:
+                    factors = ([q.left for q in queries], [q.right for q in queries])
+                    return call(self._query_function(queries), factors)
+                return call(self._factored_scores, ())
             except FactoredUnavailable:
                 self._factored_state = "off"
         try:
-            return call(self._scores[mode])
+            return call(self._scores[mode], ())
         except ForwardModeUnavailable:
             if self.scoring == "jvp":
                 raise _forward_mode_refused() from None
             # "auto": per-example gradients from now on, for every owner of the trace.
             _NO_FORWARD_MODE.add(self._scores["jvp"].shared)
-            return self.run_scoring(call, num_tests)  # factored where it applies
+            return self.run_scoring(call, num_tests, queries)  # factored where it applies
 
     @property
     def _jvp_unavailable(self) -> bool:
@@ -408,7 +470,8 @@ class PerExampleGradients:
     def tracing_count(self) -> int:
         """Traces so far of the gradient and scoring functions (for retracing checks)."""
         functions = [self._gradients, self._factored_gradients, self._factored_scores]
-        return sum(f.tracing_count() for f in [*functions, *self._scores.values()])
+        functions += [*self._scores.values(), *self._query_functions.values()]
+        return sum(f.tracing_count() for f in functions)
 
 
 def _first_rows(batch: Any, rows: int) -> Any:

@@ -16,7 +16,7 @@ import dataclasses
 import hashlib
 import json
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
@@ -36,7 +36,7 @@ from tf_influence.engine.objective import Objective
 from tf_influence.engine.settings import Settings
 from tf_influence.engine.weights import unweigh
 from tf_influence.outputs import make_sink
-from tf_influence.solvers.base import Diagnostics, LowRankInverse, Solver
+from tf_influence.solvers.base import Diagnostics, LowRankInverse, LowRankQueries, Solver
 
 _Result = TypeVar("_Result", covariant=True)
 
@@ -427,12 +427,12 @@ class FittedState:
         """The training batches ``(x, y)``, in order (``rows`` examples each)."""
         return self.data.batches(rows)
 
-    def rows_per_pass(self, num_tests: int) -> int:
+    def rows_per_pass(self, num_tests: int, queries: Sequence[LowRankQueries] = ()) -> int:
         """Training examples per scoring pass (several batches when factored scoring allows)."""
         self._check_factored()
         if self.operator.replicas is not None:
             return self.batch_size  # the global batches of the distributed dataset
-        return self.gradients.rows_per_pass(num_tests, self.batch_size)
+        return self.gradients.rows_per_pass(num_tests, self.batch_size, queries)
 
     def _check_factored(self) -> None:
         """Runs the factored-gradient check on the first training batch, once per compile."""
@@ -440,7 +440,11 @@ class FittedState:
             self.gradients.check_factored(*self.data.first_batch()[:2])
 
     def training_blocks(
-        self, solutions: tf.Tensor, start: int = 0, rows: int | None = None
+        self,
+        solutions: tf.Tensor,
+        start: int = 0,
+        rows: int | None = None,
+        queries: Sequence[LowRankQueries] = (),
     ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         """Yields ``(offset, scores (k, m), finite (m,))`` over the training set, in order.
 
@@ -448,11 +452,14 @@ class FittedState:
         ``rows`` examples (default: the batch size of ``fit``). On a strategy,
         each replica scores its shard and the columns are put back in the order of
         ``fit``. Passes wholly before ``start`` are skipped (a resumed ``explain``).
+        ``queries``: the low-rank factors of compressed layers of ``solutions``
+        (``Solver.compress_queries``), multiplied instead of their dense blocks
+        where that is cheaper.
         """
         replicas = self.operator.replicas
         if replicas is not None:
             self._check_factored()
-            yield from replicas.score_blocks(self.gradients, solutions, start)
+            yield from replicas.score_blocks(self.gradients, solutions, start, queries)
             return
         offset = 0
         for batch in self.data.batches(rows):
@@ -460,7 +467,7 @@ class FittedState:
             if offset + size <= start:
                 offset += size
                 continue
-            block, finite = self.gradients.scores(batch[0], batch[1], solutions)
+            block, finite = self.gradients.scores(batch[0], batch[1], solutions, queries)
             block = block.numpy()
             yield offset, block, finite.numpy()
             offset += block.shape[1]
@@ -473,12 +480,28 @@ class FittedState:
         divisors: np.ndarray | None = None,
         start: int = 0,
     ) -> _Result:
-        """Writes ``-solutions^T grad L(z_j)`` for every training example into ``sink``."""
+        """Writes ``-solutions^T grad L(z_j)`` for every training example into ``sink``.
+
+        The solutions are the solver's compressed queries first
+        (``Solver.compress_queries``; unchanged by default).
+        """
+        solutions, queries = self.solver.compress_queries(self.operator, solutions)
+        return self._score_training(solutions, queries, verbose, sink, divisors, start)
+
+    def _score_training(
+        self,
+        solutions: tf.Tensor,
+        queries: Sequence[LowRankQueries],
+        verbose: int,
+        sink: ScoreSink[_Result],
+        divisors: np.ndarray | None = None,
+        start: int = 0,
+    ) -> _Result:
         if self.index is not None:
             return self._score_from_index(solutions, sink, divisors, start)
-        rows = self.rows_per_pass(int(solutions.shape[1]))
+        rows = self.rows_per_pass(int(solutions.shape[1]), queries)
         progress = Progress(self.data.num_batches(rows), verbose, "Scoring training examples")
-        blocks = self.training_blocks(solutions, start, rows)
+        blocks = self.training_blocks(solutions, start, rows, queries)
         for step, (offset, block, finite) in enumerate(blocks, start=1):
             raise_at_first_nonfinite(finite, offset, NONFINITE_TRAINING)
             if divisors is not None:
@@ -516,10 +539,12 @@ class FittedState:
     ) -> dict[str, np.ndarray]:
         """``{layer: -solutions_layer^T grad_layer L(z_j)}``: each group's part of the scores.
 
-        The solutions are masked to each group's variables, so the parts sum to the
-        scores of ``score_training``. Groups are scored together in passes that keep
-        the masked solutions within ``PER_LAYER_BYTES``.
+        The solutions (compressed as by ``score_training``) are masked to each group's
+        variables, so the parts sum to the scores of ``score_training``. Groups are
+        scored together in passes that keep the masked solutions within
+        ``PER_LAYER_BYTES``.
         """
+        solutions, queries = self.solver.compress_queries(self.operator, solutions)
         p, k = int(solutions.shape[0]), int(solutions.shape[1])
         offsets = np.concatenate([[0], np.cumsum(self.objective.layout.sizes)])
         masks = []
@@ -534,8 +559,23 @@ class FittedState:
         for start in range(0, len(groups), per_pass):
             chosen = range(start, min(start + per_pass, len(groups)))
             masked = tf.concat([solutions * masks[g][:, None] for g in chosen], axis=1)
+            # A compressed layer's factors, zero in the columns of the other groups.
+            masked_queries = [
+                dataclasses.replace(
+                    q,
+                    left=tf.concat(
+                        [
+                            q.left if q.kernel in groups[g][1] else tf.zeros_like(q.left)
+                            for g in chosen
+                        ],
+                        axis=0,
+                    ),
+                    right=tf.concat([q.right] * len(chosen), axis=0),
+                )
+                for q in queries
+            ]
             sink = make_sink(k * len(chosen), self.num_train, dtype, None, None)
-            scores = self.score_training(masked, verbose, sink)
+            scores = self._score_training(masked, masked_queries, verbose, sink)
             for position, g in enumerate(chosen):
                 found[groups[g][0]] = scores[position * k : (position + 1) * k]
         return found

@@ -14,6 +14,7 @@ from tf_influence.solvers.base import (
     CurvatureOperator,
     Diagnostics,
     LowRankInverse,
+    LowRankQueries,
     Solver,
 )
 from tf_influence.solvers.cg import CG
@@ -32,6 +33,7 @@ __all__ = [
     "KFAC",
     "LiSSA",
     "LowRankInverse",
+    "LowRankQueries",
     "Solver",
     "deserialize",
     "get",

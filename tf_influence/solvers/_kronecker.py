@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_influence.solvers import _kronecker_blocks as kinds
-from tf_influence.solvers.base import CurvatureError, ProgressFactory
+from tf_influence.solvers.base import CurvatureError, LowRankQueries, ProgressFactory
 from tf_influence.solvers.ekfac import KFAC, KroneckerState, _Block, structure
 
 
@@ -323,6 +323,11 @@ def fit(solver: KFAC, operator, progress: ProgressFactory) -> KroneckerState:
         ]
         diagonals = [d + regular[i] for d, i in zip(diagonals, diagonal, strict=True)]
     bar.done()
+    stored = tf.as_dtype(solver.factor_dtype)
+    qa, qs, values, diagonals = (
+        [None if t is None else tf.cast(t, stored) for t in tensors]
+        for tensors in (qa, qs, values, diagonals)
+    )
     return KroneckerState(blocks, diagonal, qa, qs, values, diagonals)
 
 
@@ -332,8 +337,8 @@ def _projected(regular: list[tf.Tensor], block: _Block, qa, qs) -> tf.Tensor:
     return kinds.projected(block, regular[block.entry.kernel], bias, qa, qs)
 
 
-def from_arrays(operator, arrays: dict[str, np.ndarray]) -> KroneckerState:
-    """The state ``KFAC.get_state`` saved, checked against ``operator``'s model."""
+def from_arrays(operator, arrays: dict[str, np.ndarray], dtype: str = "float64") -> KroneckerState:
+    """The state ``KFAC.get_state`` saved, checked against ``operator``'s model, in ``dtype``."""
     blocks, diagonal = structure(operator.objective)
     saved = int(arrays.get("num_blocks", -1))
     problems = []
@@ -351,16 +356,16 @@ def from_arrays(operator, arrays: dict[str, np.ndarray]) -> KroneckerState:
         ):
             problems.append(f"layer {block.entry.layer.name!r} has other shapes")
             break
-        qa.append(None if found[0] is None else tf.constant(found[0], tf.float64))
-        qs.append(tf.constant(found[1], tf.float64))
-        values.append(tf.constant(found[2], tf.float64))
+        qa.append(None if found[0] is None else tf.constant(found[0], dtype))
+        qs.append(tf.constant(found[1], dtype))
+        values.append(tf.constant(found[2], dtype))
     diagonals = []
     for index in diagonal:
         found = arrays.get(f"diagonal{index}")
         if found is None or found.shape != (operator.objective.layout.sizes[index],):
             problems.append(f"variable {index} has no saved diagonal of its size")
             break
-        diagonals.append(tf.constant(found, tf.float64))
+        diagonals.append(tf.constant(found, dtype))
     if problems:
         raise ValueError(
             "The saved K-FAC factors do not belong to this model: "
@@ -399,3 +404,50 @@ def precondition(state: KroneckerState, operator, rhs: tf.Tensor) -> tf.Tensor:
     for index, diagonal in zip(state.diagonal, state.diagonals, strict=True):
         out[index] = parts[index] / tf.cast(diagonal + damping, dtype)[:, None]
     return tf.concat(out, axis=0)
+
+
+def compress(
+    operator, blocks: list[_Block], ranks: list[int | None], solutions: tf.Tensor
+) -> tuple[tf.Tensor, list[LowRankQueries]]:
+    """Each block's part of ``(p, k)`` solutions truncated to its rank (None: kept).
+
+    Only blocks of one ``(rows, cols)`` matrix are given a rank (``KFAC._query_ranks``).
+    Returns the truncated solutions and, per truncated block, its ``LowRankQueries``
+    (``left @ right^T`` is the block's part of the truncated solutions).
+    """
+    layout = operator.objective.layout
+    parts = list(tf.split(solutions, layout.sizes, axis=0))
+    queries = []
+    for block, rank in zip(blocks, ranks, strict=True):
+        if rank is None:
+            continue
+        bias = parts[block.entry.bias] if block.bias else None
+        matrices = kinds.to_matrices(block, parts[block.entry.kernel], bias)  # (k, rows, cols)
+        left, right = truncated(matrices, rank)
+        queries.append(LowRankQueries(block.entry.kernel, block.entry.bias, left, right))
+        product = tf.matmul(left, right, transpose_b=True)
+        parts[block.entry.kernel], truncated_bias = kinds.from_matrices(block, product)
+        if block.bias:
+            parts[block.entry.bias] = truncated_bias
+    return tf.concat(parts, axis=0), queries
+
+
+def truncated(matrices: tf.Tensor, rank: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """``(left (k, rows, r), right (k, cols, r))`` with ``left @ right^T`` the rank-r SVD.
+
+    The top ``rank`` singular vectors of each ``(rows, cols)`` matrix ``M`` come from
+    the eigendecomposition of the smaller Gram matrix (``M^T M`` or ``M M^T``); the
+    other factor is ``M`` times them, so ``left @ right^T`` is ``M`` projected on the
+    span of its top singular vectors: its truncated SVD. This is two to three times
+    faster than ``tf.linalg.svd`` on CPU; as squared singular values enter, the
+    directions are resolved to about ``sqrt(eps)`` of the largest singular value
+    (exact at ``rank = min(rows, cols)``, where the projection is the identity).
+    """
+    rows, cols = int(matrices.shape[1]), int(matrices.shape[2])
+    if cols <= rows:  # M = (M V) V^T with V the top eigenvectors of M^T M
+        gram = tf.matmul(matrices, matrices, transpose_a=True)
+        vectors = tf.linalg.eigh(gram)[1][:, :, cols - rank :]
+        return tf.matmul(matrices, vectors), vectors
+    gram = tf.matmul(matrices, matrices, transpose_b=True)
+    vectors = tf.linalg.eigh(gram)[1][:, :, rows - rank :]
+    return vectors, tf.matmul(matrices, vectors, transpose_a=True)

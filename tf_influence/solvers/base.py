@@ -17,6 +17,11 @@ export never branch on a solver's class:
   state then keeps the training gradients projected on ``basis`` (the influence
   index): queries cost one product, self-influence is free and ``export`` can
   serve it with no training data.
+* ``compress_queries(operator, solutions)``: the solved test vectors, compressed
+  layer by layer before they are scored against the training data
+  (``LowRankQueries``: rank-r factors per layer, which the factored scoring
+  multiplies with the layers' inputs and output gradients). The default keeps
+  them exact.
 * ``get_state(operator)`` / ``set_state(operator, arrays)``: the arrays worth
   saving with ``InfluenceModel.save`` (a Cholesky factor, eigenpairs), and their
   restoration at ``load``.
@@ -191,6 +196,38 @@ class LowRankInverse:
     inverse_values: tf.Tensor
 
 
+@dataclasses.dataclass(frozen=True)
+class LowRankQueries:
+    """One layer's part of ``k`` solved test vectors, each a rank-``r`` matrix.
+
+    The layer is one of the matrix kinds of ``engine.factored_layers`` (Dense,
+    EinsumDense, Conv1D, Conv2D), its kernel read as a ``(rows, cols)`` matrix: its
+    ``(fan_in, cols)`` reshape (``cols`` the output units or channels, or an
+    EinsumDense's output axes), with the bias as a last row when the layer has one.
+    Test vector ``i`` holds ``left[i] @ right[i]^T`` there, so a training example
+    with layer factors ``(a_t, delta_t)`` (input rows with a 1 for the bias, and
+    output gradients, at positions ``t``) scores ``sum_t (a_t^T left[i]) .
+    (right[i]^T delta_t)``: ``r * (rows + cols)`` products per position instead of
+    ``rows * cols``.
+
+    Attributes:
+        kernel: index of the layer's kernel among ``operator.objective.variables``.
+        bias: index of its bias, or None.
+        left: ``(k, rows, r)``.
+        right: ``(k, cols, r)``.
+    """
+
+    kernel: int
+    bias: int | None
+    left: tf.Tensor
+    right: tf.Tensor
+
+    @property
+    def rank(self) -> int:
+        """``r``, the number of columns of ``left`` and ``right``."""
+        return int(self.left.shape[-1])
+
+
 def relative_residual(
     operator: CurvatureOperator, solution: tf.Tensor, rhs: tf.Tensor
 ) -> tf.Tensor:
@@ -283,6 +320,28 @@ class Solver:
         ``basis^T grad L(z_j)`` for every training example, and ``export`` serves it.
         """
         return None
+
+    def compress_queries(
+        self, operator: CurvatureOperator, solutions: tf.Tensor
+    ) -> tuple[tf.Tensor, list[LowRankQueries]]:
+        """Solved test vectors as they are scored against the training data.
+
+        Called once per scoring pass over the training data (``explain``,
+        ``top_k``, ``explain(per_layer=True)``), with the solutions of every
+        test point being explained.
+
+        Args:
+            operator: the curvature.
+            solutions: ``(num_params, k)``, the vectors ``inv(C + damping*I) @ g_test``.
+
+        Returns:
+            ``(vectors, layers)``: ``vectors`` of the shape of ``solutions``, the
+            test vectors to score (the compressed ones where a layer is
+            compressed), and a ``LowRankQueries`` for each compressed layer, equal
+            to the part of ``vectors`` in that layer. The default returns
+            ``(solutions, [])``: exact scores.
+        """
+        return solutions, []
 
     def get_state(self, operator: CurvatureOperator) -> dict[str, np.ndarray]:
         """Arrays ``InfluenceModel.save`` stores so that ``load`` need not recompute them."""

@@ -68,12 +68,16 @@ from tf_influence._validation import check_int, check_positive_int
 from tf_influence.solvers.base import (
     CurvatureOperator,
     Diagnostics,
+    LowRankQueries,
     ProgressFactory,
     Solver,
     silent_progress,
 )
 
 FISHER = ("true", "empirical")
+FACTOR_DTYPES = ("float64", "float32")
+# The layers whose queries ``query_rank`` truncates, for messages.
+COMPRESSED = "Dense, EinsumDense, Conv1D and Conv2D"
 _STATE = "kfac.state"
 
 
@@ -101,6 +105,16 @@ class _Block:
         """An Embedding: its ``A`` is diagonal over tokens (``Q_A`` the identity, not kept)."""
         return self.entry.kind == "embedding"
 
+    @property
+    def compressible(self) -> bool:
+        """One ``(rows, cols)`` matrix of a matrix kind: what ``query_rank`` truncates."""
+        return not self.groups and not self.one_hot
+
+    @property
+    def size(self) -> int:
+        """``min(rows, cols)``: the largest rank of the layer's ``(rows, cols)`` matrices."""
+        return min(self.rows, self.cols)
+
     def shapes(self) -> tuple[tuple[int, ...] | None, tuple[int, ...], tuple[int, ...]]:
         """The shapes of ``(Q_A, Q_S, eigenvalues)`` (``Q_A`` None for an Embedding)."""
         group = (self.groups,) if self.groups else ()
@@ -116,11 +130,15 @@ class KroneckerState:
         blocks: the Kronecker-factored layers.
         diagonal: indices of the variables with a diagonal approximation.
         qa, qs: per block, the ``(rows, rows)`` and ``(cols, cols)`` eigenbases
-            (float64; with a leading ``groups`` axis for a DepthwiseConv2D; ``qa`` None
-            for an Embedding, whose input eigenbasis is the identity).
+            (with a leading ``groups`` axis for a DepthwiseConv2D; ``qa`` None for an
+            Embedding, whose input eigenbasis is the identity).
         values: per block, the ``(rows, cols)`` eigenvalues (``l_A l_S^T`` for
-            K-FAC, the corrected ones for EK-FAC; with the regulariser), float64.
-        diagonals: per diagonal variable, the flat diagonal (float64).
+            K-FAC, the corrected ones for EK-FAC; with the regulariser), with the
+            leading ``groups`` axis of a DepthwiseConv2D.
+        diagonals: per diagonal variable, the flat diagonal.
+
+    Every tensor has the solver's ``factor_dtype`` (float64 by default); the sums
+    behind them are accumulated, and the factors decomposed, in float64.
     """
 
     blocks: list[_Block]
@@ -202,11 +220,27 @@ class KFAC(Solver):
     ``A (x) S`` (see the module docstring; ``coverage`` lists what each variable
     got); every other chosen parameter gets the Gauss-Newton diagonal. The
     factors are fitted once per ``InfluenceModel.fit`` (one pass over the training
-    data with a progress bar), decomposed in float64, saved with the state, and
-    reused by every query; a solve is a few small matrix products per layer.
-    The approximation is of the Gauss-Newton matrix, so ``compile`` takes
-    ``curvature="gauss_newton"`` with it (the default); ``damping`` is added to
-    every eigenvalue, which is ``inv(G_approx + damping*I)`` exactly.
+    data with a progress bar), summed and decomposed in float64, kept in
+    ``factor_dtype``, saved with the state, and reused by every query; a solve is
+    a few small matrix products per layer. The approximation is of the
+    Gauss-Newton matrix, so ``compile`` takes ``curvature="gauss_newton"`` with it
+    (the default); ``damping`` is added to every eigenvalue, which is
+    ``inv(G_approx + damping*I)`` exactly.
+
+    Query batching (``query_rank=r``): before the solved test vectors are scored
+    against the training data (``explain``, ``top_k``), their part in each Dense,
+    EinsumDense, Conv1D and Conv2D layer, a ``(rows, cols)`` matrix ``P_i`` (the
+    kernel as input features by outputs, with its bias as a last row), is replaced
+    by its best rank-``r`` approximation (truncated SVD) ``U_i diag(s_i) V_i^T``.
+    A training example with factors ``(a_t, delta_t)`` then scores
+    ``sum_t (a_t^T U_i) diag(s_i) (V_i^T delta_t)`` per layer: ``t * r * (rows +
+    cols)`` products instead of ``rows * cols``, taken where that is fewer (a
+    Dense layer on vectors, ``t = 1``). Kept exact: layers whose ``min(rows,
+    cols)`` is below ``r``; DepthwiseConv2D layers (per channel a ``(kh * kw + 1,
+    depth_multiplier)`` matrix, of rank at most ``depth_multiplier``, 1 by
+    default); Embedding layers (their scores gather ``dim`` products per token and
+    test vector, fewer than the ``r * (dim + 1)`` of rank-``r`` factors); the
+    diagonal parameters, ``self_influence`` and ``inverse_hvp_tests``.
 
     Args:
         fisher: ``"true"`` (the default: output gradients drawn from the model's
@@ -220,6 +254,19 @@ class KFAC(Solver):
             and any number of ``tf.distribute`` replicas.
         batch_size: examples per step of the factor passes (default: the
             ``fit`` batch size).
+        query_rank: None (the default: exact scores), or the rank ``r`` each
+            Dense, EinsumDense, Conv1D and Conv2D layer's part of a solved test
+            vector is truncated to before scoring. Layers smaller than ``r``
+            (``min(rows, cols) < r``) stay exact; a rank above every such layer's
+            size, or a model with none of them, is refused at ``fit``.
+        factor_dtype: ``"float64"`` (the default) or ``"float32"``: the dtype the
+            eigenbases, eigenvalues and diagonals are kept, saved and applied in.
+            ``"float32"`` halves their memory and file size; the sums are still
+            accumulated, and decomposed, in float64.
+
+    Raises:
+        ValueError: an argument is out of range (at construction), or
+            ``query_rank`` would compress no layer (at ``fit``).
     """
 
     name = "kfac"
@@ -232,6 +279,8 @@ class KFAC(Solver):
         samples: int | str = 1,
         seed: int = 0,
         batch_size: int | None = None,
+        query_rank: int | None = None,
+        factor_dtype: str = "float64",
     ):
         if fisher not in FISHER:
             raise ValueError(
@@ -243,6 +292,15 @@ class KFAC(Solver):
         self.samples = samples
         self.seed = check_int("seed", seed)
         self.batch_size = check_positive_int("batch_size", batch_size, allow_none=True)
+        self.query_rank = check_positive_int(
+            "query_rank", query_rank, allow_none=True, none_means="exact scores"
+        )
+        if factor_dtype not in FACTOR_DTYPES:
+            raise ValueError(
+                'Argument `factor_dtype` must be "float64" or "float32". '
+                f"Received: factor_dtype={factor_dtype!r}"
+            )
+        self.factor_dtype = factor_dtype
 
     def get_config(self) -> dict[str, Any]:
         return {
@@ -250,11 +308,22 @@ class KFAC(Solver):
             "samples": self.samples,
             "seed": self.seed,
             "batch_size": self.batch_size,
+            "query_rank": self.query_rank,
+            "factor_dtype": self.factor_dtype,
         }
 
     # -- fitting ------------------------------------------------------------------------
     def _key(self) -> tuple:
-        return (_STATE, type(self).__name__, self.fisher, self.samples, self.seed, self.batch_size)
+        # query_rank is left out: it changes the scoring, not the factors.
+        return (
+            _STATE,
+            type(self).__name__,
+            self.fisher,
+            self.samples,
+            self.seed,
+            self.batch_size,
+            self.factor_dtype,
+        )
 
     def state(
         self, operator: CurvatureOperator, progress: ProgressFactory = silent_progress
@@ -265,7 +334,32 @@ class KFAC(Solver):
     def prepare(
         self, operator: CurvatureOperator, progress: ProgressFactory = silent_progress
     ) -> None:
-        self.state(operator, progress)
+        self._query_ranks(self.state(operator, progress).blocks)
+
+    def _query_ranks(self, blocks: list[_Block]) -> list[int | None]:
+        """Per block, the rank its queries are truncated to (None: exact)."""
+        rank = self.query_rank
+        if rank is None:
+            return [None] * len(blocks)
+        matrices = [b for b in blocks if b.compressible]
+        if not matrices:
+            raise ValueError(
+                f"Argument `query_rank` truncates the queries of {COMPRESSED} layers, and "
+                "none of the Kronecker-factored layers here is one (DepthwiseConv2D and "
+                "Embedding layers keep exact queries), so it would compress none. "
+                f"Received: query_rank={rank}. Pass query_rank=None for exact scores."
+            )
+        largest = max(matrices, key=lambda b: b.size)
+        if rank > largest.size:
+            raise ValueError(
+                f"Argument `query_rank` is larger than every Kronecker-factored layer, so it "
+                f"would compress none: the largest, {largest.entry.layer.name!r}, holds "
+                f"{largest.rows} x {largest.cols} matrices (its kernel"
+                f"{' and bias row' if largest.bias else ''}), of rank at most {largest.size}. "
+                f"Received: query_rank={rank}. Pass query_rank <= {largest.size}, or "
+                "query_rank=None for exact scores."
+            )
+        return [rank if b.compressible and rank <= b.size else None for b in blocks]
 
     def mean_eigenvalue(
         self, operator: CurvatureOperator, progress: ProgressFactory = silent_progress
@@ -282,6 +376,9 @@ class KFAC(Solver):
     def _fit(self, operator: CurvatureOperator, progress: ProgressFactory) -> KroneckerState:
         from tf_influence.solvers import _kronecker
 
+        blocks = structure(operator.objective)[0]
+        if blocks:  # a bad query_rank is refused before the passes over the data
+            self._query_ranks(blocks)
         return _kronecker.fit(self, operator, progress)
 
     # -- solving ------------------------------------------------------------------------
@@ -302,9 +399,29 @@ class KFAC(Solver):
                     sum(operator.objective.layout.sizes[i] for i in state.diagonal)
                 ),
                 "residual": "of the approximation (exact solve)",
+                "query_ranks": {
+                    b.entry.layer.name: r
+                    for b, r in zip(state.blocks, self._query_ranks(state.blocks), strict=True)
+                },
             },
         )
         return solution, diagnostics
+
+    def compress_queries(
+        self, operator: CurvatureOperator, solutions: tf.Tensor
+    ) -> tuple[tf.Tensor, list[LowRankQueries]]:
+        """Each compressed layer's part of ``solutions`` truncated to rank ``query_rank``.
+
+        Returns ``(solutions, [])`` unchanged without ``query_rank``; see
+        ``Solver.compress_queries``.
+        """
+        if self.query_rank is None:
+            return solutions, []
+        from tf_influence.solvers import _kronecker
+
+        blocks = self.state(operator).blocks
+        ranks = self._query_ranks(blocks)
+        return _kronecker.compress(operator, blocks, ranks, solutions)
 
     def layers(self, operator: CurvatureOperator) -> list[tuple[str, list[int]]]:
         """One group per Kronecker-factored layer, then the diagonal variables by layer."""
@@ -338,7 +455,7 @@ class KFAC(Solver):
     def set_state(self, operator: CurvatureOperator, arrays: dict[str, np.ndarray]) -> None:
         from tf_influence.solvers import _kronecker
 
-        state = _kronecker.from_arrays(operator, arrays)
+        state = _kronecker.from_arrays(operator, arrays, self.factor_dtype)
         operator.cached(self._key(), lambda: state)
 
 
