@@ -379,3 +379,15 @@ def test_embedding_with_repeated_tokens():
     x[0, :3] = 2
     gradients = assert_factored_equal(model, x, np.arange(6) % 3)
     assert gradients._pfor_indices == []
+
+
+def test_attention_with_biases_is_factored():
+    """The key bias's gradient is 0 in exact arithmetic (softmax ignores a shift): its
+    rounding noise passes the check, which judges it against every factored gradient."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4, 3), dtype="float64")
+    h = keras.layers.MultiHeadAttention(num_heads=2, key_dim=2, dtype="float64")(inputs, inputs)
+    h = keras.layers.GlobalAveragePooling1D(dtype="float64")(h)
+    model = keras.Model(inputs, keras.layers.Dense(3, dtype="float64")(h))
+    x = np.random.default_rng(0).normal(size=(6, 4, 3))
+    assert_factored_equal(model, x, np.arange(6) % 3, num_tests=(1, 5))
