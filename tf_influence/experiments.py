@@ -21,7 +21,8 @@ plots. Both use data shipped with scikit-learn (no network) and fixed seeds.
 * Finding flipped labels (``mislabel_run``, Koh & Liang 2017, section 5.4):
   breast-cancer data expanded to degree-2 products, 10% of the labels flipped,
   L2 logistic regression fitted to the noisy labels, then training examples
-  inspected by self-influence, by training loss and at random.
+  inspected by self-influence, by training loss and at random (and by the
+  self-influence of other solvers, ``mislabel_run(..., solvers=...)``).
 
 scikit-learn and SciPy (the ``dev`` extra) are imported only when an experiment
 runs.
@@ -479,7 +480,7 @@ def mislabel_run(seed: int, x=None, y=None, solvers=None):
         solvers: optional ``{name: solver}`` (``tfi.solvers`` instances, say
             ``KFAC()`` and ``EKFAC()``): each adds the ranking
             ``"self-influence (<name>)"``, the self-influence of that solver on the
-            same model and data at the same damping (0).
+            same model and data, at the damping the Exact solver's ``"auto"`` chose.
 
     Returns:
         ``(curves, gradient_norm)``: ``curves`` maps ``"self-influence"``,
@@ -521,7 +522,7 @@ def mislabel_run(seed: int, x=None, y=None, solvers=None):
     }
     for name, solver in (solvers or {}).items():
         other = tfi.InfluenceModel(model, loss=keras.losses.BinaryCrossentropy(from_logits=True))
-        other.compile(solver=solver, damping=0.0)
+        other.compile(solver=solver, damping=im.damping, curvature=im.curvature)
         other.fit(x, noisy, batch_size=256, verbose=0)
         rankings[f"self-influence ({name})"] = other.self_influence(verbose=0)
     curves = {name: mislabel_curve(values, flipped) for name, values in rankings.items()}
