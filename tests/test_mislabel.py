@@ -55,3 +55,19 @@ def test_self_influence_finds_flipped_labels_faster_than_loss_and_random():
     # Seed by seed, too.
     wins = np.greater(found["self-influence"], found["training loss"])
     assert wins.sum() >= 4, found
+
+
+@pytest.mark.slow
+def test_mislabel_run_ranks_by_other_solvers_on_the_same_model():
+    import tf_influence as tfi
+
+    x, y = load_mislabel_features()
+    solvers = {"Exact": tfi.solvers.Exact(), "EK-FAC": tfi.solvers.EKFAC()}
+    curves, _ = mislabel_run(0, x, y, solvers=solvers)
+    assert list(curves)[-2:] == ["self-influence (Exact)", "self-influence (EK-FAC)"]
+    # The same solver on the same model, data and damping: the same ranking.
+    np.testing.assert_array_equal(
+        curves["self-influence (Exact)"].found, curves["self-influence"].found
+    )
+    # EK-FAC approximates that curvature: far ahead of random order.
+    assert curves["self-influence (EK-FAC)"].mean_found() > curves["random"].mean_found() + 0.4

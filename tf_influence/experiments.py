@@ -21,7 +21,8 @@ plots. Both use data shipped with scikit-learn (no network) and fixed seeds.
 * Finding flipped labels (``mislabel_run``, Koh & Liang 2017, section 5.4):
   breast-cancer data expanded to degree-2 products, 10% of the labels flipped,
   L2 logistic regression fitted to the noisy labels, then training examples
-  inspected by self-influence, by training loss and at random.
+  inspected by self-influence, by training loss and at random (and by the
+  self-influence of other solvers, ``mislabel_run(..., solvers=...)``).
 
 scikit-learn and SciPy (the ``dev`` extra) are imported only when an experiment
 runs.
@@ -464,8 +465,8 @@ def load_mislabel_features():
     return PolynomialFeatures(2, include_bias=False).fit_transform(x), y
 
 
-def mislabel_run(seed: int, x=None, y=None):
-    """Flips 10% of the labels, fits, and ranks the training examples three ways.
+def mislabel_run(seed: int, x=None, y=None, solvers=None):
+    """Flips 10% of the labels, fits, and ranks the training examples three ways (or more).
 
     The weights are found by scikit-learn's LBFGS on exactly the objective Keras
     would minimise (``C = 1`` in scikit-learn is ``L2(1 / (2 n))`` on the kernel of a
@@ -476,11 +477,16 @@ def mislabel_run(seed: int, x=None, y=None):
     Args:
         seed: chooses the flipped labels and the random ranking.
         x, y: ``load_mislabel_features()`` (loaded when None).
+        solvers: optional ``{name: solver}`` (``tfi.solvers`` instances, say
+            ``KFAC()`` and ``EKFAC()``): each adds the ranking
+            ``"self-influence (<name>)"``, the self-influence of that solver on the
+            same model and data, at the damping the Exact solver's ``"auto"`` chose.
 
     Returns:
         ``(curves, gradient_norm)``: ``curves`` maps ``"self-influence"``,
-        ``"training loss"`` and ``"random"`` to ``tfi.evaluation.MislabelCurve``;
-        ``gradient_norm`` is ``|grad R|`` of the Keras objective at the weights.
+        ``"training loss"`` and ``"random"`` (then one key per entry of
+        ``solvers``) to ``tfi.evaluation.MislabelCurve``; ``gradient_norm`` is
+        ``|grad R|`` of the Keras objective at the weights.
     """
     import keras
     import tensorflow as tf
@@ -514,5 +520,10 @@ def mislabel_run(seed: int, x=None, y=None):
         "training loss": losses,
         "random": rng.random(n),
     }
+    for name, solver in (solvers or {}).items():
+        other = tfi.InfluenceModel(model, loss=keras.losses.BinaryCrossentropy(from_logits=True))
+        other.compile(solver=solver, damping=im.damping, curvature=im.curvature)
+        other.fit(x, noisy, batch_size=256, verbose=0)
+        rankings[f"self-influence ({name})"] = other.self_influence(verbose=0)
     curves = {name: mislabel_curve(values, flipped) for name, values in rankings.items()}
     return curves, float(tf.norm(gradient))

@@ -8,6 +8,10 @@ start with a stride-2 block whose shortcut is a 1x1 convolution), each block
 ``Conv2D -> BatchNormalization -> ReLU -> Conv2D -> BatchNormalization``, added to
 its shortcut and passed through a ReLU; then global average pooling and
 ``Dense(10)`` logits. Kernels carry L2(1e-4).
+
+``SMALL_STAGES`` with ``size=16`` is the network of ``notebooks/06_ekfac_cnn.ipynb``
+(one block per stage of 32, 64 and 128 channels, about 310k parameters; the notebook
+takes one grey channel, resized bilinearly, where this module takes three).
 """
 
 from __future__ import annotations
@@ -21,14 +25,19 @@ SIZE = 32
 CHANNEL_SCALES = (1.0, 0.5, -0.5)
 # Blocks per stage: (channels, stride of the first block, number of blocks).
 STAGES = ((64, 1, 2), (128, 2, 2), (256, 2, 1))
+SMALL_STAGES = ((32, 1, 1), (64, 2, 1), (128, 2, 1))
 
 
-def load_data(num_train=NUM_TRAIN):
-    """The digits as ``(n, 32, 32, 3)`` images: ``num_train`` to train on, the rest to test.
+def load_data(num_train=NUM_TRAIN, size=SIZE):
+    """The digits as ``(n, size, size, 3)`` images: ``num_train`` to train on, the rest to test.
+
+    Args:
+        num_train: training examples (stratified split, ``random_state=SEED``).
+        size: side of the images, a multiple of 8 (each pixel a block).
 
     Returns:
-        ``(x_train (num_train, 32, 32, 3) float32, y_train (num_train,) int32,
-        x_test (1797 - num_train, 32, 32, 3), y_test)``.
+        ``(x_train (num_train, size, size, 3) float32, y_train (num_train,) int32,
+        x_test (1797 - num_train, size, size, 3), y_test)``.
     """
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -41,13 +50,13 @@ def load_data(num_train=NUM_TRAIN):
 
     def images(flat):
         small = ((flat - mean) / std).reshape(-1, 8, 8)
-        big = np.kron(small, np.ones((SIZE // 8, SIZE // 8)))
+        big = np.kron(small, np.ones((size // 8, size // 8)))
         return np.stack([scale * big for scale in CHANNEL_SCALES], axis=-1).astype(np.float32)
 
     return images(x_train), y_train.astype(np.int32), images(x_test), y_test.astype(np.int32)
 
 
-def _block(x, channels, stride, reg, name):
+def _block(x, channels, stride, reg, name, momentum=0.99):
     import keras
 
     layers = keras.layers
@@ -61,12 +70,12 @@ def _block(x, channels, stride, reg, name):
         kernel_regularizer=reg,
         name=f"{name}_conv1",
     )(x)
-    y = layers.BatchNormalization(name=f"{name}_bn1")(y)
+    y = layers.BatchNormalization(momentum=momentum, name=f"{name}_bn1")(y)
     y = layers.ReLU(name=f"{name}_relu1")(y)
     y = layers.Conv2D(
         channels, 3, padding="same", use_bias=False, kernel_regularizer=reg, name=f"{name}_conv2"
     )(y)
-    y = layers.BatchNormalization(name=f"{name}_bn2")(y)
+    y = layers.BatchNormalization(momentum=momentum, name=f"{name}_bn2")(y)
     if stride != 1 or shortcut.shape[-1] != channels:
         shortcut = layers.Conv2D(
             channels,
@@ -76,22 +85,36 @@ def _block(x, channels, stride, reg, name):
             kernel_regularizer=reg,
             name=f"{name}_shortcut",
         )(shortcut)
-        shortcut = layers.BatchNormalization(name=f"{name}_shortcut_bn")(shortcut)
+        shortcut = layers.BatchNormalization(momentum=momentum, name=f"{name}_shortcut_bn")(
+            shortcut
+        )
     return layers.ReLU(name=f"{name}_out")(layers.Add(name=f"{name}_add")([y, shortcut]))
 
 
-def build_model():
-    """The untrained residual CNN, compiled with Adam(1e-3) and sparse cross-entropy."""
+def build_model(stages=STAGES, size=SIZE, momentum=0.99, seed=SEED):
+    """The untrained residual CNN, compiled with Adam(1e-3) and sparse cross-entropy.
+
+    Args:
+        stages: ``(channels, stride of the first block, blocks)`` per stage; the
+            stem has the first stage's channels.
+        size: side of the input images.
+        momentum: of the ``BatchNormalization`` layers (0.9 follows the moving
+            statistics over a few hundred steps; Keras's default is 0.99).
+        seed: the initialisation's seed.
+    """
     import keras
 
-    keras.utils.set_random_seed(SEED)
+    keras.utils.set_random_seed(seed)
     reg = keras.regularizers.L2(L2)
-    inputs = keras.Input((SIZE, SIZE, 3))
-    x = keras.layers.Conv2D(64, 3, padding="same", use_bias=False, kernel_regularizer=reg)(inputs)
-    x = keras.layers.ReLU()(keras.layers.BatchNormalization()(x))
-    for stage, (channels, stride, blocks) in enumerate(STAGES, start=1):
+    inputs = keras.Input((size, size, 3))
+    x = keras.layers.Conv2D(
+        stages[0][0], 3, padding="same", use_bias=False, kernel_regularizer=reg
+    )(inputs)
+    x = keras.layers.ReLU()(keras.layers.BatchNormalization(momentum=momentum)(x))
+    for stage, (channels, stride, blocks) in enumerate(stages, start=1):
         for index in range(blocks):
-            x = _block(x, channels, stride if index == 0 else 1, reg, f"stage{stage}_{index}")
+            stride_here = stride if index == 0 else 1
+            x = _block(x, channels, stride_here, reg, f"stage{stage}_{index}", momentum)
     x = keras.layers.GlobalAveragePooling2D()(x)
     outputs = keras.layers.Dense(10, kernel_regularizer=reg, name="logits")(x)
     model = keras.Model(inputs, outputs, name="residual_cnn")
