@@ -23,7 +23,7 @@ demo: $(STAMP)
 TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && echo 4 || echo $$n)
 
 test: $(STAMP)
-	$(PY) -m pytest -ra -n $(TEST_WORKERS) --dist loadfile --durations=20
+	$(PY) -m pytest -ra -n $(TEST_WORKERS) --dist loadfile --durations=40
 
 docs: $(STAMP)
 	$(PY) -m mkdocs build --strict --site-dir site
