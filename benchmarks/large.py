@@ -46,7 +46,7 @@ import numpy as np
 
 from benchmarks.common import resnet9
 from benchmarks.common.report import machine, now
-from benchmarks.common.timing import log, peak_rss_mb
+from benchmarks.common.timing import log, peak_rss_mb, status_mib
 
 CASES = ("ekfac", "kfac")
 SOLVE_TESTS = 10  # test points whose solve alone is timed
@@ -143,7 +143,7 @@ def run_case(case, weights, args, epoch_seconds):
                 seconds = time.time() - started
                 if seconds > budget:
                     row = {"status": f"stopped after {args.budget_epochs:g} epochs"}
-                elif _rss_mib(child.pid) > args.max_memory_mib:
+                elif (status_mib("VmRSS", child.pid) or 0.0) > args.max_memory_mib:
                     row = {"status": f"stopped above {args.max_memory_mib:g} MiB"}
                 elif not child.is_alive():
                     row = {"status": f"died (exit code {child.exitcode})"}
@@ -152,18 +152,6 @@ def run_case(case, weights, args, epoch_seconds):
             child.terminate()
         child.join(30)
     return row
-
-
-def _rss_mib(pid):
-    """The resident memory of process ``pid``, MiB (0 if unknown)."""
-    try:
-        with open(f"/proc/{pid}/status") as handle:
-            for line in handle:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
 
 
 @contextlib.contextmanager

@@ -39,7 +39,7 @@ import time
 import traceback
 
 from benchmarks.common import cnn
-from benchmarks.common.timing import log, peak_rss_mb
+from benchmarks.common.timing import log, peak_rss_mb, status_mib
 
 CASES = ("cg_gn", "cg_hessian", "lissa", "lissa_gn", "arnoldi", "ekfac", "kfac")
 CG_TOL = 1e-5  # relative residual float32 reaches (benchmarks.common.digits)
@@ -147,7 +147,7 @@ def run_case(case, weights, args, epoch_seconds):
                 seconds = time.time() - started
                 if seconds > budget:
                     row = {"status": "over budget", "seconds": seconds}
-                elif _rss_mib(child.pid) > args.max_memory_mib:
+                elif (status_mib("VmRSS", child.pid) or 0.0) > args.max_memory_mib:
                     row = {"status": "over memory", "seconds": seconds}
     finally:
         if child.is_alive():
@@ -159,18 +159,6 @@ def run_case(case, weights, args, epoch_seconds):
     if "more_seconds" in row:
         row["more_epochs"] = row["more_seconds"] / epoch_seconds
     return row
-
-
-def _rss_mib(pid):
-    """The resident memory of process ``pid``, MiB (0 if unknown)."""
-    try:
-        with open(f"/proc/{pid}/status") as handle:
-            for line in handle:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
 
 
 def _smallest_curvature(error):

@@ -64,10 +64,11 @@ def fmt_time(seconds):
     return f"{seconds * 1e3:.1f} ms"
 
 
-def status_mib(field):
-    """``VmRSS`` / ``VmHWM`` of this process from /proc, MiB (None if unavailable)."""
+def status_mib(field, pid="self"):
+    """``VmRSS`` / ``VmHWM`` of process ``pid`` (this one by default) from /proc, MiB
+    (None if unavailable)."""
     try:
-        with open("/proc/self/status") as handle:
+        with open(f"/proc/{pid}/status") as handle:
             for line in handle:
                 if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
