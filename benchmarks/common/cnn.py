@@ -132,21 +132,10 @@ def train_model(data, epochs=2, batch_size=32):
     Returns:
         ``(model, test accuracy, seconds of the last training epoch)``.
     """
-    import time
+    from benchmarks.common.timing import fit_epochs
 
     x_train, y_train, x_test, y_test = data
     model = build_model()
-    seconds = None
-    for epoch in range(epochs):
-        start = time.perf_counter()
-        model.fit(
-            x_train,
-            y_train,
-            epochs=epoch + 1,
-            initial_epoch=epoch,
-            batch_size=batch_size,
-            verbose=0,
-        )
-        seconds = time.perf_counter() - start
+    seconds = fit_epochs(model, x_train, y_train, epochs, batch_size)
     accuracy = model.evaluate(x_test, y_test, verbose=0)[1]
-    return model, float(accuracy), seconds
+    return model, float(accuracy), seconds[-1] if seconds else None

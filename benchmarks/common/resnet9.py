@@ -149,22 +149,11 @@ def train_model(data, arch="kronfluence", width=1.0, epochs=2, batch_size=64):
     Returns:
         ``(model, test accuracy, seconds of one training epoch, [seconds of each epoch])``.
     """
-    import time
+    from benchmarks.common.timing import fit_epochs
 
     x_train, y_train, x_test, y_test = data
     model = build_model(arch, width)
-    seconds = []
-    for epoch in range(epochs):
-        start = time.perf_counter()
-        model.fit(
-            x_train,
-            y_train,
-            epochs=epoch + 1,
-            initial_epoch=epoch,
-            batch_size=batch_size,
-            verbose=0,
-        )
-        seconds.append(time.perf_counter() - start)
+    seconds = fit_epochs(model, x_train, y_train, epochs, batch_size)
     accuracy = model.evaluate(x_test, y_test, verbose=0)[1]
     timed = seconds[1:] or seconds
     return model, float(accuracy), float(np.median(timed)), seconds

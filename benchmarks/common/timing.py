@@ -109,3 +109,13 @@ def one_blas_thread():
 
         return contextlib.nullcontext()
     return threadpool_limits(limits=1, user_api="blas")
+
+
+def fit_epochs(model, x, y, epochs, batch_size):
+    """Trains ``model`` one epoch per ``fit`` call; returns each epoch's seconds."""
+    seconds = []
+    for epoch in range(epochs):
+        start = time.perf_counter()
+        model.fit(x, y, epochs=epoch + 1, initial_epoch=epoch, batch_size=batch_size, verbose=0)
+        seconds.append(time.perf_counter() - start)
+    return seconds
