@@ -20,9 +20,10 @@ each case (``ekfac``, ``kfac``; ``damping="auto"``), in a child process:
 * the peak resident memory of the process and the bytes of the fitted factors
   (eigenbases, eigenvalues and diagonals, float64).
 
-The run ends with a comparison with kronfluence's published ResNet-9 figures
-(50,000 training examples, 2,000 queries, one A100), both in training epochs of
-the model on the hardware that ran it; see ``docs/performance.md``.
+On kronfluence's model (``--arch kronfluence --width 1``) the run ends with a
+comparison with kronfluence's published figures for it (50,000 training examples,
+2,000 queries, one A100), both in training epochs of the model on the hardware
+that ran it; see ``docs/performance.md``.
 
 Usage, from the repository root::
 
@@ -235,7 +236,7 @@ def comparison(row, epoch_seconds, args):
         f"{eigh:.0f} s = {eigh / epoch_50k:.3f}) |",
         f"| scoring 2,000 queries | {theirs['scoring']:.1f} epochs | {scoring:.1f} epochs "
         f"({calls:g} scoring passes of {scoring_pass:.2f}; queries' gradients and "
-        f"preconditioning {row['solve_seconds']:.2f} s each = {queries:.2f}) |",
+        f"preconditioning {row['solve_seconds']:.2f} s each, {queries:.2f} in all) |",
         f"| total | {theirs['total']:.1f} epochs ({KRONFLUENCE['total']:.0f} s) | "
         f"{fit + scoring:.1f} epochs |",
     ]
@@ -326,7 +327,8 @@ def main(argv=None):
             f"\nfactor sizes decomposed (float64): {finished[0]['eigh_sizes']}; "
             "the eigendecomposition does not grow with the training set"
         )
-    if "ekfac" in rows and rows["ekfac"]["status"] == "finished":
+    same_model = args.arch == "kronfluence" and args.width == 1
+    if same_model and "ekfac" in rows and rows["ekfac"]["status"] == "finished":
         print("\nAgainst kronfluence's published ResNet-9 run, EK-FAC, in training epochs:\n")
         print("\n".join(comparison(rows["ekfac"], epoch_seconds, args)))
 
