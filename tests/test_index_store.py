@@ -355,3 +355,15 @@ def test_bad_arguments(tmp_path):
         ValueError, match=r"progress file .* cannot be read.*To start again, delete"
     ):
         GradientStore.open(path)
+
+
+def test_only_aligned_arrays_are_shared_with_tensorflow():
+    aligned = kernels.aligned_empty((3, 5), np.float32)
+    aligned[:] = np.arange(15).reshape(3, 5)
+    shared = kernels.as_tensor(aligned)
+    aligned[0, 0] = 7  # the tensor sees the buffer (no copy)
+    assert shared.numpy()[0, 0] == 7
+    misaligned = np.arange(17, dtype=np.float32)[1:].reshape(4, 4)  # 4 bytes off
+    copied = kernels.as_tensor(misaligned)
+    misaligned[0, 0] = -1
+    assert copied.numpy()[0, 0] == 1  # a copy: TensorFlow never sees a misaligned buffer

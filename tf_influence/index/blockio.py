@@ -20,7 +20,7 @@ from tf_influence._validation import check_positive_int
 from tf_influence.index import kernels
 
 # Default memory for one block of a read (bytes): bounds the RAM of every stream.
-BLOCK_BYTES = 32 * 2**20
+BLOCK_BYTES = 16 * 2**20
 
 
 def size_text(nbytes: float) -> str:

@@ -24,6 +24,7 @@ import re
 import numpy as np
 
 from tf_influence._files import read_record, write_record
+from tf_influence.index import kernels
 
 FORMAT = "tf_influence.gradient_store/1"
 DTYPES = ("float16", "float32")
@@ -125,9 +126,8 @@ class StoreLayout:
         """The bytes to write for float32 ``(b, dim)`` rows: ``[rows]`` or ``[rows, scales]``."""
         if not self.scaled:
             return [np.ascontiguousarray(values, np.float32)]
-        scales = np.max(np.abs(values), axis=1)
-        safe = np.where(scales > 0, scales, np.float32(1))
-        return [(values / safe[:, None]).astype(np.float16), scales]
+        rows, scales = kernels.encode_float16(values)
+        return [rows.numpy(), scales.numpy()]
 
     def differences(self, record: dict) -> list[str]:
         """The layout entries (num_rows, dim, dtype) in which ``record`` differs."""
