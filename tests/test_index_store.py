@@ -108,7 +108,8 @@ def test_stream_top_k_of_continuous_scores_and_k_above_n(tmp_path):
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_scores_quadratic_and_gram_equal_dense(tmp_path, dtype):
     rng = np.random.default_rng(2)
-    values = rng.standard_normal((301, 16)) * np.logspace(-6, 4, 301)[:, None]
+    # Rows from 1e-8 (below float16's smallest number) to 1e6 (above its largest).
+    values = rng.standard_normal((301, 16)) * np.logspace(-8, 6, 301)[:, None]
     queries = rng.standard_normal((5, 16))
     store = make_store(str(tmp_path / "s.npy"), values, dtype)
     stored = stored_rows(store).astype(np.float64)

@@ -19,6 +19,7 @@ before stay on disk and recorded.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -358,6 +359,11 @@ class GradientStore:
 
     def __enter__(self) -> GradientStore:
         return self
+
+    def __del__(self):
+        for fd in getattr(self, "_fds", ()):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def __exit__(self, *exc_info) -> None:
         self.close()

@@ -72,10 +72,10 @@ class RunningTopK:
     the whole matrix would; blocks must arrive in index order.
     """
 
-    def __init__(self, num_rows: int, k: int):
+    def __init__(self, num_queries: int, k: int):
         self.k = k
-        self.values = np.empty((num_rows, 0), np.float32)
-        self.indices = np.empty((num_rows, 0), np.int64)
+        self.values = np.empty((num_queries, 0), np.float32)
+        self.indices = np.empty((num_queries, 0), np.int64)
 
     def update(self, start: int, values: np.ndarray) -> None:
         """Merges the block ``values`` (columns ``start:start + b``) into the kept."""
