@@ -368,3 +368,12 @@ def test_only_aligned_arrays_are_shared_with_tensorflow():
     copied = kernels.as_tensor(misaligned)
     misaligned[0, 0] = -1
     assert copied.numpy()[0, 0] == 1  # a copy: TensorFlow never sees a misaligned buffer
+
+
+def test_a_store_larger_than_the_free_disk_warns(tmp_path, monkeypatch):
+    from tf_influence.index import layout
+
+    usage = layout.shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(layout.shutil, "disk_usage", lambda path: usage._replace(free=1000))
+    with pytest.warns(UserWarning, match=r"will need 15.2 KiB and its disk has 1000 bytes free"):
+        GradientStore(str(tmp_path / "s.npy"), FINGERPRINTS, NUM_ROWS, DIM)

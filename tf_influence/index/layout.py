@@ -20,15 +20,27 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import shutil
+import warnings
 
 import numpy as np
 
+from tf_influence._errors import user_stacklevel
 from tf_influence._files import read_record, write_record
 from tf_influence.index import kernels
+from tf_influence.index.blockio import size_text
 
 FORMAT = "tf_influence.gradient_store/1"
 DTYPES = ("float16", "float32")
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+
+
+def check_path(path: str | os.PathLike) -> str:
+    """``path`` as a str, or a ValueError unless it ends in ``.npy``."""
+    path = os.fspath(path)
+    if not isinstance(path, str) or not path.endswith(".npy"):
+        raise ValueError(f"Argument `path` must be a path ending in .npy. Received: path={path!r}")
+    return path
 
 
 def create_npy(path: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
@@ -96,6 +108,18 @@ class StoreLayout:
                 f"Received: name={name!r}"
             )
         return f"{self.path}.extra.{name}.npy"
+
+    def warn_if_too_big(self) -> None:
+        """Warns if the store will not fit in its disk's free space."""
+        needed = self.num_rows * self.row_bytes
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(self.path))).free
+        if free < needed:
+            warnings.warn(
+                f"The gradient store {self.path!r} will need {size_text(needed)} and its disk "
+                f"has {size_text(free)} free: the build will stop when the disk is full (and "
+                "can be resumed).",
+                stacklevel=user_stacklevel(),
+            )
 
     def create(self) -> None:
         for path, shape, dtype in self.files():

@@ -21,19 +21,17 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import time
-import warnings
 from collections.abc import Iterator
 
 import numpy as np
 
-from tf_influence._errors import describe, first_nonfinite_index, user_stacklevel
+from tf_influence._errors import describe, first_nonfinite_index
 from tf_influence._files import atomic_write
 from tf_influence._fingerprint import differing
 from tf_influence._validation import check_int, check_positive_int
 from tf_influence.index import blockio, kernels
-from tf_influence.index.layout import DTYPES, StoreLayout
+from tf_influence.index.layout import DTYPES, StoreLayout, check_path
 
 # Sync the rows and rewrite the record at most this often (seconds); 0: every write.
 CHECKPOINT_SECONDS = 1.0
@@ -77,7 +75,7 @@ class GradientStore:
         dim: int,
         dtype: str = "float16",
     ):
-        path = _check_path(path)
+        path = check_path(path)
         if not isinstance(fingerprints, dict) or not all(
             isinstance(key, str) and isinstance(value, str) for key, value in fingerprints.items()
         ):
@@ -113,7 +111,7 @@ class GradientStore:
                 "choose another path."
             )
         else:
-            self._warn_if_disk_too_small()
+            self._layout.warn_if_too_big()
             # The record first: a kill from here on leaves a store of 0 rows.
             self._layout.write_record(self._fingerprints, 0, False, {})
             record = {"rows_written": 0, "complete": False}
@@ -131,17 +129,6 @@ class GradientStore:
             self._layout.create()  # new, or killed before its first rows were recorded
         self._offsets = self._layout.offsets()
 
-    def _warn_if_disk_too_small(self) -> None:
-        needed = self._layout.num_rows * self._layout.row_bytes
-        free = shutil.disk_usage(os.path.dirname(os.path.abspath(self._layout.path))).free
-        if free < needed:
-            warnings.warn(
-                f"The gradient store {self._layout.path!r} will need "
-                f"{blockio.size_text(needed)} and its disk has {blockio.size_text(free)} free: "
-                "the build will stop when the disk is full (and can be resumed).",
-                stacklevel=user_stacklevel(),
-            )
-
     @classmethod
     def open(
         cls, path: str | os.PathLike, fingerprints: dict[str, str] | None = None
@@ -157,7 +144,7 @@ class GradientStore:
             ValueError: there is no store at ``path``, it is not complete, or its
                 fingerprints differ from ``fingerprints``.
         """
-        path = _check_path(path)
+        path = check_path(path)
         layout = StoreLayout(path, 1, 1, np.dtype(np.float32))
         if not os.path.exists(layout.record_path):
             raise ValueError(
@@ -445,10 +432,3 @@ class GradientStore:
         for start, count, block, scales in self.raw_blocks(block_rows):
             values = kernels.rows(kernels.as_tensor(block), kernels.as_tensor(scales))
             yield start, values.numpy()[:count]
-
-
-def _check_path(path: str | os.PathLike) -> str:
-    path = os.fspath(path)
-    if not isinstance(path, str) or not path.endswith(".npy"):
-        raise ValueError(f"Argument `path` must be a path ending in .npy. Received: path={path!r}")
-    return path
