@@ -1,0 +1,395 @@
+"""Random projections of per-example gradients: ``P^T grad L(z_j)`` in ``dim`` numbers.
+
+``P`` is a ``(p, dim)`` random matrix scaled so that ``E[P P^T] = I`` (a
+Johnson-Lindenstrauss projection): dot products of projected gradients are
+unbiased estimates of dot products of gradients. It is never stored whole when
+``p`` is large. Two kinds of parts make it up, each acting on some variables:
+
+* **Kronecker** (LoGra, Choe et al. 2024), for the matrix layers of
+  ``engine.factored_layers`` (Dense, EinsumDense, Conv1D, Conv2D) with a chosen
+  kernel: the layer's kernel and bias read as one ``(rows, cols)`` matrix (the
+  kernel's ``(fan_in, cols)`` reshape, then the bias as a last row), projected by
+  ``P_in^T G P_out`` with small seeded ``P_in (rows, k_in)`` and ``P_out (cols,
+  k_out)``, entries ``N(0, 1/k_in)`` and ``N(0, 1/k_out)``. The layer's part of
+  ``P`` is the Kronecker product ``P_in (x) P_out``. A training example's
+  gradient there is ``sum_t a_t delta_t^T`` (input rows with a 1 for the bias,
+  output gradients, over positions ``t``), so its projection is ``sum_t (P_in^T
+  a_t) (P_out^T delta_t)^T``, taken from the factors of one batched forward and
+  backward pass: no per-example gradient of the layer is formed.
+* **Dense JL** for every other chosen variable (all of them with
+  ``kind="gaussian"`` or ``"rademacher"``): their gradients, concatenated, times a
+  ``(p_rest, dim_rest)`` matrix of ``N(0, 1/dim_rest)`` (or ``+-1/sqrt(dim_rest)``)
+  entries, generated from the seed in blocks of ``JL_BLOCK_ROWS`` rows inside the
+  graph (block ``i`` from the stateless seed ``(seed, JL_STREAM + i)``), so only one
+  block is held at a time. Below ``materialize_limit`` values it is generated once
+  and kept (the same values).
+
+How ``dim`` is split (``kind="kronecker"``): each part gets a share in proportion to
+its size, ``dim * size / p``; a layer's share ``s`` becomes ``k_out = round(sqrt(s *
+cols / rows))`` (so both sides are compressed alike, ``k_out / cols ~= k_in / rows``)
+and ``k_in = floor(s / k_out)``, each between 1 and its side; the dense part takes
+what is left of ``dim``. A side whose ``k`` equals its size is not projected (the
+identity), and with ``dim >= p`` nothing is: ``P = I``, the index holds the
+gradients themselves. The index then has ``dim_total <= dim`` coordinates (fewer by
+rounding; more only if many layers need the minimum of 1 per side).
+
+References:
+    Johnson & Lindenstrauss, "Extensions of Lipschitz mappings into a Hilbert
+    space", 1984. Park, Georgiev, Ilyas, Leclerc & Madry, "TRAK: Attributing Model
+    Behavior at Scale", ICML 2023. Choe et al., "What is Your Data Worth to GPT?
+    LLM-Scale Data Valuation with Influence Functions" (LoGra), arXiv 2405.13954, 2024.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from tf_influence.engine.compile import BatchFunction
+from tf_influence.engine.factored import MATRIX_KINDS, FactoredUnavailable, find_layers
+from tf_influence.engine.factored_layers import input_rows, output_rows
+from tf_influence.engine.gradients import PerExampleGradients
+from tf_influence.engine.objective import Objective
+
+KINDS = ("kronecker", "gaussian", "rademacher")
+# Rows of the dense JL matrix generated at a time (part of its definition: the
+# values of block i depend on it).
+JL_BLOCK_ROWS = 512
+# Second component of a JL block's stateless seed: JL_STREAM + block index (the
+# Kronecker factors of unit u use 2u and 2u + 1).
+JL_STREAM = 2**32
+# The dense JL matrix is generated once and kept when it has at most this many values
+# (256 MiB in float32); larger ones are generated block by block at every use.
+MATERIALIZE_LIMIT = 2**26
+
+
+def check_kind(kind: Any) -> str:
+    if kind not in KINDS:
+        raise ValueError(
+            f"Argument `projection` must be one of {list(KINDS)}. Received: "
+            f"projection={kind!r}. Use 'kronecker' (per-layer factors, the cheapest) or "
+            "'gaussian' / 'rademacher' (one dense random projection of all parameters)."
+        )
+    return kind
+
+
+@dataclasses.dataclass(frozen=True)
+class KroneckerUnit:
+    """A matrix layer projected by ``P_in (x) P_out``.
+
+    Attributes:
+        kernel: index of the kernel among the objective's variables.
+        bias: index of its bias, or None (then ``rows = fan_in``).
+        rows: ``fan_in`` (+ 1 with a bias).
+        cols: output units or channels.
+        k_in: projected rows (``rows``: not projected).
+        k_out: projected columns (``cols``: not projected).
+        offset: where the unit's ``k_in * k_out`` coordinates start.
+    """
+
+    kernel: int
+    bias: int | None
+    rows: int
+    cols: int
+    k_in: int
+    k_out: int
+    offset: int
+
+    @property
+    def dim(self) -> int:
+        return self.k_in * self.k_out
+
+
+def split_dimensions(
+    shapes: list[tuple[int, int]], rest: int, dim: int
+) -> tuple[list[tuple[int, int]], int]:
+    """``([(k_in, k_out) per layer], dim of the dense part)`` for a budget of ``dim``.
+
+    See the module docstring. With ``dim >= p`` every part keeps its full size.
+    """
+    total = sum(r * c for r, c in shapes) + rest
+    if dim >= total:
+        return list(shapes), rest
+    fraction = dim / total
+    sides = []
+    for rows, cols in shapes:
+        share = fraction * rows * cols
+        k_out = min(cols, max(1, round(math.sqrt(share * cols / rows))))
+        k_in = min(rows, max(1, math.floor(share / k_out)))
+        sides.append((k_in, k_out))
+    used = sum(a * b for a, b in sides)
+    rest_dim = min(rest, max(1, dim - used)) if rest else 0
+    return sides, rest_dim
+
+
+def jl_block(kind: str, seed: int, index: Any, dim: int, dtype: tf.DType) -> tf.Tensor:
+    """Rows ``index * JL_BLOCK_ROWS ...`` of the dense JL matrix, ``(JL_BLOCK_ROWS, dim)``.
+
+    Traceable (``index`` may be a tensor). Entries ``N(0, 1/dim)`` or ``+-1/sqrt(dim)``.
+    """
+    key = tf.stack([tf.constant(seed, tf.int64), JL_STREAM + tf.cast(index, tf.int64)])
+    shape = [JL_BLOCK_ROWS, dim]
+    if kind == "rademacher":
+        bits = tf.random.stateless_uniform(shape, key, 0, 2, dtype=tf.int32)
+        values = tf.cast(2 * bits - 1, dtype)
+    else:
+        values = tf.random.stateless_normal(shape, key, dtype=dtype)
+    return values / tf.cast(math.sqrt(dim), dtype)
+
+
+def jl_matrix(kind: str, seed: int, rows: int, dim: int, dtype: tf.DType) -> tf.Tensor:
+    """The dense JL matrix ``(rows, dim)``, its blocks stacked (small matrices and tests)."""
+    blocks = [jl_block(kind, seed, i, dim, dtype) for i in range(-(-rows // JL_BLOCK_ROWS))]
+    return tf.concat(blocks, axis=0)[:rows]
+
+
+class GradientProjection:
+    """``P^T`` for the gradients of ``objective``'s variables (see the module docstring).
+
+    Args:
+        objective: the per-example loss and the parameters.
+        dim: the budget of coordinates (a positive integer).
+        kind: ``"kronecker"``, ``"gaussian"`` or ``"rademacher"``.
+        seed: the integer every random matrix is drawn from.
+        materialize_limit: keep the dense JL matrix when it has at most this many
+            values (else generate it block by block at each use).
+
+    Attributes:
+        dim: the number of coordinates (``<= dim`` asked for, see the module docstring).
+        units: the ``KroneckerUnit`` of each projected matrix layer, in order.
+        rest: indices of the variables in the dense part, in order.
+        rest_size: their total size ``p_rest``; ``rest_dim``: its coordinates (last).
+    """
+
+    def __init__(
+        self,
+        objective: Objective,
+        dim: int,
+        kind: str = "kronecker",
+        seed: int = 0,
+        materialize_limit: int = MATERIALIZE_LIMIT,
+    ):
+        self.objective = objective
+        self.kind = check_kind(kind)
+        self.seed = int(seed)
+        self.dtype = objective.dtype
+        self.gradients = PerExampleGradients(objective)
+        layout = objective.layout
+        entries = []
+        if kind == "kronecker":
+            entries = [
+                e for e in find_layers(objective) if e.kind in MATRIX_KINDS and e.kernel is not None
+            ]
+        shapes = []
+        for entry in entries:
+            fan_in = layout.sizes[entry.kernel] // _columns(layout.shapes[entry.kernel], entry)
+            cols = layout.sizes[entry.kernel] // fan_in
+            shapes.append((fan_in + (entry.bias is not None), cols))
+        covered = {i for e in entries for i in (e.kernel, e.bias) if i is not None}
+        self.rest = [i for i in range(len(objective.variables)) if i not in covered]
+        self.rest_size = sum(layout.sizes[i] for i in self.rest)
+        sides, self.rest_dim = split_dimensions(shapes, self.rest_size, int(dim))
+        self.units: list[KroneckerUnit] = []
+        offset = 0
+        for entry, (rows, cols), (k_in, k_out) in zip(entries, shapes, sides, strict=True):
+            self.units.append(
+                KroneckerUnit(entry.kernel, entry.bias, rows, cols, k_in, k_out, offset)
+            )
+            offset += k_in * k_out
+        self.rest_offset = offset
+        self.dim = offset + self.rest_dim
+        self._entries = {e.kernel: e for e in entries}
+        self._factors = [self._unit_factors(u, i) for i, u in enumerate(self.units)]
+        self._dense = None
+        if 0 < self.rest_dim < self.rest_size and self.rest_size * self.rest_dim <= (
+            materialize_limit
+        ):
+            self._dense = jl_matrix(
+                kind_of_dense(kind), seed, self.rest_size, self.rest_dim, self.dtype
+            )
+        self._examples = BatchFunction(self._examples_impl)
+        self._factored: bool | None = None
+
+    @property
+    def key(self) -> tuple:
+        """What the projection's values depend on (its fingerprint with the layout)."""
+        layout = self.objective.layout
+        return ("projection", self.kind, self.seed, self.dim, tuple(layout.shapes))
+
+    def factors(self, unit: int) -> tuple[tf.Tensor | None, tf.Tensor | None]:
+        """``(P_in (rows, k_in), P_out (cols, k_out))`` of a unit; None for a side not projected."""
+        return self._factors[unit]
+
+    def _unit_factors(self, unit: KroneckerUnit, index: int):
+        def draw(side, k, stream):
+            if k == side:
+                return None
+            key = tf.constant([self.seed, stream], tf.int64)
+            values = tf.random.stateless_normal([side, k], key, dtype=self.dtype)
+            return values / tf.cast(math.sqrt(k), self.dtype)
+
+        return draw(unit.rows, unit.k_in, 2 * index), draw(unit.cols, unit.k_out, 2 * index + 1)
+
+    # -- flat vectors ---------------------------------------------------------------------
+    def project(self, vectors: tf.Tensor) -> tf.Tensor:
+        """``P^T vectors``: ``(p, k)`` gradients to ``(dim, k)`` coordinates. Traceable."""
+        vectors = tf.convert_to_tensor(vectors, self.dtype)
+        k = tf.shape(vectors)[1]
+        blocks = tf.split(vectors, self.objective.layout.sizes, axis=0)
+        parts = []
+        for unit, (p_in, p_out) in zip(self.units, self._factors, strict=True):
+            matrix = tf.reshape(blocks[unit.kernel], [-1, unit.cols, k])
+            if unit.bias is not None:
+                matrix = tf.concat([matrix, tf.reshape(blocks[unit.bias], [1, unit.cols, k])], 0)
+            if p_in is not None:
+                matrix = tf.einsum("rck,ri->ick", matrix, p_in)
+            if p_out is not None:
+                matrix = tf.einsum("ick,cl->ilk", matrix, p_out)
+            parts.append(tf.reshape(matrix, [unit.dim, k]))
+        if self.rest:
+            rest = tf.concat([blocks[i] for i in self.rest], axis=0)
+            parts.append(tf.transpose(self._project_rest(tf.transpose(rest))))
+        return tf.concat(parts, axis=0)
+
+    def expand(self, coefficients: tf.Tensor) -> tf.Tensor:
+        """``P coefficients``: ``(dim, k)`` coordinates to ``(p, k)``. Traceable."""
+        coefficients = tf.convert_to_tensor(coefficients, self.dtype)
+        k = tf.shape(coefficients)[1]
+        layout = self.objective.layout
+        out: dict[int, tf.Tensor] = {}
+        for unit, (p_in, p_out) in zip(self.units, self._factors, strict=True):
+            part = coefficients[unit.offset : unit.offset + unit.dim]
+            matrix = tf.reshape(part, [unit.k_in, unit.k_out, k])
+            if p_out is not None:
+                matrix = tf.einsum("ilk,cl->ick", matrix, p_out)
+            if p_in is not None:
+                matrix = tf.einsum("ick,ri->rck", matrix, p_in)
+            fan_in = unit.rows - (unit.bias is not None)
+            out[unit.kernel] = tf.reshape(matrix[:fan_in], [-1, k])
+            if unit.bias is not None:
+                out[unit.bias] = matrix[fan_in]
+        if self.rest:
+            rest = self._expand_rest(coefficients[self.rest_offset :])
+            sizes = [layout.sizes[i] for i in self.rest]
+            out.update(zip(self.rest, tf.split(rest, sizes, axis=0), strict=True))
+        return tf.concat([out[i] for i in range(len(layout.sizes))], axis=0)
+
+    # -- the dense part -------------------------------------------------------------------
+    def _project_rest(self, rows: tf.Tensor) -> tf.Tensor:
+        """``(b, p_rest) -> (b, rest_dim)``: rows times the dense JL matrix."""
+        if self.rest_dim == self.rest_size:
+            return rows
+        if self._dense is not None:
+            return tf.matmul(rows, self._dense)
+        count = -(-self.rest_size // JL_BLOCK_ROWS)
+        padded = tf.pad(rows, [[0, 0], [0, count * JL_BLOCK_ROWS - self.rest_size]])
+        kind = kind_of_dense(self.kind)
+
+        def body(i, total):
+            chunk = padded[:, i * JL_BLOCK_ROWS : (i + 1) * JL_BLOCK_ROWS]
+            block = jl_block(kind, self.seed, i, self.rest_dim, self.dtype)
+            return i + 1, total + tf.matmul(chunk, block)
+
+        total = tf.zeros([tf.shape(rows)[0], self.rest_dim], self.dtype)
+        _, total = tf.while_loop(lambda i, _: i < count, body, (tf.constant(0), total))
+        return total
+
+    def _expand_rest(self, coefficients: tf.Tensor) -> tf.Tensor:
+        """``(rest_dim, k) -> (p_rest, k)``: the dense JL matrix times coefficients."""
+        if self.rest_dim == self.rest_size:
+            return coefficients
+        if self._dense is not None:
+            return tf.matmul(self._dense, coefficients)
+        count = -(-self.rest_size // JL_BLOCK_ROWS)
+        kind = kind_of_dense(self.kind)
+        blocks = tf.TensorArray(self.dtype, size=count)
+
+        def body(i, blocks):
+            block = jl_block(kind, self.seed, i, self.rest_dim, self.dtype)
+            return i + 1, blocks.write(i, tf.matmul(block, coefficients))
+
+        _, blocks = tf.while_loop(lambda i, _: i < count, body, (tf.constant(0), blocks))
+        k = tf.shape(coefficients)[1]
+        return tf.reshape(blocks.stack(), [-1, k])[: self.rest_size]
+
+    # -- per-example projections ----------------------------------------------------------
+    def examples(self, x: Any, y: Any) -> tf.Tensor:
+        """``(b, dim)``: ``P^T grad L(z_j)`` for every example of a batch (compiled per structure).
+
+        Kronecker units from the layers' factors (once a check on this first batch
+        showed the factored gradients exact, as ``PerExampleGradients`` does), the rest
+        from per-example gradients; without factors, all from per-example gradients.
+        """
+        if self._factored is None:
+            self._factored = self.gradients.check_factored(x, y)
+        return self._examples(x, y)
+
+    def _examples_impl(self, x, y):
+        if self._factored:
+            try:
+                return self._factored_examples(x, y)
+            except FactoredUnavailable:
+                pass  # traced again without the factors below (this trace only)
+        grads = self.gradients.graph_gradients(x, y)  # (b, p)
+        return tf.transpose(self.project(tf.transpose(grads)))
+
+    def _factored_examples(self, x, y):
+        factored = self.gradients.factored
+        uses, losses, _ = factored.uses(x, y)
+        size = tf.shape(losses)[0]
+        dtype = self.dtype
+        by_kernel = {u.kernel: (u, f) for u, f in zip(self.units, self._factors, strict=True)}
+        projected: dict[int, tf.Tensor] = {}
+        others = []
+        for use in uses:
+            found = by_kernel.get(use.entry.kernel)
+            if found is None:
+                others.append(use)
+                continue
+            unit, (p_in, p_out) = found
+            inputs = tf.cast(input_rows(use.entry, use.inputs, size), dtype)  # (b, t, fan_in)
+            if unit.bias is not None:
+                inputs = tf.concat([inputs, tf.ones_like(inputs[..., :1])], axis=-1)
+            delta = tf.cast(output_rows(use.entry, use.delta, size), dtype)  # (b, t, cols)
+            if p_in is not None:
+                inputs = tf.einsum("bti,ik->btk", inputs, p_in)
+            if p_out is not None:
+                delta = tf.einsum("bto,ol->btl", delta, p_out)
+            value = tf.reshape(tf.einsum("btk,btl->bkl", inputs, delta), [size, unit.dim])
+            projected[unit.kernel] = projected.get(unit.kernel, 0.0) + value
+        parts = [projected.get(u.kernel, tf.zeros([size, u.dim], dtype)) for u in self.units]
+        if self.rest:
+            grads = factored.per_example(others, size, dtype) if others else {}
+            missing = [i for i in self.rest if i not in grads]
+            unfactored = [i for i in missing if i in self.gradients.pfor_indices]
+            if unfactored:
+                found = self.gradients.per_variable_gradients(x, y, unfactored)
+                grads.update(
+                    {i: g for i, g in zip(unfactored, found, strict=True) if g is not None}
+                )
+            sizes = self.objective.layout.sizes
+            rest = tf.concat(
+                [
+                    tf.cast(grads[i], dtype) if i in grads else tf.zeros([size, sizes[i]], dtype)
+                    for i in self.rest
+                ],
+                axis=1,
+            )
+            parts.append(self._project_rest(rest))
+        return tf.concat(parts, axis=1)
+
+
+def kind_of_dense(kind: str) -> str:
+    """The distribution of the dense JL part: Gaussian with Kronecker units, else ``kind``."""
+    return "gaussian" if kind == "kronecker" else kind
+
+
+def _columns(shape: tuple[int, ...], entry) -> int:
+    """A matrix kind's output columns: the kernel's output axes."""
+    if entry.kind == "einsum":
+        return int(np.prod(shape[entry.einsum.split :], dtype=np.int64))
+    return int(shape[-1])
