@@ -10,6 +10,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import tape_gradients
 
 import tf_influence as tfi
 from tf_influence.engine.projection import (
@@ -54,16 +55,6 @@ def wide_mlp():
     return model
 
 
-def per_example_gradients(objective, x, y):
-    """``(n, p)``, one tape per example."""
-    rows = []
-    for i in range(len(x)):
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_sum(objective.per_example_loss(x[i : i + 1], y[i : i + 1]))
-        rows.append(objective.layout.flatten(tape.gradient(loss, objective.variables)).numpy())
-    return np.array(rows)
-
-
 def dense_matrix(projection):
     """The ``(p, dim)`` matrix: ``kron(P_in, P_out)`` per layer, the JL matrix for the rest."""
     layout = projection.objective.layout
@@ -105,7 +96,7 @@ def data(shape, n=9, seed=0):
 def check_against_dense(projection, x, y):
     objective = projection.objective
     matrix = dense_matrix(projection)
-    grads = per_example_gradients(objective, x, y)
+    grads = tape_gradients(objective, x, y)
     expected = grads @ matrix
     np.testing.assert_allclose(projection.examples(x, y).numpy(), expected, atol=1e-12)
     rng = np.random.default_rng(5)
@@ -176,7 +167,7 @@ def test_dim_at_least_num_params_projects_nothing(kind):
     x, y = data((6, 3))
     np.testing.assert_allclose(
         projection.examples(x, y).numpy() @ dense_matrix(projection).T,
-        per_example_gradients(objective, x, y),
+        tape_gradients(objective, x, y),
         atol=1e-12,
     )
     np.testing.assert_array_equal(

@@ -57,6 +57,9 @@ ANNOTATED = [
     "tf_influence.solvers.recycling",
     "tf_influence.solvers.lissa",
     "tf_influence.solvers.arnoldi",
+    "tf_influence.solvers.projected",
+    "tf_influence.engine.projection",
+    "tf_influence.engine.index",
     "tf_influence.solvers",
 ]
 

@@ -328,6 +328,10 @@ class GradientProjection:
             self._factored = self.gradients.check_factored(x, y)
         return self._examples(x, y)
 
+    def tracing_count(self) -> int:
+        """Traces of the per-example function so far (for retracing checks)."""
+        return self._examples.tracing_count()
+
     def _examples_impl(self, x, y):
         if self._factored:
             try:
