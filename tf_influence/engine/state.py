@@ -218,6 +218,8 @@ class FittedState:
         self.index, self.index_inverse = None, None
         if auto:
             self.operator.set_damping(0.0)
+        if solver_state:  # from `load`: before the solver sees the operator
+            self.solver.set_state(self.operator, solver_state)
         # Coordinates known before any pass: the index first, its Gram to the solver.
         projection = self.solver.projection(self.operator)
         if projection is not None:
@@ -225,23 +227,20 @@ class FittedState:
             gram = build_rows(self.data, projection, rows, verbose)
             self.index = rows.rows
             self.solver.set_index_gram(self.operator, gram, self.num_train)
-        if auto:  # once per set of weights, before the solver sees the operator
-            if solver_state:
-                self.solver.set_state(self.operator, solver_state)
+        if auto:  # once per set of weights
             mean = self.solver.mean_eigenvalue(self.operator, progress)
             self.spectrum = damping_lib.estimate(self.operator, mean=mean)
             # What the solver computed for its estimate does not depend on the damping:
             # carried across the damping change (which drops the operator's values).
             carried = self.solver.get_state(self.operator) if mean is not None else None
             self.operator.set_damping(self.spectrum.damping)
-            solver_state = carried or solver_state
+            if carried or solver_state:
+                self.solver.set_state(self.operator, carried or solver_state)
             self.settings = dataclasses.replace(requested, damping=self.spectrum.damping)
         self._target_solutions.clear()
         self._relative = None
         self._features = {}
         self.weights_fingerprint = weights_fingerprint(self.objective.model.weights)
-        if solver_state:
-            self.solver.set_state(self.operator, solver_state)
         self.solver.prepare(self.operator, progress)
         self.index_inverse = self.solver.index(self.operator)
         if self.index_inverse is None:
