@@ -122,6 +122,8 @@ def export_model(state, compile_config, path, top_k: int = 10, include_scores=Fa
     archive = keras.export.ExportArchive()
     archive.track(model)
     archive.track(index)
+    if spec.projection.weights is not None:  # the matrices `project` reads
+        archive.track(spec.projection.weights)
     archive.add_endpoint(
         "serving_default",
         lambda *args: {"outputs": model(as_model_input(args), training=False)},

@@ -46,6 +46,7 @@ import dataclasses
 import math
 from typing import Any
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -163,6 +164,7 @@ class GradientProjection:
         units: the ``KroneckerUnit`` of each projected matrix layer, in order.
         rest: indices of the variables in the dense part, in order.
         rest_size: their total size ``p_rest``; ``rest_dim``: its coordinates (last).
+        weights: the ``ProjectionWeights`` layer holding the stored matrices.
     """
 
     def __init__(
@@ -203,14 +205,16 @@ class GradientProjection:
         self.rest_offset = offset
         self.dim = offset + self.rest_dim
         self._entries = {e.kernel: e for e in entries}
-        self._factors = [self._unit_factors(u, i) for i, u in enumerate(self.units)]
-        self._dense = None
+        factors = [self._unit_factors(u, i) for i, u in enumerate(self.units)]
+        dense = None
         if 0 < self.rest_dim < self.rest_size and self.rest_size * self.rest_dim <= (
             materialize_limit
         ):
-            self._dense = jl_matrix(
-                kind_of_dense(kind), seed, self.rest_size, self.rest_dim, self.dtype
-            )
+            dense = jl_matrix(kind_of_dense(kind), seed, self.rest_size, self.rest_dim, self.dtype)
+        # Held as variables of one layer: a SavedModel of a graph that reads them
+        # (``export``) tracks the layer and stores them as weights, not as constants.
+        self.weights = ProjectionWeights(factors, dense)
+        self._factors, self._dense = self.weights.factors, self.weights.dense
         self._examples = BatchFunction(self._examples_impl)
         self._factored: bool | None = None
 
@@ -385,6 +389,37 @@ class GradientProjection:
             )
             parts.append(self._project_rest(rest))
         return tf.concat(parts, axis=1)
+
+
+class ProjectionWeights(keras.layers.Layer):
+    """The projection's stored matrices as non-trainable weights (see ``GradientProjection``).
+
+    Args:
+        factors: ``[(P_in or None, P_out or None)]`` per Kronecker unit.
+        dense: the kept dense JL matrix, or None.
+    """
+
+    def __init__(self, factors: list, dense: tf.Tensor | None):
+        super().__init__(name="projection", trainable=False)
+        self.factors = [
+            tuple(
+                None if m is None else self._weight(f"factor_{i}_{j}", m) for j, m in enumerate(f)
+            )
+            for i, f in enumerate(factors)
+        ]
+        self.dense = None if dense is None else self._weight("dense", dense)
+        self.built = True
+
+    def _weight(self, name: str, value: tf.Tensor) -> Any:
+        weight = self.add_weight(
+            name=name,
+            shape=tuple(value.shape),
+            initializer="zeros",
+            dtype=value.dtype.name,
+            trainable=False,
+        )
+        weight.assign(value)
+        return weight
 
 
 def kind_of_dense(kind: str) -> str:

@@ -227,6 +227,8 @@ class Projection:
         key: hashable, what the coordinates depend on besides the weights and the
             data (the kind of projection, its seed, the ensemble's members): the
             fingerprint of a stored index.
+        weights: None, or a Keras layer holding the variables ``project`` reads;
+            ``export`` tracks it, so the SavedModel stores them as weights.
     """
 
     dim: int
@@ -235,6 +237,7 @@ class Projection:
     matrix: tf.Tensor | None = None
     members: int = 1
     key: Hashable = None
+    weights: Any = None
 
     @classmethod
     def from_basis(cls, basis: tf.Tensor) -> Projection:

@@ -144,7 +144,13 @@ class Projected(Solver):
         projector = self.projector(operator)
         key = (*self._key, projector.key)
         if self._digest is None:
-            return Projection(projector.dim, projector.examples, projector.project, key=key)
+            return Projection(
+                projector.dim,
+                projector.examples,
+                projector.project,
+                key=key,
+                weights=projector.weights,
+            )
         members = self._member_weights(operator)
         model = operator.objective.model
 
