@@ -12,6 +12,7 @@
     .venv/bin/python -m benchmarks.recycle      # recycled CG directions
     .venv/bin/python -m benchmarks.knn          # kNN candidates (FastIF)
     .venv/bin/python -m benchmarks.distributed  # tf.distribute replicas and workers
+    .venv/bin/python -m benchmarks.index_store  # the on-disk gradient store, up to 1M rows
 
 Shared fixtures (data, models, timing, the reference implementation, tables and
 plots) live in ``benchmarks.common``; the experiments shared with the test suite

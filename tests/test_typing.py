@@ -28,6 +28,7 @@ MODULES = [
     "tf_influence.serving",
     "tf_influence.outputs",
     "tf_influence.tracin",
+    "tf_influence.index",
 ]
 
 # Modules that are fully annotated already; a new public name there must be annotated too.
@@ -61,6 +62,12 @@ ANNOTATED = [
     "tf_influence.engine.projection",
     "tf_influence.engine.index",
     "tf_influence.solvers",
+    "tf_influence.index",
+    "tf_influence.index.store",
+    "tf_influence.index.stream",
+    "tf_influence.index.layout",
+    "tf_influence.index.blockio",
+    "tf_influence.index.kernels",
 ]
 
 

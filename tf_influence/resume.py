@@ -21,14 +21,13 @@ When the matrix is complete, the progress and solution files are removed.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 
 import numpy as np
 import tensorflow as tf
 
-from tf_influence._files import atomic_write
+from tf_influence._files import atomic_write, read_record, write_record
 from tf_influence._fingerprint import differing
 
 # Write the progress file at most this often (seconds); 0: after every block.
@@ -65,19 +64,12 @@ class ResumableOutput:
         self.scores = None
 
     def _reopen(self) -> None:
-        try:
-            with open(self.progress_path) as handle:
-                state = json.load(handle)
-        except (OSError, ValueError) as error:
-            raise ValueError(
-                f"The progress file {self.progress_path!r} of an interrupted `explain` cannot "
-                f"be read ({error}). Delete it (and {self.path!r}) to start again."
-            ) from error
-        if state.get("format") != _FORMAT:
-            raise ValueError(
-                f"{self.progress_path!r} is not a progress file of `explain`. Received: "
-                f"format={state.get('format')!r}. Delete it or choose another `output`."
-            )
+        state = read_record(
+            self.progress_path,
+            _FORMAT,
+            "of an interrupted `explain`",
+            f"Delete it (and {self.path!r}) to start again, or choose another `output`.",
+        )
         differ = differing(state["fingerprints"], self.fingerprints)
         if tuple(state["shape"]) != self.shape or state["dtype"] != self.dtype.str:
             differ.append("shape or dtype")
@@ -138,8 +130,7 @@ class ResumableOutput:
             "dtype": self.dtype.str,
             "fingerprints": self.fingerprints,
         }
-        data = json.dumps(state, indent=1).encode()
-        atomic_write(self.progress_path, lambda handle: handle.write(data))
+        write_record(self.progress_path, state)
         self._last_checkpoint = now
 
     def result(self):
