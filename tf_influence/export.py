@@ -31,6 +31,7 @@ import os
 import keras
 import tensorflow as tf
 
+from tf_influence.engine.index import rows_tensor
 from tf_influence.solvers.base import IndexInverse
 
 # File name of the settings record in the SavedModel's ``assets.extra`` folder.
@@ -83,8 +84,9 @@ def export_model(state, compile_config, path, top_k: int = 10, include_scores=Fa
     objective = state.objective
     model = objective.model
     matrix = spec.projection.matrix
-    index = InfluenceIndex(spec.inverse, state.index, matrix)
-    if matrix is None:  # small factors and seeds, held by the traced function
+    rows = tf.cast(rows_tensor(state.index), objective.dtype)  # a store holds float16/32
+    index = InfluenceIndex(spec.inverse, rows, matrix)
+    if matrix is None:  # reads the matrices of `projection.weights` (tracked below)
         project = spec.projection.project
     else:  # a basis: one more variable of the SavedModel
 

@@ -79,53 +79,116 @@ def build_rows(
     projection: Projection,
     sink: IndexRows,
     verbose: int = 0,
-    examples: Callable[[Any, Any], tf.Tensor] | None = None,
     with_gram: bool = True,
+    first: int = 0,
 ) -> tf.Tensor | None:
     """Writes ``P^T grad L(z_j)`` of every training example into ``sink``, in order.
 
     Args:
         data: the training ``ExampleData``.
-        projection: the coordinates.
+        projection: the coordinates (``projection.examples`` per batch).
         sink: where the rows go.
         verbose: progress bar verbosity.
-        examples: ``(x, y) -> (b, dim)``; default ``projection.examples``.
-        with_gram: also return the Gram.
+        with_gram: also return the Gram (of the rows written now).
+        first: the first row to write (a resumed store): earlier ones are skipped.
 
     Returns:
         float64 ``sum_j Phi_j Phi_j^T / w_j`` as ``(members, d, d)`` (``d = dim /
         members``; 0 for ``w_j = 0``), or None without ``with_gram``.
     """
-    examples = examples or projection.examples
-    weights = data.sample_weights()
-    members = projection.members
-    width = projection.dim // members
-    gram = tf.zeros([members, width, width], tf.float64) if with_gram else None
+    gram = _GramSum(projection, data.sample_weights()) if with_gram else None
     progress = Progress(data.num_batches(), verbose, "Influence index")
     start = 0
     for step, batch in enumerate(data.batches(), start=1):
-        block = examples(batch[0], batch[1])
-        size = int(block.shape[0])
+        size = int(tf.shape(tf.nest.flatten(batch[1])[0])[0])
+        if start + size <= first:
+            start += size
+            progress.update(step)
+            continue
+        block = projection.examples(batch[0], batch[1])
         raise_at_first_nonfinite(
             np.isfinite(block.numpy()).all(axis=1),
             start,
             "The projected loss gradient is NaN or inf at training example {index}. Check "
             "that example and its label, then call `fit` again.",
         )
-        if with_gram:
-            rows = tf.reshape(tf.cast(block, tf.float64), [size, members, width])
-            scaled = rows
-            if weights is not None:
-                w = weights[start : start + size]
-                inverse = np.divide(1.0, w, out=np.zeros_like(w), where=w > 0)
-                scaled = rows * inverse[:, None, None]
-            gram += tf.einsum("bmi,bmj->mij", scaled, rows)
-        sink.write(start, block)
+        skip = max(0, first - start)
+        block = block[skip:]
+        if gram is not None:
+            gram.add(start + skip, block)
+        sink.write(start + skip, block if isinstance(sink, MemoryRows) else block.numpy())
         start += size
         progress.update(step)
     progress.done()
     sink.finish()
-    return gram
+    return None if gram is None else gram.total
+
+
+class _GramSum:
+    """``sum_j Phi_j Phi_j^T / w_j`` per member block, float64, added block by block."""
+
+    def __init__(self, projection: Projection, weights: np.ndarray | None):
+        self.members = projection.members
+        self.width = projection.dim // self.members
+        self.weights = weights
+        self.total = tf.zeros([self.members, self.width, self.width], tf.float64)
+
+    def add(self, start: int, block: Any) -> None:
+        block = tf.cast(tf.convert_to_tensor(block), tf.float64)
+        size = int(block.shape[0])
+        rows = tf.reshape(block, [size, self.members, self.width])
+        scaled = rows
+        if self.weights is not None:
+            w = self.weights[start : start + size]
+            scaled = rows * np.divide(1.0, w, out=np.zeros_like(w), where=w > 0)[:, None, None]
+        self.total += tf.einsum("bmi,bmj->mij", scaled, rows)
+
+
+def build_store(
+    data: Any, projection: Projection, fingerprints: dict[str, str], verbose: int = 0
+) -> tuple[Any, tf.Tensor]:
+    """The index in ``projection.store``: built, resumed or reopened; and its Gram.
+
+    A store with these fingerprints is gone on with from its last recorded row (a
+    killed build) or, complete, used as it is; one of other fingerprints is
+    refused (``GradientStore``). The Gram is taken from the stored rows once the
+    store is complete (so a resumed build needs no earlier row again) and kept
+    with it as the extra array ``"gram"``.
+
+    Returns:
+        ``(store opened read-only, gram (members, d, d) float64)``.
+    """
+    from tf_influence.index import GradientStore
+
+    store = GradientStore(
+        projection.store, fingerprints, data.num_examples, projection.dim, projection.store_dtype
+    )
+    try:
+        if not store.complete:
+            build_rows(data, projection, store, verbose, with_gram=False, first=store.rows_written)
+        try:
+            gram = tf.constant(store.read_extra(GRAM))
+        except ValueError:  # not computed yet
+            reader = GradientStore.open(projection.store, fingerprints)
+            total = _GramSum(projection, data.sample_weights())
+            for start, block in reader.blocks():
+                total.add(start, block)
+            gram = total.total
+            store.write_extra(GRAM, gram.numpy())
+    finally:
+        store.close()
+    return GradientStore.open(projection.store, fingerprints), gram
+
+
+# The extra array of a store that holds its Gram.
+GRAM = "gram"
+
+
+def rows_tensor(rows: Any) -> tf.Tensor:
+    """The whole index as one ``(n, dim)`` tensor (a store read into memory)."""
+    if isinstance(rows, tf.Tensor):
+        return rows
+    return tf.concat([tf.convert_to_tensor(block) for _, block in row_blocks(rows, READ_ROWS)], 0)
 
 
 def score_rows(

@@ -36,6 +36,7 @@ from tf_influence.engine.gradients import PerExampleGradients
 from tf_influence.engine.index import (
     MemoryRows,
     build_rows,
+    build_store,
     index_queries,
     quadratic_rows,
     score_rows,
@@ -222,7 +223,11 @@ class FittedState:
             self.solver.set_state(self.operator, solver_state)
         # Coordinates known before any pass: the index first, its Gram to the solver.
         projection = self.solver.projection(self.operator)
-        if projection is not None:
+        if projection is not None and projection.store is not None:
+            fingerprints = self.store_fingerprints(projection)
+            self.index, gram = build_store(self.data, projection, fingerprints, verbose)
+            self.solver.set_index_gram(self.operator, gram, self.num_train)
+        elif projection is not None:
             rows = MemoryRows()
             gram = build_rows(self.data, projection, rows, verbose)
             self.index = rows.rows
@@ -301,6 +306,17 @@ class FittedState:
                 "or weights were loaded), so the stored curvature and cached solutions "
                 "describe another model. Call `fit(x_train, y_train)` again."
             )
+
+    def store_fingerprints(self, projection: Any) -> dict[str, str]:
+        """Digests of what a stored index depends on: weights, data, objective, projection."""
+        return {
+            "weights": weights_fingerprint(self.objective.model.weights),
+            "training data": self.training_fingerprint(),
+            "objective": _digest(
+                {"loss": self.objective.loss_name, "params": self.param_indices()}
+            ),
+            "projection": _digest(projection.key),
+        }
 
     def param_indices(self) -> list[int]:
         """Positions of the analysed variables in ``model.trainable_variables``."""

@@ -229,6 +229,10 @@ class Projection:
             fingerprint of a stored index.
         weights: None, or a Keras layer holding the variables ``project`` reads;
             ``export`` tracks it, so the SavedModel stores them as weights.
+        store: None (the index in memory), or the ``.npy`` path of a
+            ``tf_influence.index.GradientStore`` the fitted state writes the index
+            to (resumable, fingerprinted) and streams every query from.
+        store_dtype: ``"float16"`` or ``"float32"``, the store's rows.
     """
 
     dim: int
@@ -238,6 +242,8 @@ class Projection:
     members: int = 1
     key: Hashable = None
     weights: Any = None
+    store: str | None = None
+    store_dtype: str = "float16"
 
     @classmethod
     def from_basis(cls, basis: tf.Tensor) -> Projection:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -67,6 +68,14 @@ class Projected(Solver):
             architecture (independently trained), or a list of weight lists as
             ``model.get_weights()`` returns them. Each member gets its own index
             block and curvature; ``scores = mean_m scores_m``.
+        store: None (the index in memory), or the path of a ``.npy`` file to keep
+            the index in (``tf_influence.index.GradientStore``): ``fit`` writes it
+            block by block, resumable (a killed ``fit`` goes on from the last
+            recorded row) and fingerprinted (a store of other weights, data,
+            objective or projection is refused); a complete store is reopened with
+            no pass over the data. Queries and ``self_influence`` stream over it,
+            so memory stays bounded whatever n is.
+        store_dtype: ``"float16"`` (half the file; per-row scales) or ``"float32"``.
 
     Raises:
         ValueError: ``dim`` is not a positive integer, ``projection`` is unknown,
@@ -95,6 +104,8 @@ class Projected(Solver):
         projection: str = "kronecker",
         seed: int = 0,
         checkpoints: Any = None,
+        store: str | os.PathLike | None = None,
+        store_dtype: str = "float16",
     ):
         self.dim = check_positive_int("dim", dim)
         if projection not in PROJECTIONS:
@@ -108,9 +119,25 @@ class Projected(Solver):
         self._members, self._digest = _resolve_members(checkpoints)
         # Members named by a config whose weights `set_state` has not brought yet.
         self._pending = 0
+        if store is not None and (
+            not isinstance(store, (str, os.PathLike)) or not os.fspath(store).endswith(".npy")
+        ):
+            raise ValueError(
+                "Argument `store` must be None or a path ending in .npy. Received: "
+                f"store={store!r}. Pass e.g. store='index/train.npy'."
+            )
+        self.store = None if store is None else os.fspath(store)
+        if store_dtype not in ("float16", "float32"):
+            raise ValueError(
+                "Argument `store_dtype` must be 'float16' or 'float32'. Received: "
+                f"store_dtype={store_dtype!r}"
+            )
+        self.store_dtype = store_dtype
 
     def get_config(self) -> dict[str, Any]:
         config = {"dim": self.dim, "projection": self.projection_kind, "seed": self.seed}
+        if self.store is not None:
+            config.update(store=self.store, store_dtype=self.store_dtype)
         if self._digest is not None:  # the weights go with get_state
             config["checkpoints"] = {"members": self.num_members, "sha256": self._digest}
         return config
@@ -150,6 +177,8 @@ class Projected(Solver):
                 projector.project,
                 key=key,
                 weights=projector.weights,
+                store=self.store,
+                store_dtype=self.store_dtype,
             )
         members = self._member_weights(operator)
         model = operator.objective.model
@@ -163,7 +192,14 @@ class Projected(Solver):
                     parts.append(projector.examples(x, y))
             return tf.concat(parts, axis=1)
 
-        return Projection(len(members) * projector.dim, examples, members=len(members), key=key)
+        return Projection(
+            len(members) * projector.dim,
+            examples,
+            members=len(members),
+            key=key,
+            store=self.store,
+            store_dtype=self.store_dtype,
+        )
 
     def _member_weights(self, operator: CurvatureOperator) -> list[list[np.ndarray]]:
         if self._members is None:
