@@ -12,6 +12,7 @@ import tensorflow as tf
 from conftest import make_mlp, tape_gradients
 
 import tf_influence as tfi
+from tf_influence.engine import projection as projection_lib
 from tf_influence.solvers import CurvatureError, Projected
 
 DAMPING = 0.1
@@ -56,13 +57,22 @@ def test_full_dimension_is_the_empirical_fisher_influence(blobs, kind):
     assert im.diagnostics.info["index_dim"] == im.num_params
 
 
-@pytest.mark.parametrize("kind", ["kronecker", "gaussian"])
-def test_projected_scores_with_sample_weights(blobs, kind):
-    """Below p: -(P^T g_test)^T inv(sum_j w_j Phi_j Phi_j^T / n + damping) (w_j P^T g_j)."""
+@pytest.mark.parametrize("kind", ["kronecker", "gaussian", "gaussian-generated"])
+def test_projected_scores_with_sample_weights(blobs, kind, monkeypatch):
+    """Below p: -(P^T g_test)^T inv(sum_j w_j Phi_j Phi_j^T / n + damping) (w_j P^T g_j).
+
+    "gaussian-generated": the dense matrix generated at each use, the index built in
+    passes of 40 examples (batches of 16)."""
+    if kind == "gaussian-generated":
+        monkeypatch.setattr(projection_lib, "MATERIALIZE_LIMIT", 0)
+        monkeypatch.setattr(projection_lib, "GENERATED_PASS_VALUES", 43 * 40)
+        kind = "gaussian"
     x, y = blobs
     weights = np.random.default_rng(3).uniform(0.2, 2.0, size=len(x))
     weights[7] = 0.0  # a weight of zero: out of the curvature and of the scores
     im = fitted(blobs, Projected(dim=20, projection=kind, seed=4), sample_weight=weights)
+    generated = im.state.index_inverse.projection.rows_per_pass
+    assert generated == (40 if projection_lib.MATERIALIZE_LIMIT == 0 else None)
     matrix = projection_matrix(im)
     dim = matrix.shape[1]
     assert dim <= 20 and im.state.index.shape == (50, dim)

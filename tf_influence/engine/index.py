@@ -97,9 +97,10 @@ def build_rows(
         members``; 0 for ``w_j = 0``), or None without ``with_gram``.
     """
     gram = _GramSum(projection, data.sample_weights()) if with_gram else None
-    progress = Progress(data.num_batches(), verbose, "Influence index")
+    rows = max(data.batch_size, projection.rows_per_pass or 0)
+    progress = Progress(data.num_batches(rows), verbose, "Influence index")
     start = 0
-    for step, batch in enumerate(data.batches(), start=1):
+    for step, batch in enumerate(data.batches(rows), start=1):
         size = int(tf.shape(tf.nest.flatten(batch[1])[0])[0])
         if start + size <= first:
             start += size
@@ -134,14 +135,16 @@ class _GramSum:
         self.total = tf.zeros([self.members, self.width, self.width], tf.float64)
 
     def add(self, start: int, block: Any) -> None:
-        block = tf.cast(tf.convert_to_tensor(block), tf.float64)
+        """Adds rows ``start ...``: one product in the rows' dtype, summed in float64."""
+        block = tf.convert_to_tensor(block)
         size = int(block.shape[0])
-        rows = tf.reshape(block, [size, self.members, self.width])
+        rows = tf.transpose(tf.reshape(block, [size, self.members, self.width]), [1, 0, 2])
         scaled = rows
         if self.weights is not None:
             w = self.weights[start : start + size]
-            scaled = rows * np.divide(1.0, w, out=np.zeros_like(w), where=w > 0)[:, None, None]
-        self.total += tf.einsum("bmi,bmj->mij", scaled, rows)
+            inverse = np.divide(1.0, w, out=np.zeros_like(w), where=w > 0)
+            scaled = rows * tf.cast(inverse, rows.dtype)[None, :, None]
+        self.total += tf.cast(tf.matmul(scaled, rows, transpose_a=True), tf.float64)
 
 
 def build_store(

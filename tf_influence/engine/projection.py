@@ -66,6 +66,11 @@ JL_STREAM = 2**32
 # The dense JL matrix is generated once and kept when it has at most this many values
 # (256 MiB in float32); larger ones are generated block by block at every use.
 MATERIALIZE_LIMIT = 2**26
+# When the dense part is generated at each use, the index is built in passes of up
+# to MAX_PASS_ROWS examples whose per-example gradients hold at most this many values
+# (64 MiB in float32): the generation is paid once per pass, not once per batch.
+GENERATED_PASS_VALUES = 2**24
+MAX_PASS_ROWS = 4096
 
 
 def check_kind(kind: Any) -> str:
@@ -157,7 +162,8 @@ class GradientProjection:
         kind: ``"kronecker"``, ``"gaussian"`` or ``"rademacher"``.
         seed: the integer every random matrix is drawn from.
         materialize_limit: keep the dense JL matrix when it has at most this many
-            values (else generate it block by block at each use).
+            values (else generate it block by block at each use); None:
+            ``MATERIALIZE_LIMIT``.
 
     Attributes:
         dim: the number of coordinates (``<= dim`` asked for, see the module docstring).
@@ -173,7 +179,7 @@ class GradientProjection:
         dim: int,
         kind: str = "kronecker",
         seed: int = 0,
-        materialize_limit: int = MATERIALIZE_LIMIT,
+        materialize_limit: int | None = None,
     ):
         self.objective = objective
         self.kind = check_kind(kind)
@@ -207,9 +213,8 @@ class GradientProjection:
         self._entries = {e.kernel: e for e in entries}
         factors = [self._unit_factors(u, i) for i, u in enumerate(self.units)]
         dense = None
-        if 0 < self.rest_dim < self.rest_size and self.rest_size * self.rest_dim <= (
-            materialize_limit
-        ):
+        limit = MATERIALIZE_LIMIT if materialize_limit is None else materialize_limit
+        if 0 < self.rest_dim < self.rest_size and self.rest_size * self.rest_dim <= limit:
             dense = jl_matrix(kind_of_dense(kind), seed, self.rest_size, self.rest_dim, self.dtype)
         # Held as variables of one layer: a SavedModel of a graph that reads them
         # (``export``) tracks the layer and stores them as weights, not as constants.
@@ -217,6 +222,18 @@ class GradientProjection:
         self._factors, self._dense = self.weights.factors, self.weights.dense
         self._examples = BatchFunction(self._examples_impl)
         self._factored: bool | None = None
+
+    @property
+    def rows_per_pass(self) -> int | None:
+        """Examples per call of ``examples`` that amortise generating the dense part.
+
+        None when nothing is generated per call (no dense part, or a kept one).
+        Otherwise as many as keep the dense part's per-example gradients within
+        ``GENERATED_PASS_VALUES`` values.
+        """
+        if self._dense is not None or self.rest_dim in (0, self.rest_size):
+            return None
+        return max(1, min(MAX_PASS_ROWS, GENERATED_PASS_VALUES // self.rest_size))
 
     @property
     def key(self) -> tuple:

@@ -233,6 +233,9 @@ class Projection:
             ``tf_influence.index.GradientStore`` the fitted state writes the index
             to (resumable, fingerprinted) and streams every query from.
         store_dtype: ``"float16"`` or ``"float32"``, the store's rows.
+        rows_per_pass: None, or how many training examples ``examples`` should take
+            at a time when the index is built (more than a batch amortises work
+            done once per call, such as generating a random matrix).
     """
 
     dim: int
@@ -244,6 +247,7 @@ class Projection:
     weights: Any = None
     store: str | None = None
     store_dtype: str = "float16"
+    rows_per_pass: int | None = None
 
     @classmethod
     def from_basis(cls, basis: tf.Tensor) -> Projection:

@@ -179,6 +179,7 @@ class Projected(Solver):
                 weights=projector.weights,
                 store=self.store,
                 store_dtype=self.store_dtype,
+                rows_per_pass=projector.rows_per_pass,
             )
         members = self._member_weights(operator)
         model = operator.objective.model
@@ -199,6 +200,7 @@ class Projected(Solver):
             key=key,
             store=self.store,
             store_dtype=self.store_dtype,
+            rows_per_pass=projector.rows_per_pass,
         )
 
     def _member_weights(self, operator: CurvatureOperator) -> list[list[np.ndarray]]:
