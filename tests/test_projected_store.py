@@ -13,6 +13,7 @@ import tensorflow as tf
 from conftest import make_mlp
 
 import tf_influence as tfi
+import tf_influence.index as index_lib
 from tf_influence.engine.projection import GradientProjection
 from tf_influence.index import store as store_lib
 from tf_influence.solvers import Projected
@@ -42,8 +43,13 @@ def counted(monkeypatch):
     return state
 
 
-def test_store_answers_as_the_index_in_memory(blobs, tmp_path, counted):
+def test_store_answers_as_the_index_in_memory(blobs, tmp_path, counted, monkeypatch):
     x, y = blobs
+    streamed = []
+    original = index_lib.stream_top_k
+    monkeypatch.setattr(
+        index_lib, "stream_top_k", lambda *args: streamed.append(1) or original(*args)
+    )
     model = make_mlp()
     memory = fitted(model, x, y)
     path = tmp_path / "index.npy"
@@ -56,7 +62,9 @@ def test_store_answers_as_the_index_in_memory(blobs, tmp_path, counted):
         stored.self_influence(verbose=0), memory.self_influence(verbose=0), rtol=1e-5
     )
     top = stored.top_k(x[:5], y[:5], k=4, verbose=0)
+    assert streamed  # the store's streaming top-k
     np.testing.assert_array_equal(top.harmful_indices, np.argsort(-expected, axis=1)[:, :4])
+    np.testing.assert_array_equal(top.helpful_indices, np.argsort(expected, axis=1)[:, :4])
     # A complete store of the same weights, data and projection is reopened: no pass.
     calls = counted["calls"]
     again = fitted(model, x, y, store=str(path), store_dtype="float32")

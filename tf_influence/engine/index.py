@@ -204,6 +204,8 @@ def score_rows(
 ) -> Any:
     """Writes ``-queries^T Phi_j`` for every row into ``sink`` (``(k, b)`` blocks).
 
+    The top-k of a store comes from ``tf_influence.index.stream_top_k`` (float32).
+
     Args:
         rows: the index (a tensor or ``IndexRows``).
         queries: ``(dim, k)``, ``inverse @ P^T g_test``.
@@ -212,6 +214,19 @@ def score_rows(
         first: the first training example not yet written (a resumed ``explain``).
         message: the error for a non-finite score (``{index}`` is filled in).
     """
+    from tf_influence.index import GradientStore, stream_top_k
+    from tf_influence.outputs import TopK, TopKSink
+
+    if isinstance(rows, GradientStore) and isinstance(sink, TopKSink) and divisors is None:
+        # The store's own streaming top-k: one compiled product per block read.
+        top = stream_top_k(rows, np.transpose(queries.numpy()), sink.k)
+        dtype = sink.low_scores.dtype
+        return TopK(
+            helpful_indices=top["top_helpful_indices"],
+            helpful_scores=top["top_helpful_scores"].astype(dtype),
+            harmful_indices=top["top_harmful_indices"],
+            harmful_scores=top["top_harmful_scores"].astype(dtype),
+        )
     for start, block in row_blocks(rows, READ_ROWS, first):
         block = tf.cast(tf.convert_to_tensor(block), queries.dtype)
         scores = -tf.matmul(queries, block, transpose_a=True, transpose_b=True).numpy()
