@@ -61,6 +61,7 @@ ANNOTATED = [
     "tf_influence.solvers.projected",
     "tf_influence.engine.projection",
     "tf_influence.engine.index",
+    "tf_influence.engine.jl",
     "tf_influence.solvers",
     "tf_influence.index",
     "tf_influence.index.store",

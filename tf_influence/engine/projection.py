@@ -20,9 +20,9 @@ unbiased estimates of dot products of gradients. It is never stored whole when
   ``kind="gaussian"`` or ``"rademacher"``): their gradients, concatenated, times a
   ``(p_rest, dim_rest)`` matrix of ``N(0, 1/dim_rest)`` (or ``+-1/sqrt(dim_rest)``)
   entries, generated from the seed in blocks of ``JL_BLOCK_ROWS`` rows inside the
-  graph (block ``i`` from the stateless seed ``(seed, JL_STREAM + i)``), so only one
-  block is held at a time. Below ``materialize_limit`` values it is generated once
-  and kept (the same values).
+  graph (block ``i`` from the stateless seed ``(seed, JL_STREAM + i)``,
+  ``engine.jl``), so only one block is held at a time. Below ``materialize_limit``
+  values it is generated once and kept (the same values).
 
 How ``dim`` is split (``kind="kronecker"``): each part gets a share in proportion to
 its size, ``dim * size / p``; a layer's share ``s`` becomes ``k_out = round(sqrt(s *
@@ -50,19 +50,29 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tf_influence.engine import jl
 from tf_influence.engine.compile import BatchFunction
 from tf_influence.engine.factored import MATRIX_KINDS, FactoredUnavailable, find_layers
 from tf_influence.engine.factored_layers import input_rows, output_rows
 from tf_influence.engine.gradients import PerExampleGradients
+from tf_influence.engine.jl import JL_BLOCK_ROWS, JL_STREAM, jl_block, jl_matrix
+
+__all__ = [
+    "JL_BLOCK_ROWS",
+    "JL_STREAM",
+    "KINDS",
+    "GradientProjection",
+    "KroneckerUnit",
+    "ProjectionWeights",
+    "check_kind",
+    "jl_block",
+    "jl_matrix",
+    "kind_of_dense",
+    "split_dimensions",
+]
 from tf_influence.engine.objective import Objective
 
 KINDS = ("kronecker", "gaussian", "rademacher")
-# Rows of the dense JL matrix generated at a time (part of its definition: the
-# values of block i depend on it).
-JL_BLOCK_ROWS = 512
-# Second component of a JL block's stateless seed: JL_STREAM + block index (the
-# Kronecker factors of unit u use 2u and 2u + 1).
-JL_STREAM = 2**32
 # The dense JL matrix is generated once and kept when it has at most this many values
 # (256 MiB in float32); larger ones are generated block by block at every use.
 MATERIALIZE_LIMIT = 2**26
@@ -130,27 +140,6 @@ def split_dimensions(
     used = sum(a * b for a, b in sides)
     rest_dim = min(rest, max(1, dim - used)) if rest else 0
     return sides, rest_dim
-
-
-def jl_block(kind: str, seed: int, index: Any, dim: int, dtype: tf.DType) -> tf.Tensor:
-    """Rows ``index * JL_BLOCK_ROWS ...`` of the dense JL matrix, ``(JL_BLOCK_ROWS, dim)``.
-
-    Traceable (``index`` may be a tensor). Entries ``N(0, 1/dim)`` or ``+-1/sqrt(dim)``.
-    """
-    key = tf.stack([tf.constant(seed, tf.int64), JL_STREAM + tf.cast(index, tf.int64)])
-    shape = [JL_BLOCK_ROWS, dim]
-    if kind == "rademacher":
-        bits = tf.random.stateless_uniform(shape, key, 0, 2, dtype=tf.int32)
-        values = tf.cast(2 * bits - 1, dtype)
-    else:
-        values = tf.random.stateless_normal(shape, key, dtype=dtype)
-    return values / tf.cast(math.sqrt(dim), dtype)
-
-
-def jl_matrix(kind: str, seed: int, rows: int, dim: int, dtype: tf.DType) -> tf.Tensor:
-    """The dense JL matrix ``(rows, dim)``, its blocks stacked (small matrices and tests)."""
-    blocks = [jl_block(kind, seed, i, dim, dtype) for i in range(-(-rows // JL_BLOCK_ROWS))]
-    return tf.concat(blocks, axis=0)[:rows]
 
 
 class GradientProjection:
@@ -306,18 +295,8 @@ class GradientProjection:
             return rows
         if self._dense is not None:
             return tf.matmul(rows, self._dense)
-        count = -(-self.rest_size // JL_BLOCK_ROWS)
-        padded = tf.pad(rows, [[0, 0], [0, count * JL_BLOCK_ROWS - self.rest_size]])
         kind = kind_of_dense(self.kind)
-
-        def body(i, total):
-            chunk = padded[:, i * JL_BLOCK_ROWS : (i + 1) * JL_BLOCK_ROWS]
-            block = jl_block(kind, self.seed, i, self.rest_dim, self.dtype)
-            return i + 1, total + tf.matmul(chunk, block)
-
-        total = tf.zeros([tf.shape(rows)[0], self.rest_dim], self.dtype)
-        _, total = tf.while_loop(lambda i, _: i < count, body, (tf.constant(0), total))
-        return total
+        return jl.project_rows(rows, kind, self.seed, self.rest_dim, self.rest_size)
 
     def _expand_rest(self, coefficients: tf.Tensor) -> tf.Tensor:
         """``(rest_dim, k) -> (p_rest, k)``: the dense JL matrix times coefficients."""
@@ -325,17 +304,8 @@ class GradientProjection:
             return coefficients
         if self._dense is not None:
             return tf.matmul(self._dense, coefficients)
-        count = -(-self.rest_size // JL_BLOCK_ROWS)
         kind = kind_of_dense(self.kind)
-        blocks = tf.TensorArray(self.dtype, size=count)
-
-        def body(i, blocks):
-            block = jl_block(kind, self.seed, i, self.rest_dim, self.dtype)
-            return i + 1, blocks.write(i, tf.matmul(block, coefficients))
-
-        _, blocks = tf.while_loop(lambda i, _: i < count, body, (tf.constant(0), blocks))
-        k = tf.shape(coefficients)[1]
-        return tf.reshape(blocks.stack(), [-1, k])[: self.rest_size]
+        return jl.expand(coefficients, kind, self.seed, self.rest_size, self.rest_dim)
 
     # -- per-example projections ----------------------------------------------------------
     def examples(self, x: Any, y: Any) -> tf.Tensor:
