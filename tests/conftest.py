@@ -85,3 +85,13 @@ def strategy():
     devices = tf.config.list_logical_devices("CPU")
     assert len(devices) >= 2, "conftest.py must create two logical CPU devices"
     return tf.distribute.MirroredStrategy([d.name for d in devices[:2]])
+
+
+def tape_gradients(objective, x, y):
+    """``(n, p)`` per-example loss gradients, one tape per example (the reference)."""
+    rows = []
+    for i in range(len(x)):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(objective.per_example_loss(x[i : i + 1], y[i : i + 1]))
+        rows.append(objective.layout.flatten(tape.gradient(loss, objective.variables)).numpy())
+    return np.array(rows)

@@ -54,7 +54,15 @@ def _parser() -> argparse.ArgumentParser:
         help="Keras loss name (required for a SavedModel, which stores none)",
     )
     logs.add_argument(
-        "--solver", default="cg", help="exact, cg, lissa or arnoldi (default: %(default)s)"
+        "--solver",
+        default="cg",
+        help="exact, cg, lissa, arnoldi or projected (default: %(default)s)",
+    )
+    logs.add_argument(
+        "--dim",
+        type=int,
+        default=None,
+        help="coordinates per training example of --solver projected (default: 4096)",
     )
     logs.add_argument(
         "--from-logits",
@@ -117,8 +125,13 @@ def _explain_logs(args: argparse.Namespace) -> int:
         if not hasattr(keras.losses, name):
             raise SystemExit(f"--from-logits: unknown loss class for --loss {loss!r}")
         loss = getattr(keras.losses, name)(from_logits=True)
+    solver = args.solver
+    if args.dim is not None:
+        if solver != "projected":
+            raise SystemExit(f"--dim is for --solver projected. Received: --solver {solver}")
+        solver = tfi.solvers.Projected(dim=args.dim)
     im = tfi.InfluenceModel(model, loss=loss)
-    im.compile(solver=args.solver, damping=args.damping)
+    im.compile(solver=solver, damping=args.damping)
     im.fit(x, y, verbose=0)
     explain_logs(
         im,

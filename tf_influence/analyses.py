@@ -194,11 +194,13 @@ class Analyses:
     def export(self, path: str, top_k: int = 10, include_scores: bool = False) -> None:
         """Writes a SavedModel for TF Serving: the model plus an ``explain`` signature.
 
-        Needs a solver with a low-rank inverse (``tfi.solvers.Arnoldi(...)``, or
-        any solver whose ``low_rank`` hook returns one): the SavedModel stores the
-        model's variables and the influence index (basis, inverse eigenvalues and
-        projected training gradients), never a raw training example, plus the
+        Needs a solver that keeps an influence index (``tfi.solvers.Projected(...)``,
+        ``tfi.solvers.Arnoldi(...)``, or any solver whose ``index`` or ``low_rank``
+        hook returns one): the SavedModel stores the model's variables and the index
+        (the projected training gradients and the inverse in their coordinates, with
+        the basis of a low-rank solver), never a raw training example, plus the
         settings record (``get_compile_config``, as ``assets.extra/compile_config.json``).
+        An ensemble (``Projected(checkpoints=...)``) is not served.
         Signatures: ``serving_default``
         (the model's output), ``explain`` (inputs as the model's plus ``labels``;
         outputs ``top_helpful_indices``, ``top_helpful_scores``,

@@ -1,9 +1,12 @@
 """Exporting an ``InfluenceModel`` as a SavedModel that TF Serving can load.
 
 The SavedModel holds the Keras model's variables and, for scoring, only the
-influence index of a solver with a low-rank inverse (``Solver.low_rank``): the
-basis ``V`` (p x r), the inverse eigenvalues (r) and the projected training
-gradients ``V^T grad L(z_j)`` (n_train x r), plus the settings record
+influence index of a solver that keeps one (``Solver.index``): the inverse in the
+index's coordinates (``r`` weights of a low-rank eigenbasis, or a ``(dim, dim)``
+matrix), the projected training gradients ``P^T grad L(z_j)`` (n_train x dim),
+and what the projection needs (the ``(p, r)`` basis ``V`` of ``Arnoldi``; the
+small seeded factors of ``Projected``, whose dense part is generated from its
+seed inside the graph), plus the settings record
 (``InfluenceModel.get_compile_config``) in ``assets.extra/compile_config.json``.
 No raw training example is stored. Signatures:
 
@@ -16,7 +19,7 @@ No raw training example is stored. Signatures:
   predicted class (classification losses).
 
 Scores follow ``InfluenceModel.explain``: ``-grad L(z_test)^T inv(H) grad L(z_j)``
-with the low-rank ``inv(H) ~= V diag(1/lambda) V^T``.
+with ``inv(H) ~= P inverse P^T`` (``V diag(1/lambda) V^T`` for ``Arnoldi``).
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ import os
 
 import keras
 import tensorflow as tf
+
+from tf_influence.engine.index import rows_tensor
+from tf_influence.solvers.base import IndexInverse
 
 # File name of the settings record in the SavedModel's ``assets.extra`` folder.
 COMPILE_CONFIG = "compile_config.json"
@@ -54,13 +60,19 @@ def _name(tensor, i):
 
 def export_model(state, compile_config, path, top_k: int = 10, include_scores=False) -> None:
     """``InfluenceModel.export`` (see its docstring), from a ``FittedState``."""
-    low_rank = state.low_rank()
-    if low_rank is None or state.index is None:
+    spec = state.index_inverse
+    if spec is None or state.index is None:
         raise ValueError(
-            "`export` needs the influence index of a low-rank solver, so that serving "
-            "stores no training data. Received: solver="
-            f"{state.solver!r}. Call `compile(solver=tfi.solvers.Arnoldi(rank=...))` and "
+            "`export` needs the influence index of a solver that keeps one, so that "
+            f"serving stores no training data. Received: solver={state.solver!r}. Call "
+            "`compile(solver=tfi.solvers.Projected(dim=...))` (or `Arnoldi(rank=...)`) and "
             "`fit` again, then export."
+        )
+    if spec.projection.project is None:
+        raise ValueError(
+            "`export` serves one model's gradients. Received: solver="
+            f"{state.solver!r}, whose index averages several models. Export the index of "
+            "one model, or explain the ensemble in Python with `explain` / `top_k`."
         )
     path = os.fspath(path)
     if os.path.exists(path) and os.listdir(path):
@@ -71,7 +83,16 @@ def export_model(state, compile_config, path, top_k: int = 10, include_scores=Fa
     top_k = min(int(top_k), state.num_train)
     objective = state.objective
     model = objective.model
-    index = InfluenceIndex(low_rank.basis, low_rank.inverse_values, state.index)
+    matrix = spec.projection.matrix
+    rows = tf.cast(rows_tensor(state.index), objective.dtype)  # a store holds float16/32
+    index = InfluenceIndex(spec.inverse, rows, matrix)
+    if matrix is None:  # reads the matrices of `projection.weights` (tracked below)
+        project = spec.projection.project
+    else:  # a basis: one more variable of the SavedModel
+
+        def project(vectors):
+            return tf.matmul(index.basis, vectors, transpose_a=True)
+
     specs = _input_specs(model)
     single = len(specs) == 1
     label_spec = _label_spec(model, objective)
@@ -81,8 +102,9 @@ def export_model(state, compile_config, path, top_k: int = 10, include_scores=Fa
 
     def scores_of(x, y):
         grads = state.gradients.graph_gradients(x, y)  # (b, p)
-        coefficients = tf.matmul(grads, index.eigenvectors) * index.inverse_eigenvalues
-        return -tf.matmul(coefficients, index.projections, transpose_b=True)  # (b, n)
+        coordinates = project(tf.transpose(grads))  # (dim, b)
+        queries = IndexInverse(spec.projection, index.inverse).apply(coordinates)
+        return -tf.matmul(queries, index.projections, transpose_a=True, transpose_b=True)
 
     def outputs(scores):
         harmful = tf.math.top_k(scores, k=top_k)
@@ -102,6 +124,8 @@ def export_model(state, compile_config, path, top_k: int = 10, include_scores=Fa
     archive = keras.export.ExportArchive()
     archive.track(model)
     archive.track(index)
+    if spec.projection.weights is not None:  # the matrices `project` reads
+        archive.track(spec.projection.weights)
     archive.add_endpoint(
         "serving_default",
         lambda *args: {"outputs": model(as_model_input(args), training=False)},
@@ -137,13 +161,13 @@ def export_model(state, compile_config, path, top_k: int = 10, include_scores=Fa
 
 
 class InfluenceIndex(keras.layers.Layer):
-    """The exported scoring state: eigenvectors, inverse eigenvalues, projections."""
+    """The exported scoring state: the inverse in index coordinates, and the index."""
 
-    def __init__(self, eigenvectors, inverse_eigenvalues, projections):
-        super().__init__(name="influence_index", dtype=eigenvectors.dtype.name)
-        self.eigenvectors = self._constant("eigenvectors", eigenvectors)
-        self.inverse_eigenvalues = self._constant("inverse_eigenvalues", inverse_eigenvalues)
+    def __init__(self, inverse, projections, basis=None):
+        super().__init__(name="influence_index", dtype=projections.dtype.name)
+        self.inverse = self._constant("inverse", tf.cast(inverse, projections.dtype))
         self.projections = self._constant("projections", projections)
+        self.basis = None if basis is None else self._constant("basis", basis)
         self.built = True
 
     def _constant(self, name, value):

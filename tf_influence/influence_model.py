@@ -375,9 +375,9 @@ class InfluenceModel(Analyses):
             return explain_to_file(
                 state, output, x_test, y_test, batch_size, verbose, target, relative, options
             )
-        solutions = state.inverse_hvp_tests(x_test, y_test, batch_size, verbose, target)
-        divisors = None if relative is None else state.relative_divisors(relative, verbose)
         if candidates is not None:
+            solutions = state.inverse_hvp_tests(x_test, y_test, batch_size, verbose, target)
+            divisors = None if relative is None else state.relative_divisors(relative, verbose)
             found = score_candidates(
                 state,
                 self.model,
@@ -389,9 +389,11 @@ class InfluenceModel(Analyses):
                 divisors,
             )
             return found if top_k is None else top_k_of(found, top_k)
+        queries = state.test_queries(x_test, y_test, batch_size, verbose, target)
+        divisors = None if relative is None else state.relative_divisors(relative, verbose)
         dtype = self.objective.dtype.as_numpy_dtype
-        sink = make_sink(int(solutions.shape[1]), state.num_train, dtype, top_k, output)
-        return state.score_training(solutions, verbose, sink, divisors)
+        sink = make_sink(int(queries.shape[1]), state.num_train, dtype, top_k, output)
+        return state.score_training(queries, verbose, sink, divisors)
 
     # -- saved state ------------------------------------------------------------------
     @classmethod

@@ -157,7 +157,7 @@ def explain_to_file(state, output, x_test, y_test, batch_size, verbose, target, 
     )
     saved = files.load_solutions()
     if saved is None:
-        solutions = state.inverse_hvp_tests(x_test, y_test, batch_size, verbose, target)
+        solutions = state.test_queries(x_test, y_test, batch_size, verbose, target)
         files.save_solutions(solutions.numpy())
     else:
         solutions = tf.constant(saved)

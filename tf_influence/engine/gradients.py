@@ -180,6 +180,26 @@ class PerExampleGradients:
             for g, n in zip(grads, sizes, strict=True)
         ]
 
+    def per_variable_gradients(
+        self, x: Any, y: Any, indices: Sequence[int] | None = None
+    ) -> list[tf.Tensor | None]:
+        """Per-example gradients by pfor, one ``(b, size)`` tensor per chosen variable.
+
+        Traceable (for graphs built elsewhere: ``engine.projection``). ``indices``
+        chooses variables (default: all); None marks a variable without gradient.
+        """
+        return self._per_variable_gradients(x, y, indices)
+
+    @property
+    def factored(self) -> FactoredGradients | None:
+        """The ``FactoredGradients`` of the model's factored layers, or None."""
+        return self._factored
+
+    @property
+    def pfor_indices(self) -> list[int]:
+        """Indices of the variables whose per-example gradients come from pfor."""
+        return list(self._pfor_indices)
+
     def graph_gradients(self, x: Any, y: Any) -> tf.Tensor:
         """``(b, p)`` per-example loss gradients, traceable inside another ``tf.function``.
 

@@ -1,7 +1,8 @@
 """``FittedState``: everything ``fit`` prepared, and the one object feature modules use.
 
 It owns the training data, the curvature operator, the per-example gradients,
-the solver's prepared state, the influence index of a low-rank solver, the cache
+the solver's prepared state, the influence index of a solver that keeps one
+(``Solver.projection`` / ``Solver.index``, see ``tf_influence.engine.index``), the cache
 of inverse-HVP solutions and the fingerprints of the weights and the data.
 ``InfluenceModel.fit``, ``InfluenceModel.load`` and ``InfluenceCallback`` all
 make one the same way (``FittedState(...)`` runs the checks of
@@ -32,11 +33,19 @@ from tf_influence.engine import damping as damping_lib
 from tf_influence.engine.curvature import HessianOperator, make_operator
 from tf_influence.engine.data import ExampleData
 from tf_influence.engine.gradients import PerExampleGradients
+from tf_influence.engine.index import (
+    MemoryRows,
+    build_rows,
+    build_store,
+    index_queries,
+    quadratic_rows,
+    score_rows,
+)
 from tf_influence.engine.objective import Objective
 from tf_influence.engine.settings import Settings
 from tf_influence.engine.weights import unweigh
 from tf_influence.outputs import make_sink
-from tf_influence.solvers.base import Diagnostics, LowRankInverse, LowRankQueries, Solver
+from tf_influence.solvers.base import Diagnostics, IndexInverse, LowRankQueries, Solver
 
 _Result = TypeVar("_Result", covariant=True)
 
@@ -90,8 +99,10 @@ class FittedState:
         gradients: the ``PerExampleGradients`` used for every score.
         operator: the curvature operator ``v -> (H + damping*I) v``.
         solutions: the cache of inverse-HVP vectors of test batches.
-        index: ``(n_train, r)`` training gradients projected on a low-rank
-            solver's basis (the influence index), or None.
+        index: the influence index of a solver with one (``Solver.index``): its
+            training gradients in the solver's coordinates, ``(n_train, dim)`` (a
+            tensor, or the rows on disk), or None (see ``tf_influence.engine.index``).
+        index_inverse: the solver's ``IndexInverse`` the index is scored with, or None.
         weights_fingerprint: sha256 of the weights the state was built for.
         diagnostics: the ``Diagnostics`` of the last solve (None before one).
     """
@@ -117,7 +128,8 @@ class FittedState:
         self._target_solutions = SolutionCache()
         self.diagnostics: Diagnostics | None = None
         self.operator: HessianOperator | None = None
-        self.index: tf.Tensor | None = None
+        self.index: Any = None
+        self.index_inverse: IndexInverse | None = None
         self.weights_fingerprint: str | None = None
         self._data_fingerprint = data_fingerprint
         self._outputs: int | None = None
@@ -204,29 +216,42 @@ class FittedState:
         def progress(total, label):
             return Progress(total, verbose, label)
 
-        if auto:  # once per set of weights, before the solver sees the operator
+        self.index, self.index_inverse = None, None
+        if auto:
             self.operator.set_damping(0.0)
-            if solver_state:
-                self.solver.set_state(self.operator, solver_state)
+        if solver_state:  # from `load`: before the solver sees the operator
+            self.solver.set_state(self.operator, solver_state)
+        # Coordinates known before any pass: the index first, its Gram to the solver.
+        projection = self.solver.projection(self.operator)
+        if projection is not None and projection.store is not None:
+            fingerprints = self.store_fingerprints(projection)
+            self.index, gram = build_store(self.data, projection, fingerprints, verbose)
+            self.solver.set_index_gram(self.operator, gram, self.num_train)
+        elif projection is not None:
+            rows = MemoryRows()
+            gram = build_rows(self.data, projection, rows, verbose)
+            self.index = rows.rows
+            self.solver.set_index_gram(self.operator, gram, self.num_train)
+        if auto:  # once per set of weights
             mean = self.solver.mean_eigenvalue(self.operator, progress)
             self.spectrum = damping_lib.estimate(self.operator, mean=mean)
             # What the solver computed for its estimate does not depend on the damping:
             # carried across the damping change (which drops the operator's values).
             carried = self.solver.get_state(self.operator) if mean is not None else None
             self.operator.set_damping(self.spectrum.damping)
-            solver_state = carried or solver_state
+            if carried or solver_state:
+                self.solver.set_state(self.operator, carried or solver_state)
             self.settings = dataclasses.replace(requested, damping=self.spectrum.damping)
         self._target_solutions.clear()
         self._relative = None
         self._features = {}
         self.weights_fingerprint = weights_fingerprint(self.objective.model.weights)
-        if solver_state:
-            self.solver.set_state(self.operator, solver_state)
         self.solver.prepare(self.operator, progress)
-        self.index = None
-        low_rank = self.low_rank()
-        if low_rank is not None:
-            self.index = self._build_index(low_rank.basis, verbose)
+        self.index_inverse = self.solver.index(self.operator)
+        if self.index_inverse is None:
+            self.index = None
+        elif self.index is None:  # coordinates found by `prepare` (a low-rank basis)
+            self.index = self._build_index(self.index_inverse.projection, verbose)
 
     def refresh(self, verbose: int = 0) -> None:
         """Rebuilds the curvature for the model's current weights (same data, same traces).
@@ -238,27 +263,28 @@ class FittedState:
         checks.check_weights(self.objective, self.strategy)
         self._build(verbose, reuse=True)
 
-    def low_rank(self) -> LowRankInverse | None:
-        """The solver's ``LowRankInverse`` on this curvature, or None."""
-        return self.solver.low_rank(self.operator)
-
     def solver_state(self) -> dict[str, np.ndarray]:
         """The arrays the solver keeps (``Solver.get_state``), for ``save``."""
         return self.solver.get_state(self.operator)
 
-    def _build_index(self, basis: tf.Tensor, verbose: int) -> tf.Tensor:
-        """``basis^T grad L(z_j)`` for every training example, ``(n_train, r)``, one pass.
+    def _build_index(self, projection: Any, verbose: int) -> tf.Tensor:
+        """``P^T grad L(z_j)`` for every training example, ``(n_train, dim)``, one pass.
 
-        Then ``score_ij = -(basis^T s_i) . (basis^T g_j)`` for any solution ``s_i`` in
-        the span of ``basis`` (which every low-rank solution is).
+        Per batch with ``projection.examples``; else through the scoring path with
+        ``projection.matrix`` (factored products, no per-example gradient formed).
         """
+        rows = MemoryRows()
+        if projection.examples is not None:
+            build_rows(self.data, projection, rows, verbose, with_gram=False)
+            return rows.rows
         progress = Progress(self.data.num_batches(), verbose, "Influence index")
-        rows = []
-        for step, (_, block, _) in enumerate(self.training_blocks(basis), start=1):
-            rows.append(-tf.transpose(block))  # block = -(basis^T g), (r, b)
+        blocks = self.training_blocks(projection.matrix)
+        for step, (offset, block, _) in enumerate(blocks, start=1):
+            rows.write(offset, -tf.transpose(block))  # block = -(P^T g), (dim, b)
             progress.update(step)
         progress.done()
-        return tf.concat(rows, axis=0)
+        rows.finish()
+        return rows.rows
 
     # -- checks -------------------------------------------------------------------------
     def training_fingerprint(self) -> str:
@@ -280,6 +306,17 @@ class FittedState:
                 "or weights were loaded), so the stored curvature and cached solutions "
                 "describe another model. Call `fit(x_train, y_train)` again."
             )
+
+    def store_fingerprints(self, projection: Any) -> dict[str, str]:
+        """Digests of what a stored index depends on: weights, data, objective, projection."""
+        return {
+            "weights": weights_fingerprint(self.objective.model.weights),
+            "training data": self.training_fingerprint(),
+            "objective": _digest(
+                {"loss": self.objective.loss_name, "params": self.param_indices()}
+            ),
+            "projection": _digest(projection.key),
+        }
 
     def param_indices(self) -> list[int]:
         """Positions of the analysed variables in ``model.trainable_variables``."""
@@ -400,6 +437,38 @@ class FittedState:
         self.warn_if_unconverged(self.diagnostics, "test points")
         return tf.concat(solutions, axis=1)
 
+    @property
+    def index_queries(self) -> SolutionCache:
+        """The index coordinates of test batches (of the loss), keyed like ``solutions``."""
+        key = ("index queries", type(self.solver).__name__, repr(self.solver.get_config()))
+        return self.operator.cached(key, SolutionCache)
+
+    def test_queries(
+        self,
+        x_test: Any,
+        y_test: Any = None,
+        batch_size: int | None = None,
+        verbose: int = 0,
+        target: Callable | None = None,
+    ) -> tf.Tensor:
+        """What ``score_training`` scores the training examples against, per test point.
+
+        With an influence index, ``inverse @ P^T grad L(z_test_i)`` (``(dim, n_test)``,
+        see ``Solver.index``): no solve. Otherwise the solutions ``inv(H) @ grad
+        L(z_test_i)`` of ``inverse_hvp_tests`` (``(num_params, n_test)``). Cached per
+        test batch.
+        """
+        if self.index is None:
+            return self.inverse_hvp_tests(x_test, y_test, batch_size, verbose, target)
+        cache = self.index_queries if target is None else self._target_solutions
+        queries = index_queries(self, x_test, y_test, batch_size, target, cache)
+        # No solve: every query is exact in the index's coordinates.
+        count = int(queries.shape[1])
+        info = {"index_dim": self.index_inverse.projection.dim}
+        diagnostics = Diagnostics(self.solver.name, 0, np.zeros(count), np.ones(count, bool), info)
+        self.diagnostics = self.described(diagnostics)
+        return queries
+
     def described(self, diagnostics: Diagnostics | None) -> Diagnostics | None:
         """``diagnostics`` with ``info["damping"]`` and ``info["curvature"]`` of this fit."""
         if diagnostics is None:
@@ -482,9 +551,13 @@ class FittedState:
     ) -> _Result:
         """Writes ``-solutions^T grad L(z_j)`` for every training example into ``sink``.
 
-        The solutions are the solver's compressed queries first
-        (``Solver.compress_queries``; unchanged by default).
+        ``solutions``: what ``test_queries`` returned. With an influence index, the
+        ``(dim, k)`` queries, scored against the index rows; otherwise the solutions,
+        the solver's compressed queries first (``Solver.compress_queries``; unchanged
+        by default), scored in a pass over the training data.
         """
+        if self.index is not None:
+            return self._score_from_index(solutions, sink, divisors, start)
         solutions, queries = self.solver.compress_queries(self.operator, solutions)
         return self._score_training(solutions, queries, verbose, sink, divisors, start)
 
@@ -497,8 +570,6 @@ class FittedState:
         divisors: np.ndarray | None = None,
         start: int = 0,
     ) -> _Result:
-        if self.index is not None:
-            return self._score_from_index(solutions, sink, divisors, start)
         rows = self.rows_per_pass(int(solutions.shape[1]), queries)
         progress = Progress(self.data.num_batches(rows), verbose, "Scoring training examples")
         blocks = self.training_blocks(solutions, start, rows, queries)
@@ -582,22 +653,13 @@ class FittedState:
 
     def _score_from_index(
         self,
-        solutions: tf.Tensor,
+        queries: tf.Tensor,
         sink: ScoreSink[_Result],
         divisors: np.ndarray | None,
         first: int = 0,
     ) -> _Result:
-        basis = self.low_rank().basis
-        coefficients = tf.matmul(basis, solutions, transpose_a=True)  # (r, k)
-        step = self.batch_size
-        for start in range(first - first % step, self.num_train, step):
-            rows = self.index[start : start + step]  # (b, r)
-            block = -tf.matmul(coefficients, rows, transpose_a=True, transpose_b=True).numpy()
-            raise_at_first_nonfinite(np.isfinite(block).all(axis=0), start, NONFINITE_TRAINING)
-            if divisors is not None:
-                block = block / divisors[start : start + block.shape[1]]
-            sink.write(start, block)
-        return sink.result()
+        """``-queries^T Phi_j`` for every index row (``queries`` from ``test_queries``)."""
+        return score_rows(self.index, queries, sink, divisors, first, NONFINITE_TRAINING)
 
     def self_influence(self, verbose: int = 0) -> np.ndarray:
         """``grad L(z_j)^T @ inv(H) @ grad L(z_j)`` for every training example, ``(n_train,)``.
@@ -607,9 +669,8 @@ class FittedState:
         so it equals ``-diag(explain(x_train, y_train))``.
         """
         dtype = self.objective.dtype.as_numpy_dtype
-        if self.index is not None:  # sum_r (basis^T g_j)_r^2 * inverse_values_r
-            weights = self.low_rank().inverse_values
-            values = tf.reduce_sum(self.index**2 * weights[None, :], axis=1).numpy()
+        if self.index is not None:  # Phi_j^T inverse Phi_j
+            values = quadratic_rows(self.index, self.index_inverse)
             return unweigh(values, self.data.sample_weights()).astype(dtype)
         values, diagnostics = [], []
         progress = Progress(self.data.num_batches(), verbose, "Self-influence")

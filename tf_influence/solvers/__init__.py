@@ -13,14 +13,17 @@ from tf_influence.solvers.base import (
     CurvatureError,
     CurvatureOperator,
     Diagnostics,
+    IndexInverse,
     LowRankInverse,
     LowRankQueries,
+    Projection,
     Solver,
 )
 from tf_influence.solvers.cg import CG
 from tf_influence.solvers.ekfac import EKFAC, KFAC
 from tf_influence.solvers.exact import Exact
 from tf_influence.solvers.lissa import LiSSA
+from tf_influence.solvers.projected import Projected
 
 __all__ = [
     "Arnoldi",
@@ -30,10 +33,13 @@ __all__ = [
     "Diagnostics",
     "EKFAC",
     "Exact",
+    "IndexInverse",
     "KFAC",
     "LiSSA",
     "LowRankInverse",
     "LowRankQueries",
+    "Projected",
+    "Projection",
     "Solver",
     "deserialize",
     "get",
@@ -90,6 +96,7 @@ for _name, _cls in (
     ("arnoldi", Arnoldi),
     ("kfac", KFAC),
     ("ekfac", EKFAC),
+    ("projected", Projected),
 ):
     register(_name, _cls)
 

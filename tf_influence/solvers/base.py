@@ -17,6 +17,16 @@ export never branch on a solver's class:
   state then keeps the training gradients projected on ``basis`` (the influence
   index): queries cost one product, self-influence is free and ``export`` can
   serve it with no training data.
+* ``projection(operator)`` / ``set_index_gram(operator, gram, num_examples)`` /
+  ``index(operator)``: the general influence index. ``projection`` returns a
+  ``Projection`` (coordinates ``P^T grad L`` known before any pass: a random
+  projection) or None. The fitted state then builds the index ``Phi`` (n x dim) at
+  ``fit`` before ``mean_eigenvalue`` and ``prepare``, and hands the solver its Gram
+  ``sum_j Phi_j Phi_j^T / w_j`` (per block of an ensemble). After ``prepare``,
+  ``index`` returns ``IndexInverse(projection, inverse)`` when ``inv(C +
+  damping*I) ~= P @ inverse @ P^T``; by default it is made from ``low_rank`` (whose
+  index is built after ``prepare``). Queries, self-influence and ``export`` go
+  through it.
 * ``compress_queries(operator, solutions)``: the solved test vectors, compressed
   layer by layer before they are scored against the training data
   (``LowRankQueries``: rank-r factors per layer, which the factored scoring
@@ -197,6 +207,87 @@ class LowRankInverse:
 
 
 @dataclasses.dataclass(frozen=True)
+class Projection:
+    """The coordinates of an influence index: ``P^T grad L(z)`` in ``dim`` numbers.
+
+    Attributes:
+        dim: the number of coordinates.
+        examples: ``examples(x, y) -> (b, dim)``, ``P^T grad L(z_j)`` for every example
+            of a batch ``(x, y)`` (the training loss with its sample weights for training
+            batches, the test loss for test batches), called eagerly once per batch;
+            or None: the fitted state multiplies the per-example gradients by ``matrix``.
+        project: ``project(vectors) -> (dim, k)`` for ``(p, k)`` gradients of the
+            model's current weights, traceable (``export`` runs it inside the serving
+            graph, ``explain(target=...)`` on target gradients); None when the
+            coordinates are not a linear map of one gradient (an ensemble).
+        matrix: the ``(p, dim)`` matrix ``P`` when it is held (a low-rank basis), else
+            None.
+        members: the coordinates are ``members`` blocks of ``dim / members``, one per
+            model of an ensemble; the Gram is taken block by block.
+        key: hashable, what the coordinates depend on besides the weights and the
+            data (the kind of projection, its seed, the ensemble's members): the
+            fingerprint of a stored index.
+        weights: None, or a Keras layer holding the variables ``project`` reads;
+            ``export`` tracks it, so the SavedModel stores them as weights.
+        store: None (the index in memory), or the ``.npy`` path of a
+            ``tf_influence.index.GradientStore`` the fitted state writes the index
+            to (resumable, fingerprinted) and streams every query from.
+        store_dtype: ``"float16"`` or ``"float32"``, the store's rows.
+        rows_per_pass: None, or how many training examples ``examples`` should take
+            at a time when the index is built (more than a batch amortises work
+            done once per call, such as generating a random matrix).
+    """
+
+    dim: int
+    examples: Callable[[Any, Any], tf.Tensor] | None = None
+    project: Callable[[tf.Tensor], tf.Tensor] | None = None
+    matrix: tf.Tensor | None = None
+    members: int = 1
+    key: Hashable = None
+    weights: Any = None
+    store: str | None = None
+    store_dtype: str = "float16"
+    rows_per_pass: int | None = None
+
+    @classmethod
+    def from_basis(cls, basis: tf.Tensor) -> Projection:
+        """The coordinates ``basis^T grad L`` of a ``(p, r)`` basis (``LowRankInverse``)."""
+        return cls(
+            dim=int(basis.shape[1]),
+            project=lambda vectors: tf.matmul(basis, vectors, transpose_a=True),
+            matrix=basis,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexInverse:
+    """``inv(C + damping*I) ~= P @ inverse @ P^T`` in the coordinates of ``projection``.
+
+    Then ``score_ij = -(P^T g_test_i)^T inverse (P^T g_j)`` and the self-influence is
+    ``Phi_j^T inverse Phi_j``: the fitted state needs no other solve.
+
+    Attributes:
+        projection: the ``Projection``.
+        inverse: ``(dim,)`` weights of a diagonal, a ``(dim, dim)`` symmetric matrix,
+            or ``(members, d, d)`` blocks on the diagonal (``dim = members * d``).
+    """
+
+    projection: Projection
+    inverse: tf.Tensor
+
+    def apply(self, coordinates: tf.Tensor) -> tf.Tensor:
+        """``inverse @ coordinates`` for ``(dim, k)`` coordinates."""
+        inverse = tf.cast(self.inverse, coordinates.dtype)
+        if inverse.shape.rank == 1:
+            return inverse[:, None] * coordinates
+        if inverse.shape.rank == 2:
+            return tf.matmul(inverse, coordinates)
+        members, d = int(inverse.shape[0]), int(inverse.shape[1])
+        blocks = tf.reshape(coordinates, [members, d, -1])
+        return tf.reshape(tf.matmul(inverse, blocks), [members * d, -1])
+
+
+@dataclasses.dataclass(frozen=True)
 class LowRankQueries:
     """One layer's part of ``k`` solved test vectors, each a rank-``r`` matrix.
 
@@ -320,6 +411,37 @@ class Solver:
         ``basis^T grad L(z_j)`` for every training example, and ``export`` serves it.
         """
         return None
+
+    def projection(self, operator: CurvatureOperator) -> Projection | None:
+        """Coordinates known before any pass over the data, to build the index in; None by default.
+
+        The fitted state builds the index ``Phi`` (``n x dim``) in them at ``fit``,
+        before ``mean_eigenvalue`` and ``prepare``, then calls ``set_index_gram``.
+        """
+        return None
+
+    def set_index_gram(
+        self, operator: CurvatureOperator, gram: tf.Tensor, num_examples: int
+    ) -> None:
+        """Takes the Gram of the index built in ``projection``'s coordinates.
+
+        Args:
+            operator: the curvature.
+            gram: float64 ``sum_j Phi_j Phi_j^T / w_j`` (``w_j`` the sample weights, 1
+                without), ``(dim, dim)``, or ``(members, d, d)`` for an ensemble.
+            num_examples: n.
+        """
+
+    def index(self, operator: CurvatureOperator) -> IndexInverse | None:
+        """The inverse in index coordinates, after ``prepare``; None: no index.
+
+        The default makes one from ``low_rank``: ``Projection.from_basis(basis)`` and
+        ``diag(inverse_values)``; its index is built after ``prepare``.
+        """
+        low_rank = self.low_rank(operator)
+        if low_rank is None:
+            return None
+        return IndexInverse(Projection.from_basis(low_rank.basis), low_rank.inverse_values)
 
     def compress_queries(
         self, operator: CurvatureOperator, solutions: tf.Tensor

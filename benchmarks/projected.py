@@ -1,0 +1,154 @@
+"""Projected-gradient influence on the digits MLP: faithfulness, build time, queries, serving.
+
+Digits MLP 64 -> 128 tanh -> 128 tanh -> 10 (26,122 parameters, float32, trained
+30 epochs as in ``benchmarks.common.digits``), 1,437 training points, 20 test
+points, damping 1e-2. For each projection and ``dim``:
+
+* Pearson (all scores) and mean Spearman (per test point) of ``Projected`` against
+  the same influence without projection: ``-g_test^T inv(G^T G / n + damping*I)
+  g_j``, computed in float64 from the ``(n, p)`` per-example gradients by the
+  Woodbury identity (an ``n x n`` solve);
+* ``fit`` (the index pass, the Gram and its Cholesky factor, the first traces), in
+  seconds and in training epochs of the same model (``model.fit``, batch 32, the
+  median of epochs 2 to 4);
+* the latency of one test point's top-10 (median of 5, after a first call).
+
+Then, for ``dim=1024`` (Kronecker) and the training set grown with noisy copies
+(``digits.grown``), the SavedModel ``export`` writes: its size, the time to load
+it (``tf.saved_model.load``) and the latency of one ``explain`` request.
+
+Usage, from the repository root::
+
+    .venv/bin/python -m benchmarks.projected            # about 5 minutes
+    .venv/bin/python -m benchmarks.projected --quick    # dims 256, 1024; no serving
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+
+import numpy as np
+
+from benchmarks.common import digits
+from benchmarks.common.timing import fit_epochs, log
+
+DAMPING = 1e-2
+DIMS = (256, 1024, 4096)
+KINDS = ("kronecker", "gaussian")
+SERVING_FACTORS = (1, 10, 70)
+
+
+def reference_scores(im, x, y, x_test, y_test):
+    """``-g_test^T inv(G^T G / n + damping*I) G^T`` in float64 (Woodbury: n x n solve)."""
+    grads = []
+    for start in range(0, len(x), 256):
+        grads.append(im.state.gradients(x[start : start + 256], y[start : start + 256]).numpy())
+    g = np.concatenate(grads).astype(np.float64)  # (n, p)
+    tests = im.state.gradients(x_test, y_test).numpy().astype(np.float64)
+    n = len(g)
+    # inv(G^T G / n + d I) = (I - G^T inv(n d I + G G^T) G) / d
+    cross = tests @ g.T  # (k, n)
+    inner = np.linalg.solve(n * DAMPING * np.eye(n) + g @ g.T, g @ g.T)  # (n, n)
+    return -(cross - cross @ inner) / DAMPING
+
+
+def agreement(scores, reference):
+    from scipy.stats import pearsonr, spearmanr
+
+    pearson = float(pearsonr(scores.ravel(), reference.ravel())[0])
+    spearman = float(np.mean([spearmanr(a, b)[0] for a, b in zip(scores, reference, strict=True)]))
+    return pearson, spearman
+
+
+def latency(fn, repeats=5):
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def directory_bytes(path):
+    return sum(
+        os.path.getsize(os.path.join(root, name))
+        for root, _, names in os.walk(path)
+        for name in names
+    )
+
+
+def main(argv=None):
+    import tensorflow as tf
+
+    import tf_influence as tfi
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="dims 256 and 1024, no serving")
+    args = parser.parse_args(argv)
+    dims = DIMS[:2] if args.quick else DIMS
+    data = digits.load_data()
+    x, y, x_test, y_test = data
+    x_test, y_test = x_test[: digits.NUM_TESTS], y_test[: digits.NUM_TESTS]
+    model, accuracy = digits.train_model("mlp", data)
+    epoch = float(np.median(fit_epochs(digits.build_model("mlp"), x, y, 4, 32)[1:]))
+    log(f"digits MLP: test accuracy {accuracy:.3f}; one training epoch {epoch:.2f} s")
+
+    im = tfi.InfluenceModel(model)
+    im.compile(solver=tfi.solvers.Projected(dim=8), damping=DAMPING)
+    im.fit(x[:32], y[:32], verbose=0)
+    reference = reference_scores(im, x, y, x_test, y_test)
+    print("| projection | dim | Pearson | Spearman | fit | fit / epoch | top-10 of 1 point |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for kind in KINDS:
+        for dim in dims:
+            im = tfi.InfluenceModel(model)
+            im.compile(solver=tfi.solvers.Projected(dim=dim, projection=kind), damping=DAMPING)
+            start = time.perf_counter()
+            im.fit(x, y, verbose=0)
+            seconds = time.perf_counter() - start
+            scores = im.explain(x_test, y_test, verbose=0)
+            pearson, spearman = agreement(scores, reference)
+            query = latency(lambda im=im: im.top_k(x_test[:1], y_test[:1], k=10, verbose=0))
+            used = im.state.index_inverse.projection.dim
+            print(
+                f"| {kind} | {used} | {pearson:.3f} | {spearman:.3f} | {seconds:.1f} s | "
+                f"{seconds / epoch:.1f} | {query * 1e3:.1f} ms |"
+            )
+    if args.quick:
+        return
+    print()
+    print("| n_train | index | SavedModel | load | one explain request |")
+    print("| ---: | ---: | ---: | ---: | ---: |")
+    for factor in SERVING_FACTORS:
+        grown_x, grown_y = digits.grown(x, y, factor)
+        im = tfi.InfluenceModel(model)
+        im.compile(solver=tfi.solvers.Projected(dim=1024), damping=DAMPING)
+        im.fit(grown_x, grown_y, batch_size=256, verbose=0)
+        folder = tempfile.mkdtemp()
+        path = os.path.join(folder, "1")
+        try:
+            im.export(path, top_k=10)
+            size = directory_bytes(path)
+            start = time.perf_counter()
+            loaded = tf.saved_model.load(path)
+            load = time.perf_counter() - start
+            signature = loaded.signatures["explain"]
+            name = next(k for k in signature.structured_input_signature[1] if k != "labels")
+            request = {name: tf.constant(x_test[:1]), "labels": tf.constant(y_test[:1])}
+            served = latency(lambda s=signature, r=request: s(**r))
+        finally:
+            shutil.rmtree(folder)
+        index = len(grown_x) * im.state.index_inverse.projection.dim * 4
+        print(
+            f"| {len(grown_x):,} | {index / 2**20:.0f} MiB | {size / 2**20:.0f} MiB | "
+            f"{load:.1f} s | {served * 1e3:.1f} ms |"
+        )
+
+
+if __name__ == "__main__":
+    main()

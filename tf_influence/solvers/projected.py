@@ -1,0 +1,413 @@
+"""Projected-gradient influence (TRAK / LoGra): an index of ``dim`` numbers per training example."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from tf_influence._errors import describe
+from tf_influence._validation import check_int, check_positive_int
+from tf_influence.solvers.base import (
+    CurvatureError,
+    CurvatureOperator,
+    Diagnostics,
+    IndexInverse,
+    ProgressFactory,
+    Projection,
+    Solver,
+    nice_ceil,
+    silent_progress,
+)
+
+PROJECTIONS = ("kronecker", "gaussian", "rademacher")
+
+
+class Projected(Solver):
+    """``inv(C + damping*I) ~= P inv(Phi^T Phi / n + damping*I) P^T`` in a random projection.
+
+    Every training gradient is projected to ``dim`` numbers, ``Phi_j = P^T grad
+    L(z_j)``, with a seeded random ``P`` (``tf_influence.engine.projection``; scaled
+    so that ``E[P P^T] = I``), and kept: the influence index (``n x dim``). The
+    curvature is taken in the projected space from the same projected gradients,
+    ``F = Phi^T Phi / n + damping*I`` (TRAK's Gauss-Newton with the loss gradients;
+    with sample weights ``sum_j w_j g_j g_j^T / n``; the regulariser is not in it,
+    the damping stands for it), factorised by Cholesky in float64. Scores are::
+
+        scores[i, j] = -(P^T g_test_i)^T inv(F) (P^T g_j)
+
+    a query costs one test gradient and one product with the index, and
+    ``self_influence`` is ``Phi_j^T inv(F) Phi_j``, read from the index. At ``dim >=
+    num_params`` nothing is projected (``P = I``), and the scores are the influence
+    with the curvature ``G^T G / n + damping*I`` (``G`` the ``(n, p)`` per-example
+    gradients: the empirical Fisher).
+
+    ``damping="auto"`` takes ten times the mean eigenvalue of ``Phi^T Phi / n``
+    (its trace over ``dim``, read from the index). The solver fixes the curvature
+    of ``compile`` at ``"gauss_newton"``, which only features that multiply by the
+    curvature use (second-order group influence).
+
+    Args:
+        dim: the number of coordinates per training example (an upper bound: see
+            ``tf_influence.engine.projection`` for how it is split among layers).
+        projection: ``"kronecker"`` (LoGra: the matrix layers, Dense, EinsumDense,
+            Conv1D and Conv2D, projected from their inputs and output gradients with
+            small per-layer factors, no per-example gradient formed; a dense
+            Gaussian projection for the other parameters), ``"gaussian"`` or
+            ``"rademacher"`` (one dense random projection of every parameter,
+            generated block by block from the seed).
+        seed: the integer every random matrix is drawn from.
+        checkpoints: None (the model as it is), or an ensemble whose attributions
+            are averaged, as TRAK does: a ``tfi.callbacks.TracInCheckpoints`` that
+            ran during ``model.fit``, a list of Keras models of the same
+            architecture (independently trained), or a list of weight lists as
+            ``model.get_weights()`` returns them. Each member gets its own index
+            block and curvature; ``scores = mean_m scores_m``.
+        store: None (the index in memory), or the path of a ``.npy`` file to keep
+            the index in (``tf_influence.index.GradientStore``): ``fit`` writes it
+            block by block, resumable (a killed ``fit`` goes on from the last
+            recorded row) and fingerprinted (a store of other weights, data,
+            objective or projection is refused); a complete store is reopened with
+            no pass over the data. Queries and ``self_influence`` stream over it,
+            so memory stays bounded whatever n is.
+        store_dtype: ``"float16"`` (half the file; per-row scales) or ``"float32"``.
+
+    Raises:
+        ValueError: ``dim`` is not a positive integer, ``projection`` is unknown,
+            ``seed`` is not an integer, or ``checkpoints`` is empty or mixes shapes
+            (at ``fit``: another architecture than the model's).
+        CurvatureError: ``F`` is not positive definite (``damping=0`` with fewer
+            training examples than ``dim``); the message suggests a damping.
+
+    Example:
+        >>> im.compile(solver=tfi.solvers.Projected(dim=2048), damping="auto")
+        >>> im.fit(x_train, y_train)                 # one pass: the index
+        >>> top = im.top_k(x_test[:1], y_test[:1], k=10)
+
+    References:
+        Park, Georgiev, Ilyas, Leclerc & Madry, "TRAK: Attributing Model Behavior at
+        Scale", ICML 2023. Choe et al., "What is Your Data Worth to GPT?" (LoGra),
+        arXiv 2405.13954, 2024.
+    """
+
+    name = "projected"
+    curvature = "gauss_newton"
+
+    def __init__(
+        self,
+        dim: int = 4096,
+        projection: str = "kronecker",
+        seed: int = 0,
+        checkpoints: Any = None,
+        store: str | os.PathLike | None = None,
+        store_dtype: str = "float16",
+    ):
+        self.dim = check_positive_int("dim", dim)
+        if projection not in PROJECTIONS:
+            raise ValueError(
+                f"Argument `projection` must be one of {list(PROJECTIONS)}. Received: "
+                f"projection={projection!r}. Use 'kronecker' (per-layer factors, the "
+                "cheapest) or 'gaussian' / 'rademacher' (one dense random projection)."
+            )
+        self.projection_kind = projection
+        self.seed = check_int("seed", seed)
+        self._members, self._digest = _resolve_members(checkpoints)
+        # Members named by a config whose weights `set_state` has not brought yet.
+        self._pending = 0
+        if store is not None and (
+            not isinstance(store, (str, os.PathLike)) or not os.fspath(store).endswith(".npy")
+        ):
+            raise ValueError(
+                "Argument `store` must be None or a path ending in .npy. Received: "
+                f"store={store!r}. Pass e.g. store='index/train.npy'."
+            )
+        self.store = None if store is None else os.fspath(store)
+        if store_dtype not in ("float16", "float32"):
+            raise ValueError(
+                "Argument `store_dtype` must be 'float16' or 'float32'. Received: "
+                f"store_dtype={store_dtype!r}"
+            )
+        self.store_dtype = store_dtype
+
+    def get_config(self) -> dict[str, Any]:
+        config = {"dim": self.dim, "projection": self.projection_kind, "seed": self.seed}
+        if self.store is not None:
+            config.update(store=self.store, store_dtype=self.store_dtype)
+        if self._digest is not None:  # the weights go with get_state
+            config["checkpoints"] = {"members": self.num_members, "sha256": self._digest}
+        return config
+
+    @property
+    def num_members(self) -> int:
+        """Models averaged over (1 without ``checkpoints``)."""
+        if self._digest is None:
+            return 1
+        return self._pending if self._members is None else len(self._members)
+
+    # -- the projection -----------------------------------------------------------------
+    def projector(self, operator: CurvatureOperator) -> Any:
+        """The ``engine.projection.GradientProjection`` of the operator's model (kept while
+        the weights change: it depends on the layout and the seed only)."""
+        from tf_influence.engine.projection import GradientProjection
+
+        def make():
+            made = GradientProjection(operator.objective, self.dim, self.projection_kind, self.seed)
+            return lambda: made  # a callable: kept when the weights change (seeds only)
+
+        key = ("projected.projector", self.dim, self.projection_kind, self.seed)
+        return operator.cached(key, make)()
+
+    @property
+    def _key(self) -> tuple:
+        return ("projected", self.dim, self.projection_kind, self.seed, self._digest)
+
+    def projection(self, operator: CurvatureOperator) -> Projection:
+        """``P^T grad L`` per example: the index's coordinates (per member of an ensemble)."""
+        projector = self.projector(operator)
+        key = (*self._key, projector.key)
+        if self._digest is None:
+            return Projection(
+                projector.dim,
+                projector.examples,
+                projector.project,
+                key=key,
+                weights=projector.weights,
+                store=self.store,
+                store_dtype=self.store_dtype,
+                rows_per_pass=projector.rows_per_pass,
+            )
+        members = self._member_weights(operator)
+        model = operator.objective.model
+
+        def examples(x, y):
+            parts = []
+            with _restoring(model):
+                for weights in members:
+                    for variable, value in zip(model.weights, weights, strict=True):
+                        variable.assign(value)
+                    parts.append(projector.examples(x, y))
+            return tf.concat(parts, axis=1)
+
+        return Projection(
+            len(members) * projector.dim,
+            examples,
+            members=len(members),
+            key=key,
+            store=self.store,
+            store_dtype=self.store_dtype,
+            rows_per_pass=projector.rows_per_pass,
+        )
+
+    def _member_weights(self, operator: CurvatureOperator) -> list[list[np.ndarray]]:
+        if self._members is None:
+            raise ValueError(
+                "This Projected solver was rebuilt from a config that names "
+                f"{self._pending} checkpoints, but their weights are not known. Received: "
+                f"checkpoints={{'members': {self._pending}, 'sha256': '{self._digest}'}}. "
+                "Load the InfluenceModel with `InfluenceModel.load` (the file holds them), "
+                "or compile with `Projected(checkpoints=...)` again."
+            )
+        model = operator.objective.model
+        shapes = [tuple(w.shape) for w in model.weights]
+        for m, weights in enumerate(self._members):
+            got = [tuple(np.shape(w)) for w in weights]
+            if got != shapes:
+                raise ValueError(
+                    f"Member {m} of argument `checkpoints` does not fit the model: its "
+                    f"weight shapes {got} differ from the model's {shapes}. Received: "
+                    "checkpoints of another architecture. Pass checkpoints (or models) of "
+                    "the model being explained."
+                )
+        return self._members
+
+    # -- the curvature in the projected space ------------------------------------------
+    def set_index_gram(
+        self, operator: CurvatureOperator, gram: tf.Tensor, num_examples: int
+    ) -> None:
+        """Keeps ``Phi^T Phi`` (per member) and n: ``F = gram / n + damping*I``."""
+        value = (tf.convert_to_tensor(gram, tf.float64), int(num_examples))
+        operator.cached(("projected.gram", self._key), lambda: value)
+
+    def _gram(self, operator: CurvatureOperator) -> tuple[tf.Tensor, int]:
+        def make():  # without a fitted state: one pass over the data, rows dropped
+            from tf_influence.engine.index import build_rows
+
+            gram = build_rows(operator.data, self.projection(operator), _Discard())
+            return gram, operator.num_examples
+
+        return operator.cached(("projected.gram", self._key), make)
+
+    def mean_eigenvalue(
+        self, operator: CurvatureOperator, progress: ProgressFactory = silent_progress
+    ) -> float:
+        """``trace(Phi^T Phi / n) / dim``, from the Gram (no product)."""
+        gram, n = self._gram(operator)
+        members, width = int(gram.shape[0]), int(gram.shape[1])
+        return float(tf.linalg.trace(gram).numpy().sum()) / max(n, 1) / (members * width)
+
+    def _inverse(self, operator: CurvatureOperator) -> tf.Tensor:
+        """``inv(F) / members``, ``(members, d, d)`` float64 (Cholesky)."""
+
+        def make():
+            gram, n = self._gram(operator)
+            width = int(gram.shape[1])
+            matrix = gram / max(n, 1) + operator.damping * tf.eye(width, dtype=tf.float64)
+            factor = tf.linalg.cholesky(matrix)
+            if not bool(tf.reduce_all(tf.math.is_finite(factor))):
+                smallest = float(tf.reduce_min(tf.linalg.eigvalsh(matrix)))
+                scale = float(tf.reduce_mean(tf.linalg.diag_part(matrix)))
+                suggestion = nice_ceil(operator.damping + max(2 * abs(smallest), 1e-3 * scale))
+                raise CurvatureError(
+                    f"Phi^T Phi / n + damping*I in the projected space is not positive "
+                    f"definite (smallest eigenvalue {smallest:.3e}; {n} training examples "
+                    f"in {width} dimensions). Received: damping={operator.damping}. Pass a "
+                    f"larger damping to `compile`, e.g. damping={suggestion:.2g}, or "
+                    'damping="auto"; or a smaller `dim`.'
+                )
+            eye = tf.eye(width, batch_shape=[int(gram.shape[0])], dtype=tf.float64)
+            return tf.linalg.cholesky_solve(factor, eye) / int(gram.shape[0])
+
+        return operator.cached(("projected.inverse", self._key), make)
+
+    def prepare(
+        self, operator: CurvatureOperator, progress: ProgressFactory = silent_progress
+    ) -> None:
+        """Factorises ``F`` (a pass over the data first if no fitted state gave the Gram)."""
+        self._inverse(operator)
+
+    def index(self, operator: CurvatureOperator) -> IndexInverse:
+        inverse = self._inverse(operator)
+        if int(inverse.shape[0]) == 1:
+            inverse = inverse[0]
+        return IndexInverse(self.projection(operator), inverse)
+
+    def solve(self, operator: CurvatureOperator, rhs: tf.Tensor) -> tuple[tf.Tensor, Diagnostics]:
+        """``P inv(F) P^T rhs``: test vectors as the index scores them, in parameter space."""
+        if self._digest is not None:
+            raise ValueError(
+                "An ensemble's attributions average several models, so they are not one "
+                f"inverse-Hessian-vector product. Received: solver={self!r}. Use `explain`, "
+                "`top_k` and `self_influence` with it; for `inverse_hvp`, `relative`, "
+                "`candidates`, groups and perturbations, compile a single model."
+            )
+        projector = self.projector(operator)
+        rhs = tf.convert_to_tensor(rhs, operator.dtype)
+        inverse = tf.cast(self._inverse(operator)[0], operator.dtype)
+        solution = projector.expand(tf.matmul(inverse, projector.project(rhs)))
+        k = int(rhs.shape[1])
+        info = {"index_dim": projector.dim}
+        return solution, Diagnostics(self.name, 0, np.zeros(k), np.ones(k, bool), info)
+
+    # -- saving -------------------------------------------------------------------------
+    def get_state(self, operator: CurvatureOperator) -> dict[str, np.ndarray]:
+        """The Gram ``(members, d, d)`` and n; an ensemble's weights too."""
+        gram, n = self._gram(operator)
+        arrays = {"gram": gram.numpy(), "num_examples": np.asarray(n)}
+        members = self._members if self._digest is not None else None
+        for m, weights in enumerate(members or ()):
+            arrays.update({f"member_{m}_{i}": np.asarray(w) for i, w in enumerate(weights)})
+        return arrays
+
+    def set_state(self, operator: CurvatureOperator, arrays: dict[str, np.ndarray]) -> None:
+        """Restores the Gram (and an ensemble's weights, checked against its digest)."""
+        if self._digest is not None and self._members is None:
+            members = []
+            for m in range(self._pending):
+                count = sum(name.startswith(f"member_{m}_") for name in arrays)
+                members.append([arrays[f"member_{m}_{i}"] for i in range(count)])
+            if _digest_of(members) != self._digest:
+                raise ValueError(
+                    "The saved ensemble's weights do not match its config (sha256 "
+                    f"{self._digest}). Received: a state whose member weights differ. Save "
+                    "the InfluenceModel again."
+                )
+            self._members = members
+        if "gram" in arrays:
+            self.set_index_gram(operator, arrays["gram"], int(arrays["num_examples"]))
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Projected:
+        config = dict(config)
+        checkpoints = config.pop("checkpoints", None)
+        solver = cls(**config)
+        if checkpoints is not None:  # the weights come with set_state
+            solver._digest = str(checkpoints["sha256"])
+            solver._pending = int(checkpoints["members"])
+        return solver
+
+
+class _Discard:
+    """An ``IndexRows`` that keeps nothing (the Gram alone)."""
+
+    def write(self, start: int, block: Any) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _restoring(model) -> Iterator[None]:
+    saved = [tf.identity(w) for w in model.weights]
+    try:
+        yield
+    finally:
+        for variable, value in zip(model.weights, saved, strict=True):
+            variable.assign(value)
+
+
+def _resolve_members(checkpoints: Any) -> tuple[list[list[np.ndarray]] | None, str | None]:
+    """``(member weight lists, their sha256)``, or ``(None, None)`` without checkpoints."""
+    if checkpoints is None:
+        return None, None
+    if hasattr(checkpoints, "checkpoints"):  # a TracInCheckpoints callback
+        members = [list(weights) for weights, _ in checkpoints.checkpoints]
+    elif isinstance(checkpoints, Sequence) and not isinstance(checkpoints, (str, bytes)):
+        members = []
+        for item in checkpoints:
+            if hasattr(item, "get_weights"):  # a Keras model
+                members.append(list(item.get_weights()))
+            elif isinstance(item, Sequence) and not isinstance(item, (str, bytes)):
+                members.append([np.asarray(w) for w in item])
+            else:
+                members = None
+                break
+    else:
+        members = None
+    if members is None:
+        raise ValueError(
+            "Argument `checkpoints` must be a TracInCheckpoints callback that ran during "
+            "`model.fit`, a list of Keras models of the same architecture, or a list of "
+            f"weight lists (`model.get_weights()`). Received: checkpoints={describe(checkpoints)}."
+        )
+    if not members:
+        raise ValueError(
+            "Argument `checkpoints` holds no member. Received: an empty ensemble. Record "
+            "checkpoints with TracInCheckpoints during `model.fit`, or pass trained models."
+        )
+    shapes = [tuple(np.shape(w)) for w in members[0]]
+    for m, weights in enumerate(members[1:], start=1):
+        got = [tuple(np.shape(w)) for w in weights]
+        if got != shapes:
+            raise ValueError(
+                f"Member {m} of argument `checkpoints` has weight shapes {got}, member 0 "
+                f"{shapes}. Received: checkpoints of different architectures. Pass "
+                "checkpoints (or models) of one architecture."
+            )
+    members = [[np.asarray(w) for w in weights] for weights in members]
+    return members, _digest_of(members)
+
+
+def _digest_of(members: list[list[np.ndarray]]) -> str:
+    digest = hashlib.sha256()
+    for weights in members:
+        for w in weights:
+            array = np.ascontiguousarray(w)
+            digest.update(f"{array.dtype}{array.shape}".encode())
+            digest.update(array.tobytes())
+    return digest.hexdigest()
