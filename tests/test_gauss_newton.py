@@ -18,8 +18,26 @@ from tf_influence.engine.curvature import make_operator
 from tf_influence.engine.gauss_newton import GaussNewtonOperator
 
 
-def dense_ggn(objective, x, y):
-    """``(1/n) sum_j J_j^T H_L,j J_j + hessian(Omega)`` from full Jacobians, float64."""
+def dense_ggn(objective, x, y, sample_weight=None):
+    """``(1/n) sum_j w_j J_j^T H_L,j J_j + hessian(Omega)`` from full Jacobians, float64.
+
+    ``w_j``: ``sample_weight`` (1 without), the weight of example j's loss."""
+    jac, loss_hessians = dense_ggn_parts(objective, x, y)
+    if sample_weight is not None:
+        loss_hessians = loss_hessians * np.asarray(sample_weight)[:, None, None]
+    ggn = np.einsum("nap,nab,nbq->pq", jac, loss_hessians, jac) / len(jac)
+    # hessian(Omega) of the L2 regularisers these tests use: 2 * l2 on the kernel's entries.
+    diagonal = []
+    for variable in objective.variables:
+        regularizer = getattr(variable, "regularizer", None)
+        l2 = 0.0 if regularizer is None else regularizer.get_config()["l2"]
+        diagonal.append(np.full(int(np.prod(variable.shape)), 2.0 * l2))
+    ggn += np.diag(np.concatenate(diagonal))
+    return ggn
+
+
+def dense_ggn_parts(objective, x, y):
+    """``(J (n, outputs, p), H_L (n, outputs, outputs))`` per example, float64."""
     variables = objective.variables
     x = tf.constant(x)
     with tf.GradientTape() as tape:
@@ -34,16 +52,7 @@ def dense_ggn(objective, x, y):
             inner.watch(z)
             total = tf.reduce_sum(objective.loss_from_outputs(z, tf.constant(y)))
         grad = inner.gradient(total, z)
-    loss_hessians = outer.batch_jacobian(grad, z).numpy()  # (n, o, o)
-    ggn = np.einsum("nap,nab,nbq->pq", jac, loss_hessians, jac) / n
-    # hessian(Omega) of the L2 regularisers these tests use: 2 * l2 on the kernel's entries.
-    diagonal = []
-    for variable in variables:
-        regularizer = getattr(variable, "regularizer", None)
-        l2 = 0.0 if regularizer is None else regularizer.get_config()["l2"]
-        diagonal.append(np.full(int(np.prod(variable.shape)), 2.0 * l2))
-    ggn += np.diag(np.concatenate(diagonal))
-    return ggn
+    return jac, outer.batch_jacobian(grad, z).numpy()
 
 
 def _operator(model, x, y, loss=None, damping=0.0, batch_size=7, **kwargs):

@@ -1,5 +1,8 @@
 """The Projected solver against dense numpy: the empirical-Fisher influence, projected.
 
+``fisher="empirical"`` throughout (the Gauss-Newton curvature, the default, is
+checked in ``test_projected_gauss_newton.py``).
+
 References are computed here from per-example gradients taken one example at a
 time with a tape, and, below ``num_params`` dimensions, from the dense ``P``
 (checked against ``np.kron`` and the JL generator in ``test_projection.py``).
@@ -38,7 +41,7 @@ def test_full_dimension_is_the_empirical_fisher_influence(blobs, kind):
     """At dim >= p nothing is projected (P = I, orthogonal): the scores are the
     influence with the curvature G^T G / n + damping*I, formed densely."""
     x, y = blobs
-    im = fitted(blobs, Projected(dim=1000, projection=kind))
+    im = fitted(blobs, Projected(dim=1000, projection=kind, fisher="empirical"))
     assert im.state.index.shape == (50, im.num_params)
     grads = tape_gradients(im.objective, x, y)
     tests = tape_gradients(im.objective, x[:6], y[:6])
@@ -70,7 +73,11 @@ def test_projected_scores_with_sample_weights(blobs, kind, monkeypatch):
     x, y = blobs
     weights = np.random.default_rng(3).uniform(0.2, 2.0, size=len(x))
     weights[7] = 0.0  # a weight of zero: out of the curvature and of the scores
-    im = fitted(blobs, Projected(dim=20, projection=kind, seed=4), sample_weight=weights)
+    im = fitted(
+        blobs,
+        Projected(dim=20, projection=kind, seed=4, fisher="empirical"),
+        sample_weight=weights,
+    )
     generated = im.state.index_inverse.projection.rows_per_pass
     assert generated == (40 if projection_lib.MATERIALIZE_LIMIT == 0 else None)
     matrix = projection_matrix(im)
@@ -91,7 +98,7 @@ def test_projected_scores_with_sample_weights(blobs, kind, monkeypatch):
 
 def test_auto_damping_is_ten_times_the_projected_mean_eigenvalue(blobs):
     x, y = blobs
-    im = fitted(blobs, Projected(dim=24), damping="auto")
+    im = fitted(blobs, Projected(dim=24, fisher="empirical"), damping="auto")
     coordinates = tape_gradients(im.objective, x, y) @ projection_matrix(im)
     mean = np.trace(coordinates.T @ coordinates / len(x)) / coordinates.shape[1]
     np.testing.assert_allclose(im.damping, 10 * mean, rtol=1e-10)
@@ -100,7 +107,7 @@ def test_auto_damping_is_ten_times_the_projected_mean_eigenvalue(blobs):
 
 def test_target_output_file_and_save_load(blobs, tmp_path):
     x, y = blobs
-    im = fitted(blobs, Projected(dim=30, seed=2))
+    im = fitted(blobs, Projected(dim=30, seed=2, fisher="empirical"))
     matrix = projection_matrix(im)
     coordinates = tape_gradients(im.objective, x, y) @ matrix
     fisher = coordinates.T @ coordinates / len(x) + DAMPING * np.eye(matrix.shape[1])

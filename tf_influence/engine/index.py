@@ -149,17 +149,18 @@ class _GramSum:
 
 def build_store(
     data: Any, projection: Projection, fingerprints: dict[str, str], verbose: int = 0
-) -> tuple[Any, tf.Tensor]:
+) -> tuple[Any, tf.Tensor | None]:
     """The index in ``projection.store``: built, resumed or reopened; and its Gram.
 
     A store with these fingerprints is gone on with from its last recorded row (a
     killed build) or, complete, used as it is; one of other fingerprints is
     refused (``GradientStore``). The Gram is taken from the stored rows once the
     store is complete (so a resumed build needs no earlier row again) and kept
-    with it as the extra array ``"gram"``.
+    with it as the extra array ``"gram"``; not at all without
+    ``projection.with_gram``.
 
     Returns:
-        ``(store opened read-only, gram (members, d, d) float64)``.
+        ``(store opened read-only, gram (members, d, d) float64 or None)``.
     """
     from tf_influence.index import GradientStore
 
@@ -169,8 +170,10 @@ def build_store(
     try:
         if not store.complete:
             build_rows(data, projection, store, verbose, with_gram=False, first=store.rows_written)
+        gram = None
         try:
-            gram = tf.constant(store.read_extra(GRAM))
+            if projection.with_gram:
+                gram = tf.constant(store.read_extra(GRAM))
         except ValueError:  # not computed yet
             reader = GradientStore.open(projection.store, fingerprints)
             total = _GramSum(projection, data.sample_weights())

@@ -315,9 +315,14 @@ class GradientProjection:
         showed the factored gradients exact, as ``PerExampleGradients`` does), the rest
         from per-example gradients; without factors, all from per-example gradients.
         """
+        self.uses_factors(x, y)
+        return self._examples(x, y)
+
+    def uses_factors(self, x: Any, y: Any) -> bool:
+        """Whether the layers' factors give their gradients here (checked once, on this batch)."""
         if self._factored is None:
             self._factored = self.gradients.check_factored(x, y)
-        return self._examples(x, y)
+        return self._factored
 
     def tracing_count(self) -> int:
         """Traces of the per-example function so far (for retracing checks)."""
@@ -333,9 +338,34 @@ class GradientProjection:
         return tf.transpose(self.project(tf.transpose(grads)))
 
     def _factored_examples(self, x, y):
+        uses, losses, _ = self.gradients.factored.uses(x, y)
+
+        def unfactored(indices):
+            return self.gradients.per_variable_gradients(x, y, indices)
+
+        units, rest = self.factored_parts(uses, tf.shape(losses)[0], unfactored)
+        return self.join(units, rest)
+
+    def factored_parts(
+        self, uses: list, size: Any, unfactored: Any
+    ) -> tuple[tf.Tensor, tf.Tensor | None]:
+        """A batch's coordinates in the Kronecker units, and the dense part's gradients.
+
+        Traceable; for the loss or any per-example scalar (an output draw of
+        ``engine.output_draws``) whose backward pass gave the layers' factors.
+
+        Args:
+            uses: the ``engine.factored.Use`` of every call of a factored layer (its
+                inputs and the output gradients, rows are examples).
+            size: the number of examples ``b``.
+            unfactored: ``unfactored(indices) -> [(b, size) or None]``, the
+                per-example gradients of the variables the factors do not give.
+
+        Returns:
+            ``(units (b, sum of unit dims), rest (b, p_rest) or None)``: ``join``
+            makes them the ``(b, dim)`` coordinates.
+        """
         factored = self.gradients.factored
-        uses, losses, _ = factored.uses(x, y)
-        size = tf.shape(losses)[0]
         dtype = self.dtype
         by_kernel = {u.kernel: (u, f) for u, f in zip(self.units, self._factors, strict=True)}
         projected: dict[int, tf.Tensor] = {}
@@ -357,25 +387,30 @@ class GradientProjection:
             value = tf.reshape(tf.einsum("btk,btl->bkl", inputs, delta), [size, unit.dim])
             projected[unit.kernel] = projected.get(unit.kernel, 0.0) + value
         parts = [projected.get(u.kernel, tf.zeros([size, u.dim], dtype)) for u in self.units]
-        if self.rest:
-            grads = factored.per_example(others, size, dtype) if others else {}
-            missing = [i for i in self.rest if i not in grads]
-            unfactored = [i for i in missing if i in self.gradients.pfor_indices]
-            if unfactored:
-                found = self.gradients.per_variable_gradients(x, y, unfactored)
-                grads.update(
-                    {i: g for i, g in zip(unfactored, found, strict=True) if g is not None}
-                )
-            sizes = self.objective.layout.sizes
-            rest = tf.concat(
-                [
-                    tf.cast(grads[i], dtype) if i in grads else tf.zeros([size, sizes[i]], dtype)
-                    for i in self.rest
-                ],
-                axis=1,
-            )
-            parts.append(self._project_rest(rest))
-        return tf.concat(parts, axis=1)
+        units = tf.concat(parts, axis=1) if parts else tf.zeros([size, 0], dtype)
+        if not self.rest:
+            return units, None
+        grads = factored.per_example(others, size, dtype) if others else {}
+        missing = [i for i in self.rest if i not in grads]
+        pfor = [i for i in missing if i in self.gradients.pfor_indices]
+        if pfor:
+            found = unfactored(pfor)
+            grads.update({i: g for i, g in zip(pfor, found, strict=True) if g is not None})
+        sizes = self.objective.layout.sizes
+        rest = tf.concat(
+            [
+                tf.cast(grads[i], dtype) if i in grads else tf.zeros([size, sizes[i]], dtype)
+                for i in self.rest
+            ],
+            axis=1,
+        )
+        return units, rest
+
+    def join(self, units: tf.Tensor, rest: tf.Tensor | None) -> tf.Tensor:
+        """``(b, dim)`` coordinates from ``factored_parts``: the dense part projected. Traceable."""
+        if rest is None:
+            return units
+        return tf.concat([units, self._project_rest(rest)], axis=1)
 
 
 class ProjectionWeights(keras.layers.Layer):

@@ -226,11 +226,11 @@ class FittedState:
         if projection is not None and projection.store is not None:
             fingerprints = self.store_fingerprints(projection)
             self.index, gram = build_store(self.data, projection, fingerprints, verbose)
-            self.solver.set_index_gram(self.operator, gram, self.num_train)
         elif projection is not None:
             rows = MemoryRows()
-            gram = build_rows(self.data, projection, rows, verbose)
+            gram = build_rows(self.data, projection, rows, verbose, projection.with_gram)
             self.index = rows.rows
+        if projection is not None and projection.with_gram:
             self.solver.set_index_gram(self.operator, gram, self.num_train)
         if auto:  # once per set of weights
             mean = self.solver.mean_eigenvalue(self.operator, progress)

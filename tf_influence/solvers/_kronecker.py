@@ -15,81 +15,16 @@ the same factors whatever the batch size and the number of replicas or workers.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import tensorflow as tf
 
+from tf_influence.engine.output_draws import output_draws, training_sums
 from tf_influence.solvers import _kronecker_blocks as kinds
 from tf_influence.solvers.base import CurvatureError, LowRankQueries, ProgressFactory
 from tf_influence.solvers.ekfac import KFAC, KroneckerState, _Block, structure
 
-
-# -- output draws ------------------------------------------------------------------------
-def _output_draws(
-    solver: KFAC, objective, outputs, y, positions, stream: int
-) -> list[tuple[float, Any]]:
-    """``[(weight, per-example pseudo-loss (b,))]`` whose gradients are the draws ``J^T u``.
-
-    ``fisher="true"``: ``u = L eps`` with ``L L^T`` the loss's output Hessian per
-    example; ``"exact"`` samples take ``eps`` as every column of the identity
-    (weight 1 each: the columns of ``L`` sum ``u u^T`` to ``H_L``), an integer
-    ``m`` takes ``m`` normal draws (weight ``1/m``), seeded per example by
-    ``_example_noise``. ``fisher="empirical"``: the training losses themselves.
-    ``positions``: the ``(b,)`` positions of the examples in the data; ``stream``: 0 for
-    the factor pass, 1 for the correction pass.
-    """
-    flat = tf.nest.flatten(outputs)
-    if solver.fisher == "empirical":
-        return [(1.0, objective.loss_from_outputs(outputs, y))]
-    from tf_influence.engine.gauss_newton import output_hessians
-
-    hessians = output_hessians(objective, outputs, y)  # (b, K, K)
-    if hessians is None:
-        return []
-    size = tf.shape(flat[0])[0]
-    values, vectors = tf.linalg.eigh(tf.cast(hessians, tf.float64))
-    # L = H_L^(1/2), the symmetric root: unique, so a draw L eps does not depend on
-    # the signs eigh gives the eigenvectors (which rounding may flip between batches).
-    root = tf.matmul(
-        vectors * tf.sqrt(tf.maximum(values, 0.0))[:, None, :], vectors, transpose_b=True
-    )
-    width = sum(int(np.prod(t.shape[1:], dtype=np.int64)) for t in flat)
-    if solver.samples == "exact":
-        columns, weight = [root[:, :, i] for i in range(width)], 1.0
-    else:
-        noise = _example_noise(solver.seed, positions, stream, [width, solver.samples])
-        drawn = tf.matmul(root, noise)
-        columns, weight = [drawn[:, :, i] for i in range(solver.samples)], 1.0 / solver.samples
-    joined_outputs = tf.concat(
-        [tf.reshape(tf.cast(t, tf.float64), [size, -1]) for t in flat], axis=1
-    )
-    draws = []
-    for column in columns:
-        # A pseudo-loss whose gradient is J^T u (u held constant).
-        pseudo = tf.reduce_sum(tf.stop_gradient(column) * joined_outputs, axis=1)
-        draws.append((weight, pseudo))
-    return draws
-
-
 # The layers with Kronecker factors, for messages.
 COVERED = "Dense, EinsumDense, Conv1D, Conv2D, DepthwiseConv2D and Embedding"
-
-
-def _example_noise(seed: int, positions: tf.Tensor, stream: int, shape: list[int]) -> tf.Tensor:
-    """``(b, *shape)`` standard normal float64 draws, one stateless draw per example.
-
-    Example ``j``'s draw is seeded by ``(seed, 2 * j + stream)``: a function of its
-    position ``j`` in the data alone, not of its batch or replica.
-    """
-    positions = tf.cast(positions, tf.int64)
-    seeds = tf.fill(tf.shape(positions), tf.constant(seed, tf.int64))
-    keys = tf.stack([seeds, 2 * positions + stream], axis=1)
-    return tf.map_fn(
-        lambda key: tf.random.stateless_normal(shape, key, dtype=tf.float64),
-        keys,
-        fn_output_signature=tf.TensorSpec(shape, tf.float64),
-    )
 
 
 class _Steps:
@@ -127,7 +62,18 @@ class _Steps:
             tape.watch(variables)
             with _recording(layers, records):
                 outputs = self.objective.predict(x)
-            draws = _output_draws(self.solver, self.objective, outputs, y, positions, stream)
+            if self.solver.fisher == "empirical":  # the training losses themselves
+                draws = [(1.0, self.objective.loss_from_outputs(outputs, y))]
+            else:
+                draws = output_draws(
+                    self.objective,
+                    outputs,
+                    y,
+                    positions,
+                    self.solver.samples,
+                    self.solver.seed,
+                    stream,
+                )
         zs = [z for _, _, z in records]
         results = []
         for weight, pseudo in draws:
@@ -251,25 +197,6 @@ def _regularizer_diagonal(objective) -> list[tf.Tensor] | None:
     ]
 
 
-def _sums(operator, step, like, batch_size: int, args: tuple, on_batch) -> Any:
-    """``step(x, y, positions, *args)`` summed over the training data (``like``'s structure).
-
-    Under a strategy every replica sums its shards and the sums are all-reduced once
-    (``ReplicaData.replica_sums``); else one device loops over the batches.
-    """
-    if operator.replicas is not None:
-        return operator.replicas.replica_sums(step, like, batch_size, args, on_batch)
-    flat, offset = tf.nest.flatten(like), 0
-    for batch in operator.data.batches(batch_size):
-        size = int(tf.nest.flatten(batch[0])[0].shape[0])
-        positions = tf.range(offset, offset + size, dtype=tf.int64)
-        found = tf.nest.flatten(step(batch[0], batch[1], positions, *args))
-        flat = [t + u for t, u in zip(flat, found, strict=True)]
-        offset += size
-        on_batch()
-    return tf.nest.pack_sequence_as(like, flat)
-
-
 def fit(solver: KFAC, operator, progress: ProgressFactory) -> KroneckerState:
     """The factors of ``operator``'s training data: one pass (K-FAC) or two (EK-FAC)."""
     objective = operator.objective
@@ -299,7 +226,7 @@ def fit(solver: KFAC, operator, progress: ProgressFactory) -> KroneckerState:
         [tf.zeros(b.shapes()[1], tf.float64) for b in blocks],
         [tf.zeros([objective.layout.sizes[i]], tf.float64) for i in diagonal],
     )
-    a_sums, s_sums, d_sums = _sums(operator, steps.factors, zeros, batch_size, (), advance)
+    a_sums, s_sums, d_sums = training_sums(operator, steps.factors, zeros, batch_size, (), advance)
     n = float(operator.num_examples)
     qa, qs, values = [], [], []
     for block, a_sum, s_sum in zip(blocks, a_sums, s_sums, strict=True):
@@ -313,7 +240,7 @@ def fit(solver: KFAC, operator, progress: ProgressFactory) -> KroneckerState:
         qa_c = [tf.zeros([0], compute) if q is None else tf.cast(q, compute) for q in qa]
         qs_c = [tf.cast(q, compute) for q in qs]
         zeros = [tf.zeros_like(v) for v in values]
-        sums = _sums(operator, steps.corrections, zeros, batch_size, (qa_c, qs_c), advance)
+        sums = training_sums(operator, steps.corrections, zeros, batch_size, (qa_c, qs_c), advance)
         values = [t / n for t in sums]
     regular = _regularizer_diagonal(objective)
     if regular is not None:

@@ -236,6 +236,9 @@ class Projection:
         rows_per_pass: None, or how many training examples ``examples`` should take
             at a time when the index is built (more than a batch amortises work
             done once per call, such as generating a random matrix).
+        with_gram: whether the solver takes the Gram of the rows (``set_index_gram``);
+            False spares its ``n * dim^2`` products when the curvature comes from
+            elsewhere.
     """
 
     dim: int
@@ -248,6 +251,7 @@ class Projection:
     store: str | None = None
     store_dtype: str = "float16"
     rows_per_pass: int | None = None
+    with_gram: bool = True
 
     @classmethod
     def from_basis(cls, basis: tf.Tensor) -> Projection:

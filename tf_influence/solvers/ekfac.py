@@ -65,6 +65,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_influence._validation import check_int, check_positive_int
+from tf_influence.engine.output_draws import check_fisher, check_samples
 from tf_influence.solvers.base import (
     CurvatureOperator,
     Diagnostics,
@@ -74,7 +75,6 @@ from tf_influence.solvers.base import (
     silent_progress,
 )
 
-FISHER = ("true", "empirical")
 FACTOR_DTYPES = ("float64", "float32")
 # The layers whose queries ``query_rank`` truncates, for messages.
 COMPRESSED = "Dense, EinsumDense, Conv1D and Conv2D"
@@ -282,14 +282,8 @@ class KFAC(Solver):
         query_rank: int | None = None,
         factor_dtype: str = "float64",
     ):
-        if fisher not in FISHER:
-            raise ValueError(
-                f'Argument `fisher` must be "true" or "empirical". Received: fisher={fisher!r}'
-            )
-        if samples != "exact":
-            samples = check_positive_int("samples", samples)
-        self.fisher = fisher
-        self.samples = samples
+        self.fisher = check_fisher(fisher)
+        self.samples = check_samples(samples)
         self.seed = check_int("seed", seed)
         self.batch_size = check_positive_int("batch_size", batch_size, allow_none=True)
         self.query_rank = check_positive_int(
