@@ -14,6 +14,7 @@ from conftest import make_mlp, tape_gradients
 from test_gauss_newton import dense_ggn, dense_ggn_parts
 
 import tf_influence as tfi
+from tf_influence.engine import PerExampleGradients
 from tf_influence.engine import projection as projection_lib
 from tf_influence.engine.output_draws import example_noise
 from tf_influence.engine.projected_gauss_newton import DRAW_STREAM
@@ -22,12 +23,25 @@ from tf_influence.solvers import Projected
 DAMPING = 0.1
 
 
-def fitted(x, y, solver, damping=DAMPING, batch_size=16, **fit_args):
-    model = make_mlp(l2=0.0)
+def fitted(x, y, solver, damping=DAMPING, batch_size=16, model=None, **fit_args):
+    model = make_mlp(l2=0.0) if model is None else model
     model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     im = tfi.InfluenceModel(model)
     im.compile(solver=solver, damping=damping)
     return im.fit(x, y, batch_size=batch_size, verbose=0, **fit_args)
+
+
+def prelu_mlp():
+    """Dense -> PReLU -> Dense: the PReLU's slopes have no layer factors (pfor)."""
+    keras.utils.set_random_seed(1)
+    return keras.Sequential(
+        [
+            keras.Input((4,), dtype="float64"),
+            keras.layers.Dense(5, dtype="float64"),
+            keras.layers.PReLU(alpha_initializer=keras.initializers.Constant(0.3), dtype="float64"),
+            keras.layers.Dense(3, dtype="float64"),
+        ]
+    )
 
 
 def projection_matrix(im):
@@ -42,15 +56,29 @@ def projected_curvature(im):
     return state["gram"][0] / int(state["num_examples"])
 
 
-@pytest.mark.parametrize("kind", ["kronecker", "gaussian"])
-def test_full_dimension_is_the_gauss_newton_influence(blobs, kind):
-    """At dim >= p nothing is projected (P = I): with the exact expectation over the
-    draws, the scores are -g_test^T inv(G + damping*I) g_j."""
+@pytest.mark.parametrize(
+    ("kind", "model"),
+    [("kronecker", "mlp"), ("gaussian", "prelu"), ("kronecker-unfactored", "prelu")],
+)
+def test_full_dimension_is_the_gauss_newton_influence(blobs, kind, model, monkeypatch):
+    """At dim >= p nothing is projected (P = I; the Kronecker units come first, so a
+    permutation with the PReLU's slopes): with the exact expectation over the draws,
+    the scores are -g_test^T inv(G + damping*I) g_j.
+
+    "prelu": the slopes' draws by pfor; "unfactored": every gradient by pfor."""
+    if kind == "kronecker-unfactored":
+        monkeypatch.setattr(PerExampleGradients, "check_factored", lambda self, x, y: False)
+        kind = "kronecker"
     x, y = blobs
-    im = fitted(x, y, Projected(dim=1000, projection=kind, samples="exact"))
+    solver = Projected(dim=1000, projection=kind, samples="exact")
+    im = fitted(x, y, solver, model=prelu_mlp() if model == "prelu" else None)
     assert im.state.index.shape == (50, im.num_params)
+    matrix = projection_matrix(im)  # the identity, up to the order of the coordinates
+    np.testing.assert_array_equal(matrix.T @ matrix, np.eye(im.num_params))
     ggn = dense_ggn(im.objective, x, y)
-    np.testing.assert_allclose(projected_curvature(im), ggn, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(
+        projected_curvature(im), matrix.T @ ggn @ matrix, rtol=1e-9, atol=1e-12
+    )
     curvature = ggn + DAMPING * np.eye(im.num_params)
     grads = tape_gradients(im.objective, x, y)
     tests = tape_gradients(im.objective, x[:6], y[:6])

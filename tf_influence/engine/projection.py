@@ -349,21 +349,13 @@ class GradientProjection:
     def factored_parts(
         self, uses: list, size: Any, unfactored: Any
     ) -> tuple[tf.Tensor, tf.Tensor | None]:
-        """A batch's coordinates in the Kronecker units, and the dense part's gradients.
+        """``(units (b, sum of unit dims), rest (b, p_rest) or None)``: ``join`` makes ``(b, dim)``.
 
-        Traceable; for the loss or any per-example scalar (an output draw of
-        ``engine.output_draws``) whose backward pass gave the layers' factors.
-
-        Args:
-            uses: the ``engine.factored.Use`` of every call of a factored layer (its
-                inputs and the output gradients, rows are examples).
-            size: the number of examples ``b``.
-            unfactored: ``unfactored(indices) -> [(b, size) or None]``, the
-                per-example gradients of the variables the factors do not give.
-
-        Returns:
-            ``(units (b, sum of unit dims), rest (b, p_rest) or None)``: ``join``
-            makes them the ``(b, dim)`` coordinates.
+        Traceable. ``uses``: every call of a factored layer (``engine.factored.Use``),
+        its inputs and the output gradients of a per-example scalar (the loss, or an
+        output draw of ``engine.output_draws``), rows are examples; ``size``: ``b``;
+        ``unfactored(indices) -> [(b, size) or None]``: the per-example gradients of
+        the variables the factors do not give.
         """
         factored = self.gradients.factored
         dtype = self.dtype
