@@ -40,6 +40,27 @@ def conv_model():
     return model
 
 
+def image_model():
+    """Conv2D strided with "same" padding and a bias, Conv2D dilated without one, and a
+    causal dilated Conv1D: the convolutions whose inputs are projected by convolving."""
+    keras.utils.set_random_seed(2)
+    model = keras.Sequential(
+        [
+            keras.Input((7, 7, 2), dtype="float64"),
+            keras.layers.Conv2D(
+                4, 3, strides=2, padding="same", activation="tanh", dtype="float64"
+            ),
+            keras.layers.Conv2D(3, 2, dilation_rate=2, use_bias=False, dtype="float64"),
+            keras.layers.Reshape((4, 3), dtype="float64"),
+            keras.layers.Conv1D(3, 2, padding="causal", dilation_rate=2, dtype="float64"),
+            keras.layers.Flatten(dtype="float64"),
+            keras.layers.Dense(3, dtype="float64"),
+        ]
+    )
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
 def wide_mlp():
     """1,083 parameters: the dense JL part spans three generated blocks of 512 rows."""
     keras.utils.set_random_seed(1)
@@ -121,6 +142,24 @@ def test_kronecker_projection_is_the_kronecker_product_of_each_layer():
     x, y = data((6, 3))
     check_against_dense(projection, x, y)
     assert projection.gradients.factored is not None  # the layers' factors were used
+
+
+def test_convolutions_are_projected_without_their_patches():
+    """A convolution's ``P_in^T a_t`` is the layer's convolution with ``P_in`` as its
+    kernel: equal to the patches times ``P_in`` (the dense Kronecker product), and the
+    traced index pass extracts no patches (which cost more than the forward pass)."""
+    objective = tfi.engine.Objective(image_model())
+    projection = GradientProjection(objective, dim=40, kind="kronecker", seed=4)
+    assert [(u.kernel, u.bias) for u in projection.units] == [(0, 1), (2, None), (3, 4), (5, 6)]
+    assert all(1 < u.k_in < u.rows for u in projection.units)
+    x, y = data((7, 7, 2))
+    check_against_dense(projection, x, y)
+    assert projection.gradients.factored is not None
+    traced = tf.function(projection.examples).get_concrete_function(tf.constant(x), y)
+    graph = traced.graph.as_graph_def()
+    ops = {node.op for node in graph.node}
+    ops |= {node.op for function in graph.library.function for node in function.node_def}
+    assert "Conv2D" in ops and "ExtractImagePatches" not in ops
 
 
 @pytest.mark.parametrize("kind", ["gaussian", "rademacher"])

@@ -200,16 +200,6 @@ def recorded_call(entry: FactoredLayer, inputs, args, kwargs) -> tuple:
         if inputs.shape.rank != len(entry.einsum.input_order):
             raise FactoredUnavailable(f"layer {layer.name!r} got rank {inputs.shape.rank}")
         z = keras.ops.einsum(layer.equation, inputs, layer.kernel)
-    elif entry.kind == "conv1d":
-        padded, padding = _padded(layer, inputs)
-        z = keras.ops.conv(
-            padded,
-            layer.kernel,
-            strides=list(layer.strides),
-            padding=padding,
-            dilation_rate=layer.dilation_rate,
-            data_format=layer.data_format,
-        )
     elif entry.kind == "depthwise":
         z = keras.ops.depthwise_conv(
             inputs,
@@ -219,11 +209,31 @@ def recorded_call(entry: FactoredLayer, inputs, args, kwargs) -> tuple:
             dilation_rate=layer.dilation_rate,
             data_format=layer.data_format,
         )
-    else:
-        z = layer.convolution_op(inputs, layer.kernel)
+    else:  # "conv1d", "conv2d"
+        z = _convolve(entry, inputs, layer.kernel)
     if layer.bias is not None:
         z = keras.ops.add(z, layer.bias)
     return inputs, z, layer.activation(z) if layer.activation is not None else z
+
+
+def _convolve(entry: FactoredLayer, inputs, kernel) -> tf.Tensor:
+    """The convolution of a ``"conv1d"`` / ``"conv2d"`` layer with another ``kernel``.
+
+    ``kernel`` is ``(kernel_size..., channels, k)``: the layer's strides, padding
+    (a Conv1D's causal padding too) and dilation, ``k`` output channels.
+    """
+    layer = entry.layer
+    if entry.kind == "conv2d":
+        return layer.convolution_op(inputs, kernel)
+    padded, padding = _padded(layer, inputs)
+    return keras.ops.conv(
+        padded,
+        kernel,
+        strides=list(layer.strides),
+        padding=padding,
+        dilation_rate=layer.dilation_rate,
+        data_format=layer.data_format,
+    )
 
 
 def _padded(layer, inputs) -> tuple[tf.Tensor, str]:
@@ -284,6 +294,22 @@ def input_rows(entry: FactoredLayer, inputs: tf.Tensor, size) -> tf.Tensor:
         kh, kw, channels, _ = layer.kernel.shape
         return tf.reshape(patches, [size, -1, kh * kw, channels])
     return tf.reshape(patches, [size, -1, patches.shape[-1]])
+
+
+def projected_input_rows(entry: FactoredLayer, inputs: tf.Tensor, matrix, size) -> tf.Tensor:
+    """``input_rows(entry, inputs, size) @ matrix`` of a matrix kind, ``(b, t, k)``.
+
+    ``matrix`` is ``(fan_in, k)``. A convolution's is the layer's own convolution
+    with ``matrix`` as its kernel (``(kernel_size..., channels, k)``: the patches'
+    order), so that the ``(b, t, kernel_size * channels)`` patches are never formed;
+    the same products, without writing and reading ``kernel_size`` copies of the
+    input.
+    """
+    matrix = tf.cast(matrix, inputs.dtype)
+    if entry.kind in ("conv1d", "conv2d"):
+        kernel = tf.reshape(matrix, [*entry.layer.kernel.shape[:-1], -1])
+        return tf.reshape(_convolve(entry, inputs, kernel), [size, -1, matrix.shape[-1]])
+    return tf.einsum("bti,ik->btk", input_rows(entry, inputs, size), matrix)
 
 
 def output_rows(entry: FactoredLayer, delta: tf.Tensor, size) -> tf.Tensor:

@@ -15,7 +15,9 @@ unbiased estimates of dot products of gradients. It is never stored whole when
   gradient there is ``sum_t a_t delta_t^T`` (input rows with a 1 for the bias,
   output gradients, over positions ``t``), so its projection is ``sum_t (P_in^T
   a_t) (P_out^T delta_t)^T``, taken from the factors of one batched forward and
-  backward pass: no per-example gradient of the layer is formed.
+  backward pass: no per-example gradient of the layer is formed. A convolution's
+  ``P_in^T a_t`` (``a_t`` its input patches) is the layer's convolution with
+  ``P_in`` as its kernel: the patches are not formed either.
 * **Dense JL** for every other chosen variable (all of them with
   ``kind="gaussian"`` or ``"rademacher"``): their gradients, concatenated, times a
   ``(p_rest, dim_rest)`` matrix of ``N(0, 1/dim_rest)`` (or ``+-1/sqrt(dim_rest)``)
@@ -53,7 +55,7 @@ import tensorflow as tf
 from tf_influence.engine import jl
 from tf_influence.engine.compile import BatchFunction
 from tf_influence.engine.factored import MATRIX_KINDS, FactoredUnavailable, find_layers
-from tf_influence.engine.factored_layers import input_rows, output_rows
+from tf_influence.engine.factored_layers import input_rows, output_rows, projected_input_rows
 from tf_influence.engine.gradients import PerExampleGradients
 from tf_influence.engine.jl import JL_BLOCK_ROWS, JL_STREAM, jl_block, jl_matrix
 
@@ -346,12 +348,18 @@ class GradientProjection:
                 others.append(use)
                 continue
             unit, (p_in, p_out) = found
-            inputs = tf.cast(input_rows(use.entry, use.inputs, size), dtype)  # (b, t, fan_in)
-            if unit.bias is not None:
-                inputs = tf.concat([inputs, tf.ones_like(inputs[..., :1])], axis=-1)
+            inputs = tf.cast(use.inputs, dtype)
+            if p_in is None:
+                inputs = input_rows(use.entry, inputs, size)  # (b, t, fan_in)
+                if unit.bias is not None:
+                    inputs = tf.concat([inputs, tf.ones_like(inputs[..., :1])], axis=-1)
+            else:  # (b, t, k_in), a convolution's without its patches
+                p_in = tf.convert_to_tensor(p_in)
+                fan_in = unit.rows - (unit.bias is not None)
+                inputs = projected_input_rows(use.entry, inputs, p_in[:fan_in], size)
+                if unit.bias is not None:  # the bias row meets a constant 1
+                    inputs += p_in[fan_in]
             delta = tf.cast(output_rows(use.entry, use.delta, size), dtype)  # (b, t, cols)
-            if p_in is not None:
-                inputs = tf.einsum("bti,ik->btk", inputs, p_in)
             if p_out is not None:
                 delta = tf.einsum("bto,ol->btl", delta, p_out)
             value = tf.reshape(tf.einsum("btk,btl->bkl", inputs, delta), [size, unit.dim])
