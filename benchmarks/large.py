@@ -36,9 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import multiprocessing
 import os
-import queue as queue_lib
 import tempfile
 import time
 import traceback
@@ -46,8 +44,9 @@ import traceback
 import numpy as np
 
 from benchmarks.common import resnet9
+from benchmarks.common.child import run_in_child
 from benchmarks.common.report import machine, now
-from benchmarks.common.timing import log, peak_rss_mb, status_mib
+from benchmarks.common.timing import log, peak_rss_mb
 
 CASES = ("ekfac", "kfac")
 SOLVE_TESTS = 10  # test points whose solve alone is timed
@@ -129,30 +128,13 @@ def run_case(case, weights, args, epoch_seconds):
 
     ``epoch_seconds`` (the epoch timed before the cases) sets the time limit.
     """
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    child = context.Process(target=_run_case, args=(case, weights, args, queue), daemon=True)
-    child.start()
-    budget = args.budget_epochs * epoch_seconds
-    try:
-        _, started = queue.get(timeout=600)  # importing TensorFlow, building the model
-        row = None
-        while row is None:
-            try:
-                _, row = queue.get(timeout=2)
-            except queue_lib.Empty:
-                seconds = time.time() - started
-                if seconds > budget:
-                    row = {"status": f"stopped after {args.budget_epochs:g} epochs"}
-                elif (status_mib("VmRSS", child.pid) or 0.0) > args.max_memory_mib:
-                    row = {"status": f"stopped above {args.max_memory_mib:g} MiB"}
-                elif not child.is_alive():
-                    row = {"status": f"died (exit code {child.exitcode})"}
-    finally:
-        if child.is_alive():
-            child.terminate()
-        child.join(30)
-    return row
+    return run_in_child(
+        _run_case,
+        (case, weights, args),
+        args.budget_epochs * epoch_seconds,
+        args.max_memory_mib,
+        f"{args.budget_epochs:g} epochs",
+    )
 
 
 @contextlib.contextmanager
