@@ -24,6 +24,9 @@ the two). Each case runs in a child process (``benchmarks.common.child``):
 * ``ekfac``: ``EKFAC()`` with ``damping="auto"`` for comparison, its eigendecompositions
   (constant in n) timed apart.
 
+Each Projected case runs ``--repeats`` times (2), interleaved, so that the spread a
+shared machine's load gives shows in the table; EK-FAC runs once, last.
+
 Then each case explains ``--tests`` test points (the first answer), ``--more-tests``
 others, and (Projected) the top-10 of ``--more-tests`` others again (fresh test
 points: query coordinates are cached per batch); the peak resident memory of the
@@ -152,7 +155,10 @@ def _fit_projected(im, x, y, batch_size):
 
 
 def _run_case(case, name, weights, folder, args, queue):
-    """In the child: build the model, load ``weights``, fit and query; report to ``queue``."""
+    """In the child: build the model, load ``weights``, fit and query; report to ``queue``.
+
+    ``folder``: where a store goes (a new folder for every run).
+    """
     import warnings
 
     import tf_influence as tfi
@@ -165,8 +171,8 @@ def _run_case(case, name, weights, folder, args, queue):
         model.load_weights(weights)
     store = None
     if case == "projected_store":  # a folder of its own: the store's files go beside it
-        os.makedirs(os.path.join(folder, case), exist_ok=True)
-        store = os.path.join(folder, case, "index.npy")
+        os.makedirs(folder)
+        store = os.path.join(folder, "index.npy")
     if case == "ekfac":
         solver = tfi.solvers.EKFAC()
     else:
@@ -228,7 +234,7 @@ def _command(args):
         return f"{PYTHON} -m benchmarks.projected_build --model {args.model} --quick"
     parts = [f"{PYTHON} -m benchmarks.projected_build --model {args.model}"]
     defaults = {"num_train": MODELS[args.model][1], "dim": 4096, "epochs": 2, "tests": 10}
-    defaults.update(more_tests=100, cases=",".join(CASES), budget_epochs=60)
+    defaults.update(more_tests=100, cases=",".join(CASES), repeats=2, budget_epochs=60)
     for key, default in defaults.items():
         if getattr(args, key) != default:
             parts.append(f"--{key.replace('_', '-')} {getattr(args, key)}")
@@ -248,11 +254,12 @@ def _tables(rows, epoch, args):
         f"{SCALED_TRAIN:,} examples |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    finished = {case: row for case, row in rows.items() if row["status"] == "finished"}
-    for case, row in rows.items():
-        if case not in finished:
-            lines.append(f"| {case} | {row['status']}: {row.get('error', '')} |||||||")
-    for case, row in finished.items():
+    finished = {label: row for label, row in rows.items() if row["status"] == "finished"}
+    for label, row in rows.items():
+        if label not in finished:
+            lines.append(f"| {label} | {row['status']}: {row.get('error', '')} |||||||")
+    for label, row in finished.items():
+        case = row["case"]
         fit, growing = row["fit_seconds"], row["growing_seconds"]
         scaled = growing / epoch + (fit - growing) / scaled_epoch
         if case == "ekfac":
@@ -273,21 +280,21 @@ def _tables(rows, epoch, args):
                 _epochs(row["other_seconds"], epoch),
             ]
         cells = [_epochs(fit, epoch), *cells, f"**{scaled:.2f}**"]
-        lines.append(f"| {case} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += [
         "",
         f"| case | damping | index dim | explain {args.tests} | explain {args.more_tests} more "
         f"| top-10 of {args.more_tests} others | peak RSS | index | curvature |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for case, row in finished.items():
+    for label, row in finished.items():
         top = row.get("top_k_seconds")
         index = row.get("index_bytes")
         curvature = f"{row['curvature_bytes'] / 2**20:,.0f} MiB"
         if row.get("gram_file_bytes"):
             curvature += f" (the Gram on disk: {row['gram_file_bytes'] / 2**20:,.0f} MiB)"
         lines.append(
-            f"| {case} | {row['damping']:.3g} | {row.get('dim', '')} | "
+            f"| {label} | {row['damping']:.3g} | {row.get('dim', '')} | "
             f"{_epochs(row['explain_seconds'], epoch)} | {_epochs(row['more_seconds'], epoch)} | "
             f"{'' if top is None else _epochs(top, epoch)} | {row['peak_mib']:,.0f} MiB | "
             f"{'' if index is None else f'{index / 2**20:,.1f} MiB'} | {curvature} |"
@@ -306,6 +313,9 @@ def main(argv=None):
     parser.add_argument("--more-tests", type=int, default=100, help="then other test points")
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated: {CASES}")
     parser.add_argument(
+        "--repeats", type=int, default=2, help="runs of each Projected case, interleaved"
+    )
+    parser.add_argument(
         "--budget-epochs", type=float, default=60, help="a case's time limit, in training epochs"
     )
     parser.add_argument(
@@ -316,7 +326,7 @@ def main(argv=None):
     args.num_train = args.num_train or default_train
     if args.quick:
         args.num_train, args.dim, args.tests, args.more_tests = 128, 256, 4, 8
-        args.budget_epochs = 1000
+        args.budget_epochs, args.repeats = 1000, 1
     args.num_tests = args.tests + 2 * args.more_tests
     cases = [c for c in args.cases.split(",") if c]
     unknown = sorted(set(cases) - set(CASES))
@@ -334,16 +344,24 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as folder:
         weights = os.path.join(folder, "model.weights.h5")
         model.save_weights(weights)
-        for case in cases:
-            log(f"case {case}")
-            rows[case] = run_in_child(
+        # The Projected cases `--repeats` times, interleaved (the load of a shared
+        # machine changes from one case to the next); EK-FAC once, last.
+        runs = [c for _ in range(args.repeats) for c in cases if c != "ekfac"]
+        runs += [c for c in cases if c == "ekfac"]
+        for number, case in enumerate(runs):
+            label = case
+            if case != "ekfac" and args.repeats > 1:
+                label = f"{case} #{runs[: number + 1].count(case)}"
+            log(f"case {label}")
+            row = run_in_child(
                 _run_case,
-                (case, args.model, weights, folder, args),
+                (case, args.model, weights, os.path.join(folder, str(number)), args),
                 args.budget_epochs * before,
                 args.max_memory_mib,
                 f"{args.budget_epochs:g} epochs",
             )
-            log(f"{case}: {rows[case]}")
+            rows[label] = dict(row, case=case)
+            log(f"{label}: {row}")
     # The machine's load may change during the cases: an epoch is timed again after
     # them, and the times are divided by the mean of the epochs before and after.
     after = fit_epochs(model, x, y, 1, args.batch_size)[0]
