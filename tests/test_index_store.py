@@ -377,3 +377,13 @@ def test_a_store_larger_than_the_free_disk_warns(tmp_path, monkeypatch):
     monkeypatch.setattr(layout.shutil, "disk_usage", lambda path: usage._replace(free=1000))
     with pytest.warns(UserWarning, match=r"will need 15.2 KiB and its disk has 1000 bytes free"):
         GradientStore(str(tmp_path / "s.npy"), FINGERPRINTS, NUM_ROWS, DIM)
+
+
+def test_a_missing_folder_is_created(tmp_path):
+    path = str(tmp_path / "new" / "folder" / "s.npy")
+    store = GradientStore(path, FINGERPRINTS, NUM_ROWS, DIM, "float32")
+    build(store)
+    np.testing.assert_array_equal(
+        np.concatenate([block for _, block in GradientStore.open(path).blocks(5)]),
+        rows(0, NUM_ROWS).astype(np.float32),
+    )

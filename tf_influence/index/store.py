@@ -111,6 +111,8 @@ class GradientStore:
                 "choose another path."
             )
         else:
+            # A missing folder is created, as Keras's ModelCheckpoint does.
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             self._layout.warn_if_too_big()
             # The record first: a kill from here on leaves a store of 0 rows.
             self._layout.write_record(self._fingerprints, 0, False, {})

@@ -80,7 +80,8 @@ class Projected(Solver):
             ``model.get_weights()`` returns them. Each member gets its own index
             block and curvature; ``scores = mean_m scores_m``.
         store: None (the index in memory), or the path of a ``.npy`` file to keep
-            the index in (``tf_influence.index.GradientStore``): ``fit`` writes it
+            the index in (``tf_influence.index.GradientStore``; a missing folder is
+            created): ``fit`` writes it
             block by block, resumable (a killed ``fit`` goes on from the last
             recorded row) and fingerprinted (a store of other weights, data,
             objective or projection is refused); a complete store is reopened with
