@@ -27,11 +27,12 @@ Projected gradients (``tfi.solvers.Projected``, not in the default list):
 ``projected_<dim>`` (Kronecker), ``projected_gauss_<dim>`` (dense Gaussian),
 ``projected_<dim>x<m>`` (Kronecker, an ensemble of ``m`` models trained
 independently with seeds ``0 .. m-1``, member 0 the analysed model) and
-``projected_gn_<dim>`` (the Kronecker index with the Gauss-Newton matrix in the
-projected space); ``fisher``, the full-dimensional influence with the empirical
-Fisher ``G^T G / n`` (see ``benchmarks.lds_index``). Each row has its Pearson
-correlation with ``--reference`` (CG on Gauss-Newton by default) and, for indexes
-(Projected, Arnoldi), the bytes kept for queries.
+``projected_gn_<dim>`` / ``projected_gn_gauss_<dim>`` (the index with the
+Gauss-Newton matrix in the projected space instead of ``Phi^T Phi / n``);
+``fisher``, the full-dimensional influence with the empirical Fisher ``G^T G / n``
+(see ``benchmarks.lds_index``). Each row has its Pearson correlation with
+``--reference`` (CG on Gauss-Newton by default) and, for indexes (Projected,
+Arnoldi), the bytes kept for queries.
 
 Protocols (``--protocols``): ``shared`` (every subset trained from one shared
 initialisation and data order: ``lds(shared_init=True)``) and ``independent``
@@ -194,10 +195,10 @@ def settings(method, num_params):
     damping = float(damping) if damping else "auto"
     projected = lds_index.PROJECTED.fullmatch(method)
     if projected is not None:
-        kind, dim, members = projected.groups()
+        _, gaussian, dim, members = projected.groups()
         if members is not None:
-            return None  # an ensemble needs its members: `ensemble_solver`
-        kind = "gaussian" if kind == "_gauss" else "kronecker"
+            return None  # an ensemble needs its members (see `attributions`)
+        kind = "gaussian" if gaussian else "kronecker"
         return tfi.solvers.Projected(dim=int(dim), projection=kind), damping, "gauss_newton"
     if method.startswith("arnoldi_"):
         rank = int(method.split("_")[1])
@@ -218,8 +219,8 @@ def settings(method, num_params):
 
 
 def attributions(name, method, model, checkpoints, data):
-    """``(scores (n_test, n_train), seconds, note, index bytes or None)``, or None if
-    ``method`` does not apply."""
+    """``(scores (n_test, n_train), seconds, note, (index bytes, dim) or None)``, or None
+    if ``method`` does not apply."""
     import tf_influence as tfi
 
     x_train, y_train, x_test, y_test = data
@@ -242,10 +243,10 @@ def attributions(name, method, model, checkpoints, data):
         return scores, time.perf_counter() - start, f"damping {damping:.3g}", None
     projected = lds_index.PROJECTED.fullmatch(base)
     note = ""
-    if projected is not None and projected.group(3) is not None:
-        if name == "logreg":
-            return None  # every refit of a convex model is the same model
-        kind, dim, count = projected.groups()
+    if projected is not None and projected.group(4) is not None:
+        if name == "logreg" or projected.group(1) or projected.group(2):
+            return None  # a convex model has one minimum; ensembles are Kronecker, Phi^T Phi
+        _, _, dim, count = projected.groups()
         trained = time.perf_counter()
         members = ensemble(name, model, x_train, y_train, int(count))
         trained = time.perf_counter() - trained
@@ -261,7 +262,7 @@ def attributions(name, method, model, checkpoints, data):
     im.compile(solver=solver, damping=damping, curvature=curvature or "gauss_newton")
     try:
         im.fit(x_train, y_train, batch_size=FIT_BATCH, verbose=0)
-        if projected is not None and projected.group(1) == "_gn":
+        if projected is not None and projected.group(1):
             scores, used = lds_index.gauss_newton_scores(im, model, data, damping, FIT_BATCH)
         else:
             scores, used = im.explain(x_test, y_test, verbose=0), float(im.damping)
@@ -271,7 +272,7 @@ def attributions(name, method, model, checkpoints, data):
     if projected is not None:
         projection = im.state.index_inverse.projection
         note = f", dim {projection.dim // projection.members}" + note
-    return scores, seconds, f"damping {used:.3g}" + note, lds_index.index_bytes(im)
+    return scores, seconds, f"damping {used:.3g}" + note, lds_index.index_size(im)
 
 
 # -- projected gradients ---------------------------------------------------------------------
@@ -349,7 +350,7 @@ def main(argv=None):
                 found = attributions(name, method, model, checkpoints, model_data)
             if found is None:
                 continue
-            scores, seconds, note, nbytes = found
+            scores, seconds, note, index = found
             cells = []
             for protocol in protocols:
                 if scores is None:
@@ -371,11 +372,11 @@ def main(argv=None):
                 retrain_seconds[protocol] = retrain_seconds.get(protocol, 0.0) + result.seconds
                 spread = f" ({result.per_seed.min():.2f}-{result.per_seed.max():.2f})"
                 cells.append(f"{result.score:.3f}" + (spread if args.seeds > 1 else ""))
-                points.append((name, method, protocol, seconds, result.score, nbytes))
+                points.append((name, method, protocol, seconds, result.score, index))
             pearson = ""
             if scores is not None and reference is not None:
                 pearson = f"{np.corrcoef(scores.ravel(), reference.ravel())[0, 1]:.3f}"
-            size = "" if nbytes is None else f"{nbytes / 2**20:.2f} MiB"
+            size = "" if index is None else f"{index[0] / 2**20:.2f} MiB"
             print(
                 f"| {name} | {method} | {' | '.join(cells)} | {pearson} | {size} | "
                 f"{seconds:.1f} | {note} |",

@@ -4,7 +4,7 @@
   ``G^T G / n``, what ``Projected`` tends to as ``dim`` grows;
 * ``gauss_newton_scores``: a fitted ``Projected`` index scored with the Gauss-Newton
   matrix in the projected space instead of TRAK's ``Phi^T Phi / n``;
-* ``index_bytes``: what an index keeps for queries;
+* ``index_size``: what an index keeps for queries;
 * ``plot_memory`` / ``plot_ensembles``: LDS against those bytes (Projected and
   Arnoldi, CG as a line) and against the size of a ``Projected`` ensemble.
 """
@@ -17,18 +17,18 @@ import numpy as np
 
 from benchmarks.common.report import pyplot, save_figure
 
-# projected_<dim>, projected_gauss_<dim>, projected_gn_<dim>, projected_<dim>x<members>
-PROJECTED = re.compile(r"projected(_gauss|_gn)?_(\d+)(?:x(\d+))?")
-FAMILIES = {None: "Projected, Kronecker", "_gauss": "Projected, Gaussian"}
-FAMILIES["_gn"] = "Projected, Kronecker, Gauss-Newton in the projected space"
+# projected[_gn][_gauss]_<dim>, projected_<dim>x<members>: the projection (Kronecker or
+# Gaussian), the curvature (Phi^T Phi / n, or Gauss-Newton), an ensemble's size.
+PROJECTED = re.compile(r"projected(_gn)?(_gauss)?_(\d+)(?:x(\d+))?")
 
 
-def index_bytes(im):
-    """Bytes an index keeps for queries, or None without one.
+def index_size(im):
+    """``(bytes, dim)`` of the index kept for queries, or None without one.
 
-    The ``n x dim`` index in float32 and the projection's kept matrices (a low-rank
-    basis ``p x r``, a kept dense JL matrix, Kronecker factors). An ensemble's
+    The bytes: the ``n x dim`` index in float32 and the projection's kept matrices (a
+    low-rank basis ``p x r``, a kept dense JL matrix, Kronecker factors). An ensemble's
     Kronecker factors (a few KiB) and the ``dim x dim`` inverse are not counted.
+    ``dim`` is per member of an ensemble (an Arnoldi index's kept rank).
     """
     found = im.state.index_inverse
     if found is None:
@@ -38,7 +38,8 @@ def index_bytes(im):
     if projection.matrix is not None:
         kept = [projection.matrix]
     rows = int(im.state.index.shape[0]) * projection.dim
-    return 4 * (rows + sum(int(np.prod(w.shape)) for w in kept))
+    nbytes = 4 * (rows + sum(int(np.prod(w.shape)) for w in kept))
+    return nbytes, projection.dim // projection.members
 
 
 def fisher_scores(model, data, damping, batch_size):
@@ -104,24 +105,24 @@ def gauss_newton_scores(im, model, data, damping, batch_size):
 
 # -- plots -----------------------------------------------------------------------------------
 def _family(method):
-    """``(family label, size label)`` of an index method, or None."""
+    """The label of an index method's family (its projection, curvature, damping), or None."""
     base, _, damping = method.partition("@")
     suffix = f" @{damping}" if damping else ""
     found = PROJECTED.fullmatch(base)
-    if found is not None and found.group(3) is None:
-        return FAMILIES[found.group(1)] + suffix, found.group(2)
+    if found is not None and found.group(4) is None:
+        family = "Projected, " + ("Gaussian" if found.group(2) else "Kronecker")
+        return family + (", Gauss-Newton" if found.group(1) else "") + suffix
     if base.startswith("arnoldi_"):
-        return "Arnoldi" + suffix, f"r={base.split('_')[1]}"
+        return "Arnoldi" + suffix
     return None
 
 
-def _lines(ax, points, name, protocol, suffix=""):
+def _lines(ax, points, name, protocol):
     """CG (and the full-dimensional Fisher) as horizontal lines."""
     styles = iter(["--", ":", "-.", (0, (5, 1))] * 4)
     for model, method, p, _, score, _ in points:
         if model == name and p == protocol and method.startswith(("cg_gn", "fisher")):
-            label = method + suffix
-            ax.axhline(score, color="black", linestyle=next(styles), linewidth=1, label=label)
+            ax.axhline(score, color="black", linestyle=next(styles), linewidth=1, label=method)
 
 
 def plot_memory(points, plot_dir):
@@ -133,14 +134,14 @@ def plot_memory(points, plot_dir):
         plt = pyplot()
         protocols = sorted({p[2] for p in mine})
         figure, axes = plt.subplots(
-            1, len(protocols), figsize=(6 * len(protocols), 4.5), squeeze=False
+            1, len(protocols), figsize=(5 * len(protocols) + 3, 4.5), squeeze=False
         )
         for ax, protocol in zip(axes[0], protocols, strict=True):
             series = {}
-            for _, method, p, _, score, nbytes in mine:
+            for _, method, p, _, score, (nbytes, dim) in mine:
                 if p == protocol:
-                    family, size = _family(method)
-                    series.setdefault(family, []).append((nbytes / 2**20, score, size))
+                    size = f"r={dim}" if method.startswith("arnoldi") else str(dim)
+                    series.setdefault(_family(method), []).append((nbytes / 2**20, score, size))
             for family, values in sorted(series.items()):
                 values.sort()
                 xs, ys, sizes = zip(*values, strict=True)
@@ -152,33 +153,42 @@ def plot_memory(points, plot_dir):
             ax.set_xlabel("index kept for queries, MiB (n x dim float32 + projection)")
             ax.set_ylabel("LDS")
             ax.set_title(f"digits {name}, {protocol} protocol")
-            ax.legend(fontsize=7)
+        axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+        figure.tight_layout()
         save_figure(figure, plot_dir, f"lds_vs_memory_{name}.png")
 
 
 def plot_ensembles(points, plot_dir):
-    """``lds_vs_ensemble_<model>.png``: LDS against the number of models averaged."""
+    """``lds_vs_ensemble_<model>.png``: LDS against the number of models averaged, one
+    panel per protocol, CG on Gauss-Newton as a line."""
     for name in sorted({p[0] for p in points}):
         series = {}
         for model, method, protocol, _, score, _ in points:
             base, _, damping = method.partition("@")
             found = PROJECTED.fullmatch(base)
-            if model == name and found is not None and found.group(3) is not None:
-                label = f"Projected {found.group(2)}{' @' + damping if damping else ''}, {protocol}"
-                series.setdefault(label, []).append((int(found.group(3)), score))
+            if model == name and found is not None and found.group(4) is not None:
+                label = f"Projected, Kronecker, dim {found.group(3)}"
+                label += f" @{damping}" if damping else ""
+                series.setdefault((protocol, label), []).append((int(found.group(4)), score))
         if not series:
             continue
         plt = pyplot()
-        figure, ax = plt.subplots(figsize=(6, 4.5))
-        for label, values in sorted(series.items()):
-            values.sort()
-            ax.plot(*zip(*values, strict=True), marker="o", label=label)
-        for protocol in sorted({p[2] for p in points}):
-            cg = [p for p in points if p[1].startswith("cg_gn")]
-            _lines(ax, cg, name, protocol, f", {protocol}")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("models in the ensemble (independently trained)")
-        ax.set_ylabel("LDS")
-        ax.set_title(f"digits {name}: Projected ensembles")
-        ax.legend(fontsize=7)
+        protocols = sorted({protocol for protocol, _ in series})
+        figure, axes = plt.subplots(
+            1, len(protocols), figsize=(4.5 * len(protocols) + 3, 4), squeeze=False
+        )
+        sizes = sorted({m for values in series.values() for m, _ in values})
+        for ax, protocol in zip(axes[0], protocols, strict=True):
+            for (p, label), values in sorted(series.items()):
+                if p == protocol:
+                    ax.plot(*zip(*sorted(values), strict=True), marker="o", label=label)
+            _lines(ax, [p for p in points if p[1].startswith("cg_gn")], name, protocol)
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(sizes)
+            ax.get_xaxis().set_major_formatter("{x:.0f}")
+            ax.set_xlabel("models in the ensemble (trained independently)")
+            ax.set_ylabel("LDS")
+            ax.set_title(f"digits {name}, {protocol} protocol")
+        axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+        figure.tight_layout()
         save_figure(figure, plot_dir, f"lds_vs_ensemble_{name}.png")
