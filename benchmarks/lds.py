@@ -23,6 +23,17 @@ TracIn (a checkpoint every 5 epochs of the training;
 ``logreg`` has none) and random scores (the floor, about 0). Damping is ``"auto"``
 unless the method name says otherwise (``cg_gn@0.001``).
 
+Projected gradients (``tfi.solvers.Projected``, not in the default list):
+``projected_<dim>`` (Kronecker), ``projected_gauss_<dim>`` (dense Gaussian),
+``projected_<dim>x<m>`` (Kronecker, an ensemble of ``m`` models trained
+independently with seeds ``0 .. m-1``, member 0 the analysed model) and
+``projected_gn_<dim>`` / ``projected_gn_gauss_<dim>`` (the index with the
+Gauss-Newton matrix in the projected space instead of ``Phi^T Phi / n``);
+``fisher``, the full-dimensional influence with the empirical Fisher ``G^T G / n``
+(see ``benchmarks.lds_index``). Each row has its Pearson correlation with
+``--reference`` (CG on Gauss-Newton by default) and, for indexes (Projected,
+Arnoldi), the bytes kept for queries.
+
 Protocols (``--protocols``): ``shared`` (every subset trained from one shared
 initialisation and data order: ``lds(shared_init=True)``) and ``independent``
 (every retraining its own seed, as the published numbers use). Each protocol has
@@ -32,12 +43,15 @@ the LDS's spread is its range over those seeds (``LDSResult.per_seed``).
 Retrainings are kept in ``--store-dir`` (one ``.npz`` per model and protocol), so
 a stopped run goes on where it stopped, and a new method is scored without
 retraining. Prints one table row per model and method, and writes
-``lds_vs_time_<protocols>.png`` (LDS against compute time) to ``--plot-dir``.
+``lds_vs_time_<protocols>.png`` (LDS against compute time; ``--plot-name``),
+``lds_vs_memory_<model>.png`` and ``lds_vs_ensemble_<model>.png`` to ``--plot-dir``.
 
 Usage, from the repository root::
 
     .venv/bin/python -m benchmarks.lds                          # every model, hours
     .venv/bin/python -m benchmarks.lds --models logreg,mlp --subsets 50
+    .venv/bin/python -m benchmarks.lds --models mlp --subsets 50 \
+        --methods cg_gn,projected_4096@0.001,arnoldi_210@0.001,projected_4096x4@0.001
 """
 
 from __future__ import annotations
@@ -49,6 +63,7 @@ import warnings
 
 import numpy as np
 
+from benchmarks import lds_index
 from benchmarks.common import digits
 from benchmarks.common.report import add_plot_dir_argument, pyplot, save_figure
 from benchmarks.common.timing import log
@@ -178,6 +193,17 @@ def settings(method, num_params):
 
     method, _, damping = method.partition("@")
     damping = float(damping) if damping else "auto"
+    projected = lds_index.PROJECTED.fullmatch(method)
+    if projected is not None:
+        _, gaussian, dim, members = projected.groups()
+        if members is not None:
+            return None  # an ensemble needs its members (see `attributions`)
+        kind = "gaussian" if gaussian else "kronecker"
+        return (
+            tfi.solvers.Projected(dim=int(dim), projection=kind, fisher="empirical"),
+            damping,
+            "gauss_newton",
+        )
     if method.startswith("arnoldi_"):
         rank = int(method.split("_")[1])
         if rank >= num_params:
@@ -197,34 +223,85 @@ def settings(method, num_params):
 
 
 def attributions(name, method, model, checkpoints, data):
-    """``(scores (n_test, n_train), seconds, note)``, or None if ``method`` does not apply."""
+    """``(scores (n_test, n_train), seconds, note, (index bytes, dim) or None)``, or None
+    if ``method`` does not apply."""
     import tf_influence as tfi
 
     x_train, y_train, x_test, y_test = data
     start = time.perf_counter()
     if method == "random":
         scores = np.random.default_rng(0).normal(size=(len(x_test), len(x_train)))
-        return scores, 0.0, ""
+        return scores, 0.0, "", None
     if method == "tracin":
         if checkpoints is None:
             return None
         tracin = tfi.TracIn(model, checkpoints).fit(x_train, y_train, batch_size=FIT_BATCH)
         scores = tracin.explain(x_test, y_test, verbose=0)
-        return scores, time.perf_counter() - start, f"{tracin.num_checkpoints} checkpoints"
+        return scores, time.perf_counter() - start, f"{tracin.num_checkpoints} checkpoints", None
     if method.startswith("exact") and name != "logreg":
         return None  # the dense Hessian of a network does not fit in memory
-    found = settings(method, model.count_params())
+    base, _, damping = method.partition("@")
+    damping = float(damping) if damping else "auto"
+    if base == "fisher":
+        scores, damping = lds_index.fisher_scores(model, data, damping, FIT_BATCH)
+        return scores, time.perf_counter() - start, f"damping {damping:.3g}", None
+    projected = lds_index.PROJECTED.fullmatch(base)
+    note = ""
+    if projected is not None and projected.group(4) is not None:
+        if name == "logreg" or projected.group(1) or projected.group(2):
+            return None  # a convex model has one minimum; ensembles are Kronecker, Phi^T Phi
+        _, _, dim, count = projected.groups()
+        trained = time.perf_counter()
+        members = ensemble(name, model, x_train, y_train, int(count))
+        trained = time.perf_counter() - trained
+        start += trained  # training the members is not the method's compute
+        note = f", {count} members ({trained:.0f} s training them, not counted)"
+        found = (
+            tfi.solvers.Projected(dim=int(dim), checkpoints=members, fisher="empirical"),
+            damping,
+            "",
+        )
+    else:
+        found = settings(method, model.count_params())
     if found is None:
         return None
     solver, damping, curvature = found
     im = tfi.InfluenceModel(model)
-    im.compile(solver=solver, damping=damping, curvature=curvature)
+    im.compile(solver=solver, damping=damping, curvature=curvature or "gauss_newton")
     try:
         im.fit(x_train, y_train, batch_size=FIT_BATCH, verbose=0)
-        scores = im.explain(x_test, y_test, verbose=0)
+        if projected is not None and projected.group(1):
+            scores, used = lds_index.gauss_newton_scores(im, model, data, damping, FIT_BATCH)
+        else:
+            scores, used = im.explain(x_test, y_test, verbose=0), float(im.damping)
     except tfi.solvers.CurvatureError as error:
-        return None, time.perf_counter() - start, str(error).split(".")[0][:100]
-    return scores, time.perf_counter() - start, f"damping {float(im.damping):.3g}"
+        return None, time.perf_counter() - start, str(error).split(".")[0][:100], None
+    seconds = time.perf_counter() - start
+    if projected is not None:
+        projection = im.state.index_inverse.projection
+        note = f", dim {projection.dim // projection.members}" + note
+    return scores, seconds, f"damping {used:.3g}" + note, lds_index.index_size(im)
+
+
+# -- projected gradients ---------------------------------------------------------------------
+MEMBERS = {}  # (model name, seed) -> a model trained as the analysed one, with that seed
+
+
+def ensemble(name, model, x_train, y_train, count):
+    """The analysed model and ``count - 1`` more trained the same way with seeds 1, 2, ..."""
+    import keras
+
+    members = [model]
+    for seed in range(1, count):
+        if (name, seed) not in MEMBERS:
+            keras.utils.set_random_seed(seed)
+            member = build(name)
+            member.fit(
+                x_train, y_train, epochs=EPOCHS, batch_size=BATCH_SIZE, shuffle=True, verbose=0
+            )
+            MEMBERS[name, seed] = member
+        members.append(MEMBERS[name, seed])
+    return members
 
 
 # -- the run ---------------------------------------------------------------------------------
@@ -239,6 +316,11 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, default=2, help="models trained per subset")
     parser.add_argument("--tests", type=int, default=100, help="test points")
     parser.add_argument("--store-dir", default="lds_runs", help="where retrainings are kept")
+    parser.add_argument(
+        "--reference",
+        default="cg_gn",
+        help="the method every method's Pearson correlation is taken with ('' for none)",
+    )
     add_plot_dir_argument(parser)
     parser.add_argument(
         "--plot-name",
@@ -256,19 +338,27 @@ def main(argv=None):
     points = []
     protocols = [p for p in args.protocols.split(",") if p]
     header = " | ".join(f"LDS {p} (seeds' range)" for p in protocols)
-    print(f"\n| model | method | {header} | seconds | note |")
-    print("| --- | --- | " + " | ".join("---" for _ in protocols) + " | --- | --- |")
+    print(f"\n| model | method | {header} | Pearson | index | seconds | note |")
+    print("| --- | --- | " + " | ".join("---" for _ in protocols) + " | --- | --- | --- | --- |")
     for name in [m for m in args.models.split(",") if m]:
         log(f"{name}: training the analysed model")
         model, train_fn, checkpoints, model_data = setup(name, data)
         retrain_seconds = {}
         methods = [m for m in args.methods.split(",") if m] or METHODS[name]
+        reference = None
+        if args.reference:
+            log(f"{name}: {args.reference} (the reference)")
+            kept = attributions(name, args.reference, model, checkpoints, model_data)
+            reference = None if kept is None else kept[0]
         for method in methods:
             log(f"{name}: {method}")
-            found = attributions(name, method, model, checkpoints, model_data)
+            if reference is not None and method == args.reference:
+                found = kept
+            else:
+                found = attributions(name, method, model, checkpoints, model_data)
             if found is None:
                 continue
-            scores, seconds, note = found
+            scores, seconds, note, index = found
             cells = []
             for protocol in protocols:
                 if scores is None:
@@ -290,13 +380,21 @@ def main(argv=None):
                 retrain_seconds[protocol] = retrain_seconds.get(protocol, 0.0) + result.seconds
                 spread = f" ({result.per_seed.min():.2f}-{result.per_seed.max():.2f})"
                 cells.append(f"{result.score:.3f}" + (spread if args.seeds > 1 else ""))
-                points.append((name, method, protocol, seconds, result.score))
+                points.append((name, method, protocol, seconds, result.score, index))
+            pearson = ""
+            if scores is not None and reference is not None:
+                pearson = f"{np.corrcoef(scores.ravel(), reference.ravel())[0, 1]:.3f}"
+            size = "" if index is None else f"{index[0] / 2**20:.2f} MiB"
             print(
-                f"| {name} | {method} | {' | '.join(cells)} | {seconds:.1f} | {note} |", flush=True
+                f"| {name} | {method} | {' | '.join(cells)} | {pearson} | {size} | "
+                f"{seconds:.1f} | {note} |",
+                flush=True,
             )
         log(f"{name}: retraining took {retrain_seconds} s in this run")
     print(f"\nwhole run: {time.perf_counter() - start_all:.0f} s")
     plot(points, args.plot_dir, args.plot_name)
+    lds_index.plot_memory(points, args.plot_dir)
+    lds_index.plot_ensembles(points, args.plot_dir)
 
 
 def plot(points, plot_dir, filename=""):
@@ -307,7 +405,7 @@ def plot(points, plot_dir, filename=""):
     figure, axes = plt.subplots(1, len(protocols), figsize=(5.5 * len(protocols), 4), squeeze=False)
     markers = {"logreg": "o", "mlp": "s", "cnn": "^"}
     for ax, protocol in zip(axes[0], protocols, strict=True):
-        for name, method, p, seconds, score in points:
+        for name, method, p, seconds, score, _ in points:
             if p != protocol or method == "random":
                 continue
             ax.scatter(max(seconds, 0.05), score, marker=markers.get(name, "o"))
