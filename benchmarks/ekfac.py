@@ -10,7 +10,7 @@ draw per example, and the exact expectation over the draws). Reports Pearson and
 Spearman of each against CG over the whole score matrix, the top-10 overlap per
 test point, and the seconds of ``fit`` + ``explain``, all in one run.
 
-Two more tables (``--tables accuracy,queries,dtype`` chooses; the default is
+More tables (``--tables accuracy,queries,dtype,subset`` chooses; the default is
 ``accuracy``, the table above), at damping ``--query-damping``:
 
 * ``queries``: query batching. ``explain`` of ``--query-tests`` test points (the 360
@@ -24,6 +24,11 @@ Two more tables (``--tables accuracy,queries,dtype`` chooses; the default is
 * ``dtype``: ``EKFAC(factor_dtype="float32")`` against the default float64: the
   bytes of the saved factors, and 1 - Pearson, the largest difference and the
   top-10 overlap of the scores of the ``--tests`` test points against float64's.
+* ``subset``: ``EKFAC(max_examples=m)`` for each ``m`` of ``--subsets`` (the factor
+  and correction passes on a seeded subset of m training points): Pearson and the
+  top-10 overlap of the ``--tests`` test points' scores against EK-FAC on every
+  training point and against CG on the Gauss-Newton matrix, and the seconds of
+  ``fit`` (median of ``--repeats`` fits, after one that traces), in one run.
 
 Usage, from the repository root::
 
@@ -32,6 +37,7 @@ Usage, from the repository root::
     .venv/bin/python -m benchmarks.ekfac --model cnn
     .venv/bin/python -m benchmarks.ekfac --tables queries,dtype   # about 5 minutes
     .venv/bin/python -m benchmarks.ekfac --tables queries --grow 10
+    .venv/bin/python -m benchmarks.ekfac --tables subset --model cnn
 """
 
 from __future__ import annotations
@@ -192,6 +198,45 @@ def factor_dtypes(model, data, damping):
         )
 
 
+def factor_subsets(model, data, damping, sizes, repeats):
+    """The ``subset`` table: ``EKFAC(max_examples=m)`` against every training point."""
+    import tf_influence as tfi
+
+    x_train, y_train, x_test, y_test = data
+    n = len(x_train)
+    print(
+        f"\nfactor subsets: digits {model.name} ({model.count_params():,} parameters), EKFAC "
+        f"at damping {damping:g}, {len(x_test)} test points over {n}; fit seconds: "
+        f"median of {repeats}\n"
+    )
+    print(
+        "| max_examples | fit seconds | Pearson with all | top-10 overlap with all | "
+        "Pearson with CG | top-10 overlap with CG |"
+    )
+    print("| --- | --- | --- | --- | --- | --- |")
+    expected, _ = run(
+        model, data, damping, tfi.solvers.CG(tol=CG_TOL, max_iter=5000), "gauss_newton"
+    )
+    reference = None
+    for size in [None, *sizes]:
+        log(f"subset: max_examples={size}")
+        seconds = []
+        for _ in range(repeats + 1):  # the first traces
+            im = tfi.InfluenceModel(model)
+            im.compile(solver=tfi.solvers.EKFAC(max_examples=size), damping=damping)
+            start = time.perf_counter()
+            im.fit(x_train, y_train, batch_size=128, verbose=0)
+            seconds.append(time.perf_counter() - start)
+        scores = im.explain(x_test, y_test, verbose=0)
+        reference = scores if reference is None else reference
+        print(
+            f"| {size or f'all ({n:,})'} | {np.median(seconds[1:]):.2f} | "
+            f"{pearson(scores, reference):.3f} | {top_overlap(scores, reference):.2f} | "
+            f"{pearson(scores, expected):.3f} | {top_overlap(scores, expected):.2f} |",
+            flush=True,
+        )
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dampings", default=",".join(str(d) for d in DAMPINGS))
@@ -204,6 +249,7 @@ def main(argv=None):
     parser.add_argument("--query-tests", type=int, default=500)
     parser.add_argument("--grow", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--subsets", default="100,300,700", help="max_examples of `subset`")
     args = parser.parse_args(argv)
     import tf_influence as tfi
 
@@ -232,6 +278,9 @@ def main(argv=None):
     data = (x_train, y_train, x_test[: args.tests], y_test[: args.tests])
     if "dtype" in tables:
         factor_dtypes(model, data, args.query_damping)
+    if "subset" in tables:
+        sizes = [int(m) for m in args.subsets.split(",") if m]
+        factor_subsets(model, data, args.query_damping, sizes, args.repeats)
     if "accuracy" not in tables:
         return
     print(

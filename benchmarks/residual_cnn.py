@@ -17,11 +17,16 @@ reports the seconds, the same time in training epochs, and whether it finished:
 * ``arnoldi``: ``Arnoldi(rank=20)`` on Gauss-Newton with ``damping="auto"``;
 * ``ekfac`` and ``kfac``: ``EKFAC()`` / ``KFAC()`` with ``damping="auto"`` (from the
   factors' trace); after the first answer the same model also explains
-  ``--more-tests`` other test points, timed on their own.
+  ``--more-tests`` other test points, timed on their own. ``ekfac_<m>`` /
+  ``kfac_<m>``: the same with ``max_examples=m`` (the factor passes read a seeded
+  subset of m training examples; every example is still scored). The first
+  answers of every factored case are compared with those of ``ekfac`` when both
+  ran: Pearson over the score matrix, and the overlap of each test point's 10
+  most influential training examples (by absolute score).
 
-Each case runs in a child process that is stopped when it exceeds
-``--budget-epochs`` training epochs (from the moment its model is built), and
-reported as "did not finish within N epochs". ``--quick`` is a smoke run: 300
+Each case runs in a child process (``benchmarks.common.child``) that is stopped
+when it exceeds ``--budget-epochs`` training epochs (from the moment its model is
+built), and reported as "stopped after N epochs". ``--quick`` is a smoke run: 300
 training examples, a budget of 30 epochs. For CG on Gauss-Newton it also times one
 product over the training set (one vector), so that the time divides into
 iterations and cost per product; and every case reports its peak memory.
@@ -30,18 +35,21 @@ iterations and cost per product; and every case reports its peak memory.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
-import queue as queue_lib
 import re
 import tempfile
 import time
 import traceback
 
+import numpy as np
+
 from benchmarks.common import cnn
-from benchmarks.common.timing import log, peak_rss_mb, status_mib
+from benchmarks.common.child import run_in_child
+from benchmarks.common.timing import log, peak_rss_mb
 
 CASES = ("cg_gn", "cg_hessian", "lissa", "lissa_gn", "arnoldi", "ekfac", "kfac")
+# A factored case on a subset of the training data: ekfac_300, kfac_500, ...
+SUBSET = re.compile(r"(ekfac|kfac)_([0-9]+)")
 CG_TOL = 1e-5  # relative residual float32 reaches (benchmarks.common.digits)
 CG_MAX_ITER = 1000
 HESSIAN_DAMPING = 0.01
@@ -51,6 +59,11 @@ def _settings(case):
     """``(solver, damping, curvature)`` of a case."""
     import tf_influence as tfi
 
+    subset = SUBSET.fullmatch(case)
+    if subset is not None:
+        kind, count = subset.groups()
+        solver = {"ekfac": tfi.solvers.EKFAC, "kfac": tfi.solvers.KFAC}[kind]
+        return solver(max_examples=int(count)), "auto", "gauss_newton"
     cg = tfi.solvers.CG(tol=CG_TOL, max_iter=CG_MAX_ITER)
     lissa = tfi.solvers.LiSSA(recursion_depth=100, batch_size=64)
     return {
@@ -64,8 +77,15 @@ def _settings(case):
     }[case]
 
 
-def _run_case(case, weights, num_train, num_tests, batch_size, queue, more_tests=0):
-    """In the child: build the model, load ``weights``, fit and explain; report to ``queue``."""
+def _factored(case):
+    return case in ("ekfac", "kfac") or SUBSET.fullmatch(case) is not None
+
+
+def _run_case(case, weights, num_train, num_tests, batch_size, more_tests, folder, queue):
+    """In the child: build the model, load ``weights``, fit and explain; report to ``queue``.
+
+    A factored case keeps its first answer's scores in ``folder`` (``<case>.npy``).
+    """
     import warnings
 
     import tf_influence as tfi
@@ -89,6 +109,8 @@ def _run_case(case, weights, num_train, num_tests, batch_size, queue, more_tests
             row["fit_seconds"] = time.perf_counter() - start
             scores = im.explain(x_test[:num_tests], y_test[:num_tests], verbose=0)
         row["seconds"] = time.perf_counter() - start
+        if _factored(case):
+            np.save(os.path.join(folder, f"{case}.npy"), scores)
         diagnostics = im.diagnostics
         row.update(
             status="finished",
@@ -99,7 +121,7 @@ def _run_case(case, weights, num_train, num_tests, batch_size, queue, more_tests
             finite=bool(scores.size and (abs(scores) < float("inf")).all()),
             warnings=[str(w.message)[:160] for w in caught],
         )
-        if case in ("ekfac", "kfac") and more_tests:
+        if _factored(case) and more_tests:
             more = slice(num_tests, num_tests + more_tests)
             again = time.perf_counter()
             im.explain(x_test[more], y_test[more], verbose=0)
@@ -126,39 +148,44 @@ def _run_case(case, weights, num_train, num_tests, batch_size, queue, more_tests
     queue.put(("done", row))
 
 
-def run_case(case, weights, args, epoch_seconds):
+def run_case(case, weights, args, epoch_seconds, folder):
     """One case in a child process, stopped after ``args.budget_epochs`` training epochs."""
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    child = context.Process(
-        target=_run_case,
-        args=(case, weights, args.num_train, args.tests, args.batch_size, queue, args.more_tests),
-        daemon=True,
-    )
-    child.start()
     budget = args.budget_epochs * epoch_seconds
-    try:
-        kind, started = queue.get(timeout=600)  # importing TensorFlow, building the model
-        row = None
-        while row is None:
-            try:
-                kind, row = queue.get(timeout=2)
-            except queue_lib.Empty:
-                seconds = time.time() - started
-                if seconds > budget:
-                    row = {"status": "over budget", "seconds": seconds}
-                elif (status_mib("VmRSS", child.pid) or 0.0) > args.max_memory_mib:
-                    row = {"status": "over memory", "seconds": seconds}
-    finally:
-        if child.is_alive():
-            child.terminate()
-        child.join(30)
+    row = run_in_child(
+        _run_case,
+        (case, weights, args.num_train, args.tests, args.batch_size, args.more_tests, folder),
+        budget,
+        args.max_memory_mib,
+        f"{args.budget_epochs:g} epochs",
+    )
+    row.setdefault("seconds", budget)  # stopped: it used its budget
     row["epochs"] = row["seconds"] / epoch_seconds
     if "product_seconds" in row:
         row["product_epochs"] = row["product_seconds"] / epoch_seconds
     if "more_seconds" in row:
         row["more_epochs"] = row["more_seconds"] / epoch_seconds
     return row
+
+
+def agreement(folder, cases, top=10):
+    """Per factored case: ``(Pearson with ekfac's scores, mean top-``top`` overlap)``."""
+    path = os.path.join(folder, "ekfac.npy")
+    if not os.path.exists(path):
+        return {}
+    reference = np.load(path)
+    found = {}
+    for case in cases:
+        mine = os.path.join(folder, f"{case}.npy")
+        if case == "ekfac" or not os.path.exists(mine):
+            continue
+        scores = np.load(mine)
+        pearson = float(np.corrcoef(scores.ravel(), reference.ravel())[0, 1])
+        overlaps = [
+            len(set(np.argsort(-np.abs(a))[:top]) & set(np.argsort(-np.abs(b))[:top])) / top
+            for a, b in zip(scores, reference, strict=True)
+        ]
+        found[case] = (pearson, float(np.mean(overlaps)))
+    return found
 
 
 def _smallest_curvature(error):
@@ -169,10 +196,8 @@ def _smallest_curvature(error):
 def describe(case, row, args):
     """The table's last column: what happened."""
     status = row["status"]
-    if status == "over budget":
-        return f"did not finish within {args.budget_epochs:g} epochs"
-    if status == "over memory":
-        return f"stopped: more than {args.max_memory_mib:g} MiB of memory"
+    if status.startswith(("stopped", "died")):
+        return status
     if status == "refused":
         error = row["error"]
         smallest = _smallest_curvature(error)
@@ -223,9 +248,9 @@ def main(argv=None):
     if args.quick:
         args.num_train, args.budget_epochs = 300, 30
     cases = [case for case in args.cases.split(",") if case]
-    unknown = sorted(set(cases) - set(CASES))
+    unknown = sorted(c for c in set(cases) - set(CASES) if SUBSET.fullmatch(c) is None)
     if unknown:
-        parser.error(f"unknown cases {unknown}; choose from {list(CASES)}")
+        parser.error(f"unknown cases {unknown}; choose from {list(CASES)} or ekfac_<m>, kfac_<m>")
 
     data = cnn.load_data(args.num_train)
     log(f"training the residual CNN on {args.num_train} examples for {args.epochs} epochs")
@@ -248,7 +273,7 @@ def main(argv=None):
         print("| --- | --- | --- | --- | --- | --- | --- |")
         for case in cases:
             log(f"case {case}")
-            row = run_case(case, weights, args, epoch_seconds)
+            row = run_case(case, weights, args, epoch_seconds, folder)
             _, damping, curvature = _settings(case)
             seconds = f"{row['seconds']:.0f}"
             if row.get("fit_seconds") is not None:
@@ -262,6 +287,13 @@ def main(argv=None):
                 log(row.get("traceback", ""))
             for message in row.get("warnings", []):
                 log(f"{case} warning: {message}")
+        found = agreement(folder, cases)
+        if found:
+            print(f"\nFirst answers against `ekfac` ({args.tests} test points):\n")
+            print("| case | Pearson of the scores | top-10 overlap per test point |")
+            print("| --- | --- | --- |")
+            for case, (pearson, overlap) in found.items():
+                print(f"| {case} | {pearson:.3f} | {overlap:.2f} |")
 
 
 if __name__ == "__main__":

@@ -394,3 +394,31 @@ def test_replicas_out_of_sync_are_refused(strategy):
         im.fit(x, y, verbose=0)
     mirrored.set_weights(mirrored.get_weights())  # the suggested fix
     im.fit(x, y, verbose=0)
+
+
+def test_kronecker_subset_runs_on_the_replicas_and_from_a_dataset(strategy):
+    """``max_examples``: the same subset, and the same draws, on replicas, one device
+    and a ``tf.data`` pipeline (filtered by position), so the same factors."""
+    from tf_influence.engine.output_draws import subset_positions
+
+    x, y = _data()
+    plain, mirrored = _models(strategy)
+
+    def make():
+        return tfi.solvers.EKFAC(samples=2, seed=3, max_examples=20)
+
+    im = _run(mirrored, make(), x, y, 7)
+    reference = _run(plain, make(), x, y, 7)
+    inverse = approximate_inverse(reference)
+    # Sums in another order move the eigenbases of these 20-example factors by about
+    # 1e-10 (close eigenvalues); another subset or other draws move them by O(1).
+    tolerance = {"rtol": 1e-7, "atol": 1e-8}
+    np.testing.assert_allclose(approximate_inverse(im), inverse, **tolerance)
+    streamed = tfi.InfluenceModel(plain)
+    streamed.compile(solver=make(), damping=reference.damping)
+    streamed.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(7), verbose=0)
+    np.testing.assert_allclose(approximate_inverse(streamed), inverse, **tolerance)
+    # Not the factors of every example, nor of another subset.
+    whole = _run(plain, tfi.solvers.EKFAC(samples=2, seed=3), x, y, 7)
+    assert np.max(np.abs(approximate_inverse(whole) - inverse)) > 1e-2 * np.max(np.abs(inverse))
+    assert len(subset_positions(len(x), 20, 3)) == 20

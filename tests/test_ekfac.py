@@ -165,7 +165,15 @@ def conv_factors(model, x, y):
     return [(a_conv, s_conv), (a_dense.T @ a_dense / n, hess.mean(axis=0))]
 
 
-def test_conv2d_factors_average_patches_and_sum_positions(data):
+@pytest.mark.parametrize("order", ["auto", "gradient first", "factors first"])
+def test_conv2d_factors_average_patches_and_sum_positions(data, order, monkeypatch):
+    """Both orders of the correction's products (``_gradient_first``) give G's diagonal."""
+    if order != "auto":
+        from tf_influence.solvers import _kronecker_blocks
+
+        monkeypatch.setattr(
+            _kronecker_blocks, "_gradient_first", lambda block, rows: order == "gradient first"
+        )
     rng = np.random.default_rng(2)
     x = rng.normal(size=(12, 5, 5, 2))
     y = rng.integers(0, 3, size=12)
@@ -309,8 +317,33 @@ def test_saved_factors_for_other_layers_are_refused(data):
         _kronecker.from_arrays(im.operator, arrays)
 
 
+@pytest.mark.parametrize("solver", [tfi.solvers.KFAC, tfi.solvers.EKFAC])
+def test_max_examples_fits_the_factors_on_a_seeded_subset(data, solver):
+    """The factors of ``max_examples`` are those of the subset alone; scores cover all."""
+    from tf_influence.engine.output_draws import subset_positions
+
+    x, y = data
+    model = make_mlp(l2=0.01)
+    n, m = len(x), 9
+    im = fitted(model, x, y, solver(samples="exact", max_examples=m, seed=3))
+    keep = subset_positions(n, m, 3)
+    assert len(keep) == m and len(set(keep)) == m
+    alone = fitted(model, x[keep], y[keep], solver(samples="exact"))
+    np.testing.assert_allclose(approximate_inverse(im), approximate_inverse(alone), rtol=1e-8)
+    assert im.explain(x[:2], y[:2], verbose=0).shape == (2, n)
+    # A subset as large as the data is the data.
+    everything = fitted(model, x, y, solver(samples="exact", max_examples=n))
+    np.testing.assert_allclose(
+        approximate_inverse(everything),
+        approximate_inverse(fitted(model, x, y, solver(samples="exact"))),
+        rtol=1e-10,
+    )
+
+
 def test_bad_input_is_refused(data):
     x, y = data
+    with pytest.raises(ValueError, match=r"`max_examples` must be a positive integer or None"):
+        tfi.solvers.EKFAC(max_examples=0)
     with pytest.raises(ValueError, match="fisher"):
         tfi.solvers.EKFAC(fisher="model")
     with pytest.raises(ValueError, match="samples"):
@@ -374,3 +407,20 @@ def test_per_layer_needs_a_solver_with_layers(data):
         im.explain(x[:2], y[:2], per_layer=True, verbose=0)
     with pytest.raises(ValueError, match=r"cannot be combined with `top_k`"):
         im.explain(x[:2], y[:2], per_layer=True, top_k=3, verbose=0)
+
+
+def test_a_second_fit_on_the_same_model_reuses_the_traced_passes(data):
+    """A refit (a callback's next analysis, a new InfluenceModel) traces nothing again;
+    another seed traces its own passes, and gives its own draws."""
+    from tf_influence.engine import compile as compile_lib
+
+    x, y = data
+    model = make_mlp(l2=0.01)
+    first = approximate_inverse(fitted(model, x, y, tfi.solvers.EKFAC(seed=1)))
+    count = compile_lib.tracing_count()
+    again = approximate_inverse(fitted(model, x, y, tfi.solvers.EKFAC(seed=1)))
+    assert compile_lib.tracing_count() == count
+    np.testing.assert_allclose(again, first, rtol=1e-12, atol=1e-15)
+    other = approximate_inverse(fitted(model, x, y, tfi.solvers.EKFAC(seed=2)))
+    assert compile_lib.tracing_count() > count
+    assert np.max(np.abs(other - first)) > 1e-6 * np.max(np.abs(first))

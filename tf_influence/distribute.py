@@ -229,21 +229,26 @@ class ReplicaData:
         self.dataset = self.distributed()
         self._score_steps: dict = {}
 
-    def distributed(self, batch_size: int | None = None) -> tf.distribute.DistributedDataset:
+    def distributed(
+        self, batch_size: int | None = None, keep: np.ndarray | None = None
+    ) -> tf.distribute.DistributedDataset:
         """The ``(index, x, y)`` global batches of ``batch_size``, split over the replicas.
 
-        ``batch_size`` defaults to the data's; one distributed dataset is kept per size.
+        ``batch_size`` defaults to the data's; ``keep``: only the examples at these
+        increasing positions (``ExampleData.indexed_dataset``). One distributed dataset
+        is kept per size (and subset).
         """
         size = batch_size or self.data.batch_size
-        if size not in self._datasets:
+        key = (size, None if keep is None else keep.tobytes())
+        if key not in self._datasets:
             options = tf.data.Options()
             options.deterministic = True
             # Shard by element: examples may come from one file or from memory.
             policy = tf.data.experimental.AutoShardPolicy.DATA
             options.experimental_distribute.auto_shard_policy = policy
-            indexed = self.data.indexed_dataset(size).with_options(options)
-            self._datasets[size] = self.strategy.experimental_distribute_dataset(indexed)
-        return self._datasets[size]
+            indexed = self.data.indexed_dataset(size, keep).with_options(options)
+            self._datasets[key] = self.strategy.experimental_distribute_dataset(indexed)
+        return self._datasets[key]
 
     # -- products (called while tracing, in cross-replica context) ----------------------
     def fold_sum(
@@ -289,6 +294,7 @@ class ReplicaData:
         batch_size: int | None = None,
         args: tuple = (),
         on_batch: Callable[[], None] | None = None,
+        keep: np.ndarray | None = None,
     ) -> Any:
         """The sum of ``replica_fn`` over every training example, all-reduced over the replicas.
 
@@ -305,12 +311,13 @@ class ReplicaData:
             batch_size: examples per global batch (default: the data's batch size).
             args: tensors every replica gets as they are.
             on_batch: called after each global batch (e.g. a progress bar's update).
+            keep: only the examples at these increasing positions (default: all).
 
         Returns:
             The all-reduced sums, shaped as ``like``, in cross-replica context.
         """
         strategy = self.strategy
-        dataset = self.distributed(batch_size)
+        dataset = self.distributed(batch_size, keep)
         args = tuple(args)
         specs = [(t.shape, t.dtype) for t in tf.nest.flatten(like)]
 

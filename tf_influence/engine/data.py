@@ -472,17 +472,29 @@ class ExampleData:
         iterator = iter(stream)
         return lambda step: next(iterator)
 
-    def indexed_dataset(self, batch_size: int | None = None) -> tf.data.Dataset:
+    def indexed_dataset(
+        self, batch_size: int | None = None, keep: np.ndarray | None = None
+    ) -> tf.data.Dataset:
         """Batches ``(index, x, y)`` in the fixed order, ``index`` the examples' positions (int64).
 
         For distributing the data: the indices say which column each score belongs to.
-        ``batch_size`` examples per batch (default: the batch size of the data).
+        ``batch_size`` examples per batch (default: the batch size of the data);
+        ``keep``: only the examples at these increasing positions (default: all).
         """
         if self.in_memory:
-            index = tf.range(self.num_examples, dtype=tf.int64)
-            elements = tf.data.Dataset.from_tensor_slices((index, *self._tensors))
+            index = tf.range(self.num_examples, dtype=tf.int64) if keep is None else keep
+            index = tf.constant(index, tf.int64)
+            tensors = self._tensors
+            if keep is not None:
+                tensors = tf.nest.map_structure(lambda t: tf.gather(t, index), tensors)
+            elements = tf.data.Dataset.from_tensor_slices((index, *tensors))
         else:
             elements = self._unbatched.enumerate().map(lambda i, e: (i, *e))
+            if keep is not None:
+                mask = np.zeros(self.num_examples, bool)
+                mask[keep] = True
+                mask = tf.constant(mask)
+                elements = elements.filter(lambda i, *e: tf.gather(mask, i))
         return elements.batch(batch_size or self.batch_size)
 
     def first_batch(self) -> tuple:

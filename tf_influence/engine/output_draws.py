@@ -146,6 +146,7 @@ def training_sums(
     batch_size: int,
     args: tuple = (),
     on_batch: Callable[[], None] = lambda: None,
+    keep: np.ndarray | None = None,
 ) -> Any:
     """``step(x, y, positions, *args)`` summed over the training data (``like``'s structure).
 
@@ -159,15 +160,37 @@ def training_sums(
         batch_size: examples per step.
         args: tensors every step gets as they are.
         on_batch: called after each batch (a progress bar's update).
+        keep: only the examples at these increasing positions (default: all); each
+            keeps its position in the data, so its draws are the same as in a full pass.
     """
     if operator.replicas is not None:
-        return operator.replicas.replica_sums(step, like, batch_size, args, on_batch)
-    flat, offset = tf.nest.flatten(like), 0
-    for batch in operator.data.batches(batch_size):
-        size = int(tf.nest.flatten(batch[0])[0].shape[0])
-        positions = tf.range(offset, offset + size, dtype=tf.int64)
-        found = tf.nest.flatten(step(batch[0], batch[1], positions, *args))
+        return operator.replicas.replica_sums(step, like, batch_size, args, on_batch, keep)
+    flat = tf.nest.flatten(like)
+    for positions, x, y in _indexed_batches(operator.data, batch_size, keep):
+        found = tf.nest.flatten(step(x, y, positions, *args))
         flat = [t + u for t, u in zip(flat, found, strict=True)]
-        offset += size
         on_batch()
     return tf.nest.pack_sequence_as(like, flat)
+
+
+def _indexed_batches(data: Any, batch_size: int, keep: np.ndarray | None):
+    """``(positions (b,) int64, x, y)`` per batch: every example, or those at ``keep``."""
+    if keep is not None:
+        yield from data.indexed_dataset(batch_size, keep)
+        return
+    offset = 0
+    for batch in data.batches(batch_size):
+        size = int(tf.nest.flatten(batch[0])[0].shape[0])
+        yield tf.range(offset, offset + size, dtype=tf.int64), batch[0], batch[1]
+        offset += size
+
+
+def subset_positions(num_examples: int, max_examples: int | None, seed: int) -> np.ndarray | None:
+    """``max_examples`` increasing positions drawn without replacement (seeded), or None.
+
+    None (every example) when ``max_examples`` is None or at least ``num_examples``.
+    """
+    if max_examples is None or max_examples >= num_examples:
+        return None
+    rng = np.random.default_rng([seed, num_examples, max_examples])
+    return np.sort(rng.choice(num_examples, size=max_examples, replace=False)).astype(np.int64)

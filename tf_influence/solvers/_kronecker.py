@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from tf_influence.engine.output_draws import output_draws, training_sums
+from tf_influence.engine.output_draws import output_draws, subset_positions, training_sums
 from tf_influence.solvers import _kronecker_blocks as kinds
 from tf_influence.solvers.base import CurvatureError, LowRankQueries, ProgressFactory
 from tf_influence.solvers.ekfac import KFAC, KroneckerState, _Block, structure
@@ -30,8 +30,15 @@ COVERED = "Dense, EinsumDense, Conv1D, Conv2D, DepthwiseConv2D and Embedding"
 class _Steps:
     """The compiled per-batch steps of the factor and correction passes."""
 
-    def __init__(self, solver: KFAC, objective, blocks: list[_Block], diagonal: list[int]):
-        from tf_influence.engine.compile import SpecFunction
+    def __init__(
+        self,
+        solver: KFAC,
+        objective,
+        blocks: list[_Block],
+        diagonal: list[int],
+        share: bool = True,
+    ):
+        from tf_influence.engine.compile import SpecFunction, objective_key, shared_function
         from tf_influence.engine.factored import NORM_KINDS, find_layers
 
         self.solver = solver
@@ -44,8 +51,23 @@ class _Steps:
         self.norms = [e for e in find_layers(objective) if e.kind in NORM_KINDS]
         by_norm = {i for e in self.norms for i in (e.kernel, e.bias) if i is not None}
         self.pfor_diagonal = [i for i in diagonal if i not in by_norm]
-        self.factors = SpecFunction(self._factors, relaxed=(0, 1, 2))
-        self.corrections = SpecFunction(self._corrections, relaxed=(0, 1, 2))
+        # Traced once per model and configuration: a refit (a callback's next analysis,
+        # a second InfluenceModel) reuses the steps. The blocks follow from the objective.
+        key = None
+        if share:
+            key = (
+                "kronecker",
+                objective_key(objective),
+                solver.fisher,
+                solver.samples,
+                solver.seed,
+            )
+
+        def compile_(fn):
+            return SpecFunction(fn, relaxed=(0, 1, 2))
+
+        self.factors = shared_function(self, objective.model, key, "_factors", compile_)
+        self.corrections = shared_function(self, objective.model, key, "_corrections", compile_)
 
     def _forward(self, x, y, positions, stream, with_diagonal):
         """Records the factored layers, draws the output gradients, backpropagates them.
@@ -211,8 +233,10 @@ def fit(solver: KFAC, operator, progress: ProgressFactory) -> KroneckerState:
         )
     data = operator.data
     batch_size = solver.batch_size or data.batch_size
-    num_batches = data.num_batches(batch_size)
-    steps = _Steps(solver, objective, blocks, diagonal)
+    keep = subset_positions(operator.num_examples, solver.max_examples, solver.seed)
+    used = operator.num_examples if keep is None else len(keep)
+    num_batches = data.num_batches(batch_size) if keep is None else -(-used // batch_size)
+    steps = _Steps(solver, objective, blocks, diagonal, share=operator.replicas is None)
     passes = 2 if solver.corrected else 1
     bar = progress(num_batches * passes, f"{type(solver).__name__} factors")
     done = [0]
@@ -226,8 +250,10 @@ def fit(solver: KFAC, operator, progress: ProgressFactory) -> KroneckerState:
         [tf.zeros(b.shapes()[1], tf.float64) for b in blocks],
         [tf.zeros([objective.layout.sizes[i]], tf.float64) for i in diagonal],
     )
-    a_sums, s_sums, d_sums = training_sums(operator, steps.factors, zeros, batch_size, (), advance)
-    n = float(operator.num_examples)
+    a_sums, s_sums, d_sums = training_sums(
+        operator, steps.factors, zeros, batch_size, (), advance, keep
+    )
+    n = float(used)
     qa, qs, values = [], [], []
     for block, a_sum, s_sum in zip(blocks, a_sums, s_sums, strict=True):
         found = kinds.eigen(block, a_sum / n, s_sum / n)
@@ -240,7 +266,9 @@ def fit(solver: KFAC, operator, progress: ProgressFactory) -> KroneckerState:
         qa_c = [tf.zeros([0], compute) if q is None else tf.cast(q, compute) for q in qa]
         qs_c = [tf.cast(q, compute) for q in qs]
         zeros = [tf.zeros_like(v) for v in values]
-        sums = training_sums(operator, steps.corrections, zeros, batch_size, (qa_c, qs_c), advance)
+        sums = training_sums(
+            operator, steps.corrections, zeros, batch_size, (qa_c, qs_c), advance, keep
+        )
         values = [t / n for t in sums]
     regular = _regularizer_diagonal(objective)
     if regular is not None:

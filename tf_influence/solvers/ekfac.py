@@ -263,6 +263,11 @@ class KFAC(Solver):
             eigenbases, eigenvalues and diagonals are kept, saved and applied in.
             ``"float32"`` halves their memory and file size; the sums are still
             accumulated, and decomposed, in float64.
+        max_examples: None (the default: every training example), or the number of
+            training examples the factor passes (and EK-FAC's correction pass) read:
+            a fixed random subset drawn with ``seed``, each example keeping its
+            own draws. The passes cost in proportion; the factors are averages over
+            the subset. Scores are still computed against every training example.
 
     Raises:
         ValueError: an argument is out of range (at construction), or
@@ -281,6 +286,7 @@ class KFAC(Solver):
         batch_size: int | None = None,
         query_rank: int | None = None,
         factor_dtype: str = "float64",
+        max_examples: int | None = None,
     ):
         self.fisher = check_fisher(fisher)
         self.samples = check_samples(samples)
@@ -295,6 +301,9 @@ class KFAC(Solver):
                 f"Received: factor_dtype={factor_dtype!r}"
             )
         self.factor_dtype = factor_dtype
+        self.max_examples = check_positive_int(
+            "max_examples", max_examples, allow_none=True, none_means="every training example"
+        )
 
     def get_config(self) -> dict[str, Any]:
         return {
@@ -304,6 +313,7 @@ class KFAC(Solver):
             "batch_size": self.batch_size,
             "query_rank": self.query_rank,
             "factor_dtype": self.factor_dtype,
+            "max_examples": self.max_examples,
         }
 
     # -- fitting ------------------------------------------------------------------------
@@ -317,6 +327,7 @@ class KFAC(Solver):
             self.seed,
             self.batch_size,
             self.factor_dtype,
+            self.max_examples,
         )
 
     def state(
