@@ -46,7 +46,7 @@ import time
 import numpy as np
 
 from benchmarks.common import digits
-from benchmarks.common.report import machine, now
+from benchmarks.common.report import machine, markdown_table, now
 from benchmarks.common.timing import fmt_time, log, reset_peak, status_mib
 
 COMMAND = ".venv/bin/python -m benchmarks.index_store"
@@ -311,10 +311,9 @@ def main(argv=None):
     print("\n".join(lines))
     if extra:
         print(f"\nAlternatives at n={max(sizes):,}, float16, 1 test point, top-10 (warm):\n")
-        print("| reading and product | time | peak RSS above the RSS before |")
-        print("|---|---|---|")
-        for name, (seconds, peak) in extra.items():
-            print(f"| {name} | {fmt_time(seconds)} | {peak:.0f} MiB |")
+        columns = ("reading and product", "time", "peak RSS above the RSS before")
+        rows = [(name, fmt_time(s), f"{peak:.0f} MiB") for name, (s, peak) in extra.items()]
+        print("\n".join(markdown_table(columns, rows)))
 
 
 if __name__ == "__main__":

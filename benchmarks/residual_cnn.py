@@ -45,6 +45,7 @@ import numpy as np
 
 from benchmarks.common import cnn
 from benchmarks.common.child import run_in_child
+from benchmarks.common.report import markdown_table
 from benchmarks.common.timing import log, peak_rss_mb
 
 CASES = ("cg_gn", "cg_hessian", "lissa", "lissa_gn", "arnoldi", "ekfac", "kfac")
@@ -290,10 +291,9 @@ def main(argv=None):
         found = agreement(folder, cases)
         if found:
             print(f"\nFirst answers against `ekfac` ({args.tests} test points):\n")
-            print("| case | Pearson of the scores | top-10 overlap per test point |")
-            print("| --- | --- | --- |")
-            for case, (pearson, overlap) in found.items():
-                print(f"| {case} | {pearson:.3f} | {overlap:.2f} |")
+            columns = ("case", "Pearson of the scores", "top-10 overlap per test point")
+            rows = [(case, f"{p:.3f}", f"{o:.2f}") for case, (p, o) in found.items()]
+            print("\n".join(markdown_table(columns, rows)))
 
 
 if __name__ == "__main__":

@@ -422,3 +422,19 @@ def test_kronecker_subset_runs_on_the_replicas_and_from_a_dataset(strategy):
     whole = _run(plain, tfi.solvers.EKFAC(samples=2, seed=3), x, y, 7)
     assert np.max(np.abs(approximate_inverse(whole) - inverse)) > 1e-2 * np.max(np.abs(inverse))
     assert len(subset_positions(len(x), 20, 3)) == 20
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"dim": 64}, {"dim": 32, "projection": "gaussian", "fisher": "empirical"}],
+    ids=["kronecker-true", "gaussian-empirical"],
+)
+def test_projected_index_on_a_strategy_matches_one_device(strategy, options):
+    """The index rows (one device) and the projected Gauss-Newton pass (the replicas)
+    of a mirrored model give one device's scores and self-influence."""
+    x, y = _data()
+    plain, mirrored = _models(strategy)
+    im = _run(mirrored, tfi.solvers.Projected(**options), x, y, 7)
+    reference = _run(plain, tfi.solvers.Projected(**options), x, y, 7)
+    _close(im.explain(x[:3], y[:3], verbose=0), reference.explain(x[:3], y[:3], verbose=0), 1e-9)
+    _close(im.self_influence(verbose=0), reference.self_influence(verbose=0), 1e-9)

@@ -35,6 +35,12 @@ class Table:
         return "\n".join([self.HEADER, separator, *self.lines])
 
 
+def markdown_table(columns, rows):
+    """The lines of a markdown table: ``columns`` (names), then one line per row of cells."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+
+
 def machine():
     """``"<cpu>, <n> cores, <system> <machine>"`` for result headers."""
     cpu = "unknown CPU"
