@@ -23,14 +23,23 @@ TracIn (a checkpoint every 5 epochs of the training;
 ``logreg`` has none) and random scores (the floor, about 0). Damping is ``"auto"``
 unless the method name says otherwise (``cg_gn@0.001``).
 
-Projected gradients (``tfi.solvers.Projected``, not in the default list):
-``projected_<dim>`` (Kronecker), ``projected_gauss_<dim>`` (dense Gaussian),
-``projected_<dim>x<m>`` (Kronecker, an ensemble of ``m`` models trained
-independently with seeds ``0 .. m-1``, member 0 the analysed model) and
-``projected_gn_<dim>`` / ``projected_gn_gauss_<dim>`` (the index with the
-Gauss-Newton matrix in the projected space instead of ``Phi^T Phi / n``);
-``fisher``, the full-dimensional influence with the empirical Fisher ``G^T G / n``
-(see ``benchmarks.lds_index``). Each row has its Pearson correlation with
+Projected gradients (``tfi.solvers.Projected``, not in the default list), named
+``projected[_<curvature>][_gauss]_<dim>[x<m>]`` (``benchmarks.lds_index.PROJECTED``)
+and built with the solver's own options:
+
+* the curvature in the projected space: none for the solver's default, the
+  Gauss-Newton matrix ``P^T G P`` from one output draw per example (``fisher="true",
+  samples=1``); ``exact`` for its exact sum (``samples="exact"``); ``s<m>`` for ``m``
+  draws (``samples=m``); ``emp`` for TRAK's ``Phi^T Phi / n`` (``fisher="empirical"``);
+* ``_gauss``: the dense Gaussian projection instead of the Kronecker one;
+* ``x<m>``: an ensemble of ``m`` models trained independently with seeds ``0 ..
+  m-1``, member 0 the analysed model.
+
+So ``projected_4096`` is ``Projected(4096)`` as shipped, ``projected_exact_gauss_4096``
+is ``Projected(4096, projection="gaussian", samples="exact")`` and
+``projected_emp_4096x8`` an ensemble of 8 with ``fisher="empirical"``. ``fisher`` is
+the full-dimensional influence with the empirical Fisher ``G^T G / n`` (see
+``benchmarks.lds_index``). Each row has its Pearson correlation with
 ``--reference`` (CG on Gauss-Newton by default) and, for indexes (Projected,
 Arnoldi), the bytes kept for queries.
 
@@ -58,6 +67,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import time
 import warnings
 
@@ -184,6 +194,42 @@ def setup(name, data):
 
 
 # -- methods ---------------------------------------------------------------------------------
+# Method names besides arnoldi_<rank> and the projected ones (lds_index.PROJECTED).
+NAMED = (
+    "exact",
+    "exact_hessian",
+    "cg_hessian",
+    "cg_gn",
+    "lissa",
+    "kfac",
+    "ekfac",
+    "ekfac_exact",
+    "fisher",
+    "tracin",
+    "random",
+)
+
+
+def unknown(methods):
+    """The names in ``methods`` that are no method (``name`` or ``name@damping``)."""
+    bad = []
+    for method in methods:
+        base, at, damping = method.partition("@")
+        known = (
+            base in NAMED
+            or re.fullmatch(r"arnoldi_\d+", base) is not None
+            or lds_index.projected_settings(base) is not None
+        )
+        if at:
+            try:
+                float(damping)
+            except ValueError:
+                known = False
+        if not known:
+            bad.append(method)
+    return bad
+
+
 def settings(method, num_params):
     """``(solver, damping, curvature)`` of an influence method, or None if it does not apply.
 
@@ -193,17 +239,12 @@ def settings(method, num_params):
 
     method, _, damping = method.partition("@")
     damping = float(damping) if damping else "auto"
-    projected = lds_index.PROJECTED.fullmatch(method)
+    projected = lds_index.projected_settings(method)
     if projected is not None:
-        _, gaussian, dim, members = projected.groups()
+        options, members = projected
         if members is not None:
             return None  # an ensemble needs its members (see `attributions`)
-        kind = "gaussian" if gaussian else "kronecker"
-        return (
-            tfi.solvers.Projected(dim=int(dim), projection=kind, fisher="empirical"),
-            damping,
-            "gauss_newton",
-        )
+        return tfi.solvers.Projected(**options), damping, "gauss_newton"
     if method.startswith("arnoldi_"):
         rank = int(method.split("_")[1])
         if rank >= num_params:
@@ -245,35 +286,28 @@ def attributions(name, method, model, checkpoints, data):
     if base == "fisher":
         scores, damping = lds_index.fisher_scores(model, data, damping, FIT_BATCH)
         return scores, time.perf_counter() - start, f"damping {damping:.3g}", None
-    projected = lds_index.PROJECTED.fullmatch(base)
+    projected = lds_index.projected_settings(base)
     note = ""
-    if projected is not None and projected.group(4) is not None:
-        if name == "logreg" or projected.group(1) or projected.group(2):
-            return None  # a convex model has one minimum; ensembles are Kronecker, Phi^T Phi
-        _, _, dim, count = projected.groups()
+    if projected is not None and projected[1] is not None:
+        if name == "logreg":
+            return None  # a convex model has one minimum: every member is the same
+        options, count = projected
         trained = time.perf_counter()
-        members = ensemble(name, model, x_train, y_train, int(count))
+        members = ensemble(name, model, x_train, y_train, count)
         trained = time.perf_counter() - trained
         start += trained  # training the members is not the method's compute
         note = f", {count} members ({trained:.0f} s training them, not counted)"
-        found = (
-            tfi.solvers.Projected(dim=int(dim), checkpoints=members, fisher="empirical"),
-            damping,
-            "",
-        )
+        found = (tfi.solvers.Projected(**options, checkpoints=members), damping, "gauss_newton")
     else:
         found = settings(method, model.count_params())
     if found is None:
         return None
     solver, damping, curvature = found
     im = tfi.InfluenceModel(model)
-    im.compile(solver=solver, damping=damping, curvature=curvature or "gauss_newton")
+    im.compile(solver=solver, damping=damping, curvature=curvature)
     try:
         im.fit(x_train, y_train, batch_size=FIT_BATCH, verbose=0)
-        if projected is not None and projected.group(1):
-            scores, used = lds_index.gauss_newton_scores(im, model, data, damping, FIT_BATCH)
-        else:
-            scores, used = im.explain(x_test, y_test, verbose=0), float(im.damping)
+        scores, used = im.explain(x_test, y_test, verbose=0), float(im.damping)
     except tfi.solvers.CurvatureError as error:
         return None, time.perf_counter() - start, str(error).split(".")[0][:100], None
     seconds = time.perf_counter() - start
@@ -328,6 +362,13 @@ def main(argv=None):
         help="file name of the plot (default lds_vs_time_<protocols>.png)",
     )
     args = parser.parse_args(argv)
+    bad = unknown([m for m in [*args.methods.split(","), args.reference] if m])
+    if bad:
+        parser.error(
+            f"--methods / --reference name no method. Received: {','.join(bad)}. Use the "
+            f"names {', '.join(NAMED)}, arnoldi_<rank> or {lds_index.PROJECTED_NAMES}, "
+            "each optionally @<damping>."
+        )
     import tf_influence as tfi
 
     warnings.simplefilter("ignore", UserWarning)

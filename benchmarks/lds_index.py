@@ -1,9 +1,9 @@
-"""Index methods of the LDS leaderboard (``benchmarks.lds``): scores computed here, sizes, plots.
+"""Index methods of the LDS leaderboard (``benchmarks.lds``): names, scores, sizes, plots.
 
+* ``PROJECTED`` / ``projected_settings``: the names of the ``tfi.solvers.Projected``
+  methods and the solver options they stand for (the one place they are parsed);
 * ``fisher_scores``: the full-dimensional influence with the empirical Fisher
-  ``G^T G / n``, what ``Projected`` tends to as ``dim`` grows;
-* ``gauss_newton_scores``: a fitted ``Projected`` index scored with the Gauss-Newton
-  matrix in the projected space instead of TRAK's ``Phi^T Phi / n``;
+  ``G^T G / n``, what ``Projected(fisher="empirical")`` tends to as ``dim`` grows;
 * ``index_size``: what an index keeps for queries;
 * ``plot_memory`` / ``plot_ensembles``: LDS against those bytes (Projected and
   Arnoldi, CG as a line) and against the size of a ``Projected`` ensemble.
@@ -17,9 +17,44 @@ import numpy as np
 
 from benchmarks.common.report import pyplot, save_figure
 
-# projected[_gn][_gauss]_<dim>, projected_<dim>x<members>: the projection (Kronecker or
-# Gaussian), the curvature (Phi^T Phi / n, or Gauss-Newton), an ensemble's size.
-PROJECTED = re.compile(r"projected(_gn)?(_gauss)?_(\d+)(?:x(\d+))?")
+# projected[_<curvature>][_gauss]_<dim>[x<members>]: the curvature in the projected
+# space ("": the solver's default, fisher="true" with samples=1; "exact": samples=
+# "exact"; "s<m>": samples=m; "emp": fisher="empirical"), the projection (Kronecker,
+# or "_gauss" for the dense Gaussian one), dim, and an ensemble's size.
+PROJECTED = re.compile(r"projected(?:_(exact|emp|s\d+))?(_gauss)?_(\d+)(?:x(\d+))?")
+PROJECTED_NAMES = "projected[_exact|_emp|_s<m>][_gauss]_<dim>[x<m>]"
+
+
+def projected_settings(method):
+    """``(Projected keyword arguments, members or None)`` of a method name, or None.
+
+    ``method`` is a name without ``@damping``, e.g. ``projected_exact_gauss_4096x4``
+    -> ``({"dim": 4096, "projection": "gaussian", "fisher": "true", "samples":
+    "exact"}, 4)``.
+    """
+    found = PROJECTED.fullmatch(method)
+    if found is None:
+        return None
+    curvature, gaussian, dim, members = found.groups()
+    options = {"dim": int(dim), "projection": "gaussian" if gaussian else "kronecker"}
+    if curvature == "emp":
+        options["fisher"] = "empirical"
+    else:
+        samples = "exact" if curvature == "exact" else int(curvature[1:]) if curvature else 1
+        options.update(fisher="true", samples=samples)
+    return options, None if members is None else int(members)
+
+
+def projected_label(options):
+    """``"Projected, <projection>, <curvature>"`` of ``projected_settings``'s options."""
+    if options["fisher"] == "empirical":
+        curvature = "empirical Fisher"
+    elif options["samples"] == "exact":
+        curvature = "Gauss-Newton, exact"
+    else:
+        draws = options["samples"]
+        curvature = f"Gauss-Newton, {draws} draw" + ("s" if draws > 1 else "")
+    return f"Projected, {options['projection'].capitalize()}, {curvature}"
 
 
 def index_size(im):
@@ -54,7 +89,7 @@ def fisher_scores(model, data, damping, batch_size):
 
     x_train, y_train, x_test, y_test = data
     im = tfi.InfluenceModel(model)  # a fitted state, for its per-example gradients
-    im.compile(solver=tfi.solvers.Projected(dim=8), damping=1.0)
+    im.compile(solver=tfi.solvers.Projected(dim=8, fisher="empirical"), damping=1.0)
     im.fit(x_train[:32], y_train[:32], verbose=0)
     g = np.concatenate(
         [
@@ -73,45 +108,14 @@ def fisher_scores(model, data, damping, batch_size):
     return -(cross - cross @ inner) / damping, damping
 
 
-def gauss_newton_scores(im, model, data, damping, batch_size):
-    """``(-Phi_test inv(F_gn + damping*I) Phi^T, damping)`` from a fitted ``Projected``.
-
-    ``Phi`` is its index and ``F_gn = sum_j sum_c pi_jc Phi_jc Phi_jc^T / n`` the
-    Gauss-Newton matrix of the softmax cross-entropy in the projected space
-    (``Phi_jc`` the projected gradient of the loss at label ``c``, ``pi_jc`` the
-    model's probabilities: ``sum_c pi_c (pi - e_c)(pi - e_c)^T = diag(pi) - pi pi^T``),
-    in float64. ``damping="auto"``: ten times its mean eigenvalue.
-    """
-    import tensorflow as tf
-
-    x_train, y_train, x_test, y_test = data
-    projection = im.state.index_inverse.projection
-    index = np.asarray(im.state.index, np.float64)  # (n, dim)
-    n, dim = index.shape
-    gram = np.zeros((dim, dim))
-    for i in range(0, n, batch_size):
-        x = x_train[i : i + batch_size]
-        probs = tf.nn.softmax(model(x, training=False)).numpy().astype(np.float64)
-        for c in range(probs.shape[1]):
-            rows = projection.examples(x, np.full(len(x), c, y_train.dtype)).numpy()
-            rows = rows.astype(np.float64) * np.sqrt(probs[:, c : c + 1])
-            gram += rows.T @ rows
-    gram /= n
-    if damping == "auto":
-        damping = 10.0 * np.trace(gram) / dim
-    tests = projection.examples(x_test, y_test).numpy().astype(np.float64)
-    return -tests @ np.linalg.solve(gram + damping * np.eye(dim), index.T), damping
-
-
 # -- plots -----------------------------------------------------------------------------------
 def _family(method):
     """The label of an index method's family (its projection, curvature, damping), or None."""
     base, _, damping = method.partition("@")
     suffix = f" @{damping}" if damping else ""
-    found = PROJECTED.fullmatch(base)
-    if found is not None and found.group(4) is None:
-        family = "Projected, " + ("Gaussian" if found.group(2) else "Kronecker")
-        return family + (", Gauss-Newton" if found.group(1) else "") + suffix
+    found = projected_settings(base)
+    if found is not None and found[1] is None:
+        return projected_label(found[0]) + suffix
     if base.startswith("arnoldi_"):
         return "Arnoldi" + suffix
     return None
@@ -165,11 +169,12 @@ def plot_ensembles(points, plot_dir):
         series = {}
         for model, method, protocol, _, score, _ in points:
             base, _, damping = method.partition("@")
-            found = PROJECTED.fullmatch(base)
-            if model == name and found is not None and found.group(4) is not None:
-                label = f"Projected, Kronecker, dim {found.group(3)}"
+            found = projected_settings(base)
+            if model == name and found is not None and found[1] is not None:
+                options, members = found
+                label = f"{projected_label(options)}, dim {options['dim']}"
                 label += f" @{damping}" if damping else ""
-                series.setdefault((protocol, label), []).append((int(found.group(4)), score))
+                series.setdefault((protocol, label), []).append((members, score))
         if not series:
             continue
         plt = pyplot()
