@@ -291,7 +291,8 @@ class IndexInverse:
         if (self.inverse is None) == (self.cholesky is None):
             raise ValueError(
                 "IndexInverse takes exactly one of `inverse` and `cholesky`. Received: "
-                f"inverse={_shape_of(self.inverse)}, cholesky={_shape_of(self.cholesky)}."
+                f"inverse={_shape_of(self.inverse)}, cholesky={_shape_of(self.cholesky)}. "
+                "Pass the inverse, or the Cholesky factor of the matrix it inverts."
             )
 
     def apply(self, coordinates: tf.Tensor) -> tf.Tensor:
