@@ -24,10 +24,16 @@ Then, for ``dim=1024`` (Kronecker) and the training set grown with noisy copies
 (``digits.grown``), the SavedModel ``export`` writes: its size, the time to load
 it (``tf.saved_model.load``) and the latency of one ``explain`` request.
 
+``--memory DIM`` measures one case instead: the peak resident memory (``VmHWM``)
+of ``fit`` at ``dim = DIM``, then of ``explain`` on 100 test points and of
+``self_influence``, on the same model (the damping of the LDS runs, 1e-3, or
+``--damping auto``). Run it on two versions of the code to compare them.
+
 Usage, from the repository root::
 
     .venv/bin/python -m benchmarks.projected            # about 10 minutes
     .venv/bin/python -m benchmarks.projected --quick    # dims 1024, 4096; no serving
+    .venv/bin/python -m benchmarks.projected --memory 16384 --fisher empirical
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ import time
 import numpy as np
 
 from benchmarks.common import digits
-from benchmarks.common.timing import fit_epochs, log
+from benchmarks.common.timing import fit_epochs, log, peak_rss_mb, reset_peak, status_mib
 
 DAMPING = 1e-2
 DIMS = (256, 1024, 4096)
@@ -108,6 +114,40 @@ def gauss_newton_scores(model, x, y, x_test, y_test):
     return im.explain(x_test, y_test, verbose=0)
 
 
+def memory(dim, projection, fisher, damping):
+    """Prints the peak resident memory of ``fit``, ``explain`` and ``self_influence``."""
+    import tf_influence as tfi
+
+    data = digits.load_data()
+    x, y, x_test, y_test = data
+    model, _ = digits.train_model("mlp", data)
+    im = tfi.InfluenceModel(model)
+    solver = tfi.solvers.Projected(dim=dim, projection=projection, fisher=fisher)
+    im.compile(solver=solver, damping=damping)
+    print(
+        f"| step | seconds | peak RSS | above the RSS before it |  (dim {dim}, {projection}, "
+        f"fisher={fisher}, damping={damping})"
+    )
+    print("| --- | ---: | ---: | ---: |")
+    steps = (
+        ("fit", lambda: im.fit(x, y, verbose=0)),
+        ("explain, 100 test points", lambda: im.explain(x_test[:100], y_test[:100], verbose=0)),
+        ("self_influence", lambda: im.self_influence(verbose=0)),
+    )
+    for name, step in steps:
+        before = status_mib("VmRSS")
+        if not reset_peak():
+            log("cannot reset the peak RSS here: every peak is the process's")
+        start = time.perf_counter()
+        step()
+        seconds = time.perf_counter() - start
+        peak = peak_rss_mb()
+        print(
+            f"| {name} | {seconds:.1f} | {peak:,.0f} MiB | {peak - before:,.0f} MiB |", flush=True
+        )
+    log(f"index dim {im.state.index_inverse.projection.dim}, damping {im.state.damping:.3g}")
+
+
 def main(argv=None):
     import tensorflow as tf
 
@@ -115,7 +155,15 @@ def main(argv=None):
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="dims 1024 and 4096, no serving")
+    parser.add_argument("--memory", type=int, metavar="DIM", help="peak memory of one case")
+    parser.add_argument("--projection", default="kronecker", choices=KINDS + ("rademacher",))
+    parser.add_argument("--fisher", default="true", choices=("true", "empirical"))
+    parser.add_argument("--damping", default="1e-3", help='a number or "auto" (--memory)')
     args = parser.parse_args(argv)
+    if args.memory is not None:
+        damping = args.damping if args.damping == "auto" else float(args.damping)
+        memory(args.memory, args.projection, args.fisher, damping)
+        return
     dims = DIMS[1:] if args.quick else DIMS
     # Every fit computes its own curvature (no value found from an earlier one).
     tfi.engine.HessianOperator.share_values = False

@@ -18,8 +18,8 @@ the two). Each case runs in a child process (``benchmarks.common.child``):
   ``store=`` (float16 rows on disk). ``fit`` is divided into the index pass (every
   call of the per-example projection, its first call, which traces and checks the
   factored gradients, apart), the Gram ``Phi^T Phi`` (``n * dim^2``, added block by
-  block; a separate read of the stored rows with ``store=``), the Cholesky factor and
-  inverse of ``F`` (``dim^3``, constant in n) and the rest (the checks of the
+  block; a separate read of the stored rows with ``store=``), the Cholesky factor of
+  ``F`` (``dim^3 / 3``, constant in n) and the rest (the checks of the
   model, loss and data on one batch, the operator, fingerprints);
 * ``ekfac``: ``EKFAC()`` with ``damping="auto"`` for comparison, its eigendecompositions
   (constant in n) timed apart.
@@ -31,7 +31,7 @@ Then each case explains ``--tests`` test points (the first answer), ``--more-tes
 others, and (Projected) the top-10 of ``--more-tests`` others again (fresh test
 points: query coordinates are cached per batch); the peak resident memory of the
 process; the bytes of the index (the rows; with ``store=`` the files on disk) and of
-the curvature (``F``'s Gram and inverse; EK-FAC's factors). The last column of the
+the curvature (``F``'s Gram and Cholesky factor; EK-FAC's factors). The last column of the
 build table scales ``fit`` to 50,000 training examples: what grows with n costs the
 same number of epochs at any n, what does not (the first call's traces, the Cholesky
 factor, the eigendecompositions) is divided by the longer epoch.
@@ -125,8 +125,7 @@ def _fit_projected(im, x, y, batch_size):
         stack.enter_context(timed_calls(projection.GradientProjection, "examples", examples))
         # The Gram's products (a private class: timed here, not changed).
         stack.enter_context(timed_calls(index._GramSum, "add", gram))
-        for name in ("cholesky", "cholesky_solve"):
-            stack.enter_context(timed_calls(tf.linalg, name, factor, eager_only=True))
+        stack.enter_context(timed_calls(tf.linalg, "cholesky", factor, eager_only=True))
         stack.enter_context(timed_calls(state, "build_store", store))
         start = time.perf_counter()
         im.fit(x, y, batch_size=batch_size, verbose=0)
@@ -193,7 +192,7 @@ def _run_case(case, name, weights, folder, args, queue):
             row["curvature_bytes"] = sum(a.nbytes for a in arrays.values())
         else:
             row.update(_fit_projected(im, x, y, args.batch_size))
-            row["curvature_bytes"] = 2 * row["dim"] ** 2 * 8  # F's Gram and inverse, float64
+            row["curvature_bytes"] = 2 * row["dim"] ** 2 * 8  # F's Gram and factor, float64
             if store is None:
                 row["index_bytes"] = int(np.prod(im.state.index.shape)) * 4
             else:
@@ -250,7 +249,7 @@ def _tables(rows, epoch, args):
     n, scaled_epoch = args.num_train, epoch * SCALED_TRAIN / args.num_train
     lines = [
         "| case | fit | index pass | of which its first call (traces, check) | per example "
-        "after it | Gram `Phi^T Phi` | Cholesky and inverse | checks and set-up | fit at "
+        "after it | Gram `Phi^T Phi` | Cholesky factor | checks and set-up | fit at "
         f"{SCALED_TRAIN:,} examples |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]

@@ -99,3 +99,67 @@ def test_arnoldi_errors_and_config(blobs):
     operator = HessianOperator(tfi.engine.Objective(model, loss=loss), ExampleData(x, y, 16))
     with pytest.raises(CurvatureError, match=r"Arnoldi kept an eigenvalue .* <= 0.*damping="):
         Arnoldi(rank=43, iterations=43).eigenpairs(operator)
+
+
+class DenseOperator:
+    """``v -> (matrix + damping*I) v`` for a dense matrix: the members Arnoldi uses."""
+
+    def __init__(self, matrix, damping=0.0, dtype=tf.float64):
+        self.num_params = matrix.shape[0]
+        self.dtype = dtype
+        self.damping = float(damping)
+        self.matrix = tf.constant(matrix + damping * np.eye(self.num_params), dtype)
+        self._cache = {}
+
+    def matvec(self, vectors):
+        return tf.matmul(self.matrix, vectors)
+
+    def cached(self, key, make):
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+
+def rotated(values, seed=0):
+    """``Q diag(values) Q^T`` with a seeded random orthogonal ``Q``."""
+    q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(len(values), len(values))))
+    return (q * values) @ q.T
+
+
+@pytest.mark.parametrize("dtype", [tf.float32, tf.float64])
+@pytest.mark.parametrize("scale", [1e-9, 1.0, 1e6])
+@pytest.mark.parametrize("damping", [0.0, 1000.0])
+def test_rank_and_eigenvalues_do_not_depend_on_the_scale(dtype, scale, damping):
+    # A spectrum from 1 down to 1e-3, times `scale`: the iteration never meets an
+    # invariant subspace in 30 steps, so every scale and damping keeps all 10 pairs.
+    # (A threshold in absolute numbers stops small operators after one step, and one
+    # relative to the damped products stops early under a large damping.)
+    values = np.geomspace(1.0, 1e-3, 60)
+    operator = DenseOperator(rotated(values) * scale, damping * scale, dtype)
+    found, vectors = Arnoldi(rank=10, iterations=30).eigenpairs(operator)
+    assert found.shape == (10,) and vectors.shape == (60, 10)
+    # Rounding of the damped products costs the float32 Ritz values about eps * damping.
+    rtol, atol = (1e-6, 1e-12 * damping) if dtype == tf.float64 else (2e-3, 1e-5 * damping)
+    np.testing.assert_allclose(found.numpy() / scale - damping, values[:10], rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", [tf.float32, tf.float64])
+@pytest.mark.parametrize("scale", [1e-6, 1.0])
+def test_an_invariant_subspace_ends_the_iteration(dtype, scale):
+    # Rank 4 plus damping: 5 distinct eigenvalues, so the Krylov space of any start
+    # vector is 5-dimensional. Asked for 8 pairs, Arnoldi stops after 5 products and
+    # keeps those 5, each an exact eigenpair (the last one the damping's).
+    values = np.zeros(40)
+    values[:4] = [5.0, 3.0, 2.0, 1.0]
+    damping = 0.25
+    matrix = rotated(values, seed=1) * scale
+    found, vectors = Arnoldi(rank=8, iterations=16).eigenpairs(
+        DenseOperator(matrix, damping * scale, dtype)
+    )
+    expected = np.array([5.25, 3.25, 2.25, 1.25, 0.25])
+    rtol = 1e-10 if dtype == tf.float64 else 1e-5
+    np.testing.assert_allclose(found.numpy() / scale, expected, rtol=rtol)
+    v = vectors.numpy().astype(np.float64)
+    dense = matrix + damping * scale * np.eye(40)
+    np.testing.assert_allclose(dense @ v, v * found.numpy(), atol=30 * rtol * scale)
+    np.testing.assert_allclose(v.T @ v, np.eye(5), atol=30 * rtol)

@@ -173,3 +173,30 @@ def test_singular_projected_curvature_suggests_a_damping(blobs):
         fitted((x[:20], y[:20]), Projected(dim=1000), damping=0.0)
     with pytest.raises(ValueError, match=r"approximates the 'gauss_newton' curvature"):
         tfi.InfluenceModel(make_mlp(), loss="mse").compile(solver=Projected(), curvature="hessian")
+
+
+@pytest.mark.parametrize("members", [1, 3])
+def test_index_inverse_of_a_cholesky_factor_equals_the_inverse(members):
+    # `IndexInverse(cholesky=L)` applies inv(L L^T) by triangular solves: the same
+    # products as the explicit inverse, block by block for an ensemble's members.
+    rng = np.random.default_rng(0)
+    d, k = 6, 4
+    halves = rng.normal(size=(members, d, d))
+    matrices = halves @ np.transpose(halves, (0, 2, 1)) + 0.1 * np.eye(d)
+    factors = np.linalg.cholesky(matrices)
+    coordinates = tf.constant(rng.normal(size=(members * d, k)))
+    dense = np.zeros((members * d, members * d))
+    for m in range(members):
+        dense[m * d : (m + 1) * d, m * d : (m + 1) * d] = np.linalg.inv(matrices[m])
+    projection = tfi.solvers.Projection(members * d, members=members)
+    squeeze = (lambda a: a[0]) if members == 1 else (lambda a: a)
+    spec = tfi.solvers.IndexInverse(projection, cholesky=tf.constant(squeeze(factors)))
+    expected = dense @ coordinates.numpy()
+    np.testing.assert_allclose(spec.apply(coordinates).numpy(), expected, rtol=1e-9)
+    quadratic = np.einsum("ik,ik->k", coordinates.numpy(), expected)
+    np.testing.assert_allclose(spec.quadratic(coordinates).numpy(), quadratic, rtol=1e-9)
+    explicit = tfi.solvers.IndexInverse(projection, tf.constant(squeeze(np.linalg.inv(matrices))))
+    np.testing.assert_allclose(explicit.apply(coordinates).numpy(), expected, rtol=1e-9)
+    np.testing.assert_allclose(explicit.quadratic(coordinates).numpy(), quadratic, rtol=1e-9)
+    with pytest.raises(ValueError, match=r"exactly one of `inverse` and `cholesky`.*None"):
+        tfi.solvers.IndexInverse(projection)

@@ -36,7 +36,12 @@ def test_fresh_process_gives_the_top_k_of_the_index(blobs, tmp_path, projection)
     loaded = tf.saved_model.load(str(path))
     shapes = {tuple(v.shape) for v in loaded.variables}
     dim = im.state.index_inverse.projection.dim
-    assert (50, dim) in shapes and (dim, dim) in shapes  # the index and inv(F)
+    assert (50, dim) in shapes and (dim, dim) in shapes  # the index and F's factor
+    # The Cholesky factor of F, in the model's dtype: never the explicit inverse.
+    factor = im.state.index_inverse.cholesky.numpy()
+    for stored in [v.numpy() for v in loaded.variables if tuple(v.shape) == (dim, dim)]:
+        np.testing.assert_array_equal(stored, factor.astype(stored.dtype))
+        assert not np.triu(stored, k=1).any()
     assert not any(s == (50, x.shape[1]) for s in shapes)  # no training input
     signature = loaded.signatures["explain"]
     name = next(k for k in signature.structured_input_signature[1] if k != "labels")

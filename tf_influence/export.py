@@ -2,8 +2,9 @@
 
 The SavedModel holds the Keras model's variables and, for scoring, only the
 influence index of a solver that keeps one (``Solver.index``): the inverse in the
-index's coordinates (``r`` weights of a low-rank eigenbasis, or a ``(dim, dim)``
-matrix), the projected training gradients ``P^T grad L(z_j)`` (n_train x dim),
+index's coordinates (``r`` weights of a low-rank eigenbasis, or the ``(dim, dim)``
+Cholesky factor of the matrix it inverts, applied by triangular solves), the
+projected training gradients ``P^T grad L(z_j)`` (n_train x dim),
 and what the projection needs (the ``(p, r)`` basis ``V`` of ``Arnoldi``; the
 small seeded factors of ``Projected``, whose dense part is generated from its
 seed inside the graph), plus the settings record
@@ -19,7 +20,8 @@ No raw training example is stored. Signatures:
   predicted class (classification losses).
 
 Scores follow ``InfluenceModel.explain``: ``-grad L(z_test)^T inv(H) grad L(z_j)``
-with ``inv(H) ~= P inverse P^T`` (``V diag(1/lambda) V^T`` for ``Arnoldi``).
+with ``inv(H) ~= P inverse P^T`` (``V diag(1/lambda) V^T`` for ``Arnoldi``,
+``P inv(F) P^T`` for ``Projected``).
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ def export_model(state, compile_config, path, top_k: int = 10, include_scores=Fa
     model = objective.model
     matrix = spec.projection.matrix
     rows = tf.cast(rows_tensor(state.index), objective.dtype)  # a store holds float16/32
-    index = InfluenceIndex(spec.inverse, rows, matrix)
+    index = InfluenceIndex(spec, rows, matrix)
     if matrix is None:  # reads the matrices of `projection.weights` (tracked below)
         project = spec.projection.project
     else:  # a basis: one more variable of the SavedModel
@@ -103,7 +105,7 @@ def export_model(state, compile_config, path, top_k: int = 10, include_scores=Fa
     def scores_of(x, y):
         grads = state.gradients.graph_gradients(x, y)  # (b, p)
         coordinates = project(tf.transpose(grads))  # (dim, b)
-        queries = IndexInverse(spec.projection, index.inverse).apply(coordinates)
+        queries = index.index_inverse(spec.projection).apply(coordinates)
         return -tf.matmul(queries, index.projections, transpose_a=True, transpose_b=True)
 
     def outputs(scores):
@@ -161,14 +163,23 @@ def export_model(state, compile_config, path, top_k: int = 10, include_scores=Fa
 
 
 class InfluenceIndex(keras.layers.Layer):
-    """The exported scoring state: the inverse in index coordinates, and the index."""
+    """The exported scoring state: the inverse in index coordinates (as it is, or its
+    Cholesky factor), and the index, in the model's dtype."""
 
-    def __init__(self, inverse, projections, basis=None):
+    def __init__(self, spec, projections, basis=None):
         super().__init__(name="influence_index", dtype=projections.dtype.name)
-        self.inverse = self._constant("inverse", tf.cast(inverse, projections.dtype))
+        self.inverse = self.cholesky = None
+        if spec.cholesky is not None:
+            self.cholesky = self._constant("cholesky", tf.cast(spec.cholesky, projections.dtype))
+        else:
+            self.inverse = self._constant("inverse", tf.cast(spec.inverse, projections.dtype))
         self.projections = self._constant("projections", projections)
         self.basis = None if basis is None else self._constant("basis", basis)
         self.built = True
+
+    def index_inverse(self, projection):
+        """The ``IndexInverse`` of the stored weights, in ``projection``'s coordinates."""
+        return IndexInverse(projection, self.inverse, self.cholesky)
 
     def _constant(self, name, value):
         weight = self.add_weight(

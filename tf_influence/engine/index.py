@@ -7,9 +7,11 @@ damping*I)`` by ``P @ inverse @ P^T`` for a projection ``P``. The index keeps
     score_ij = -(P^T g_test_i)^T inverse Phi_j       (a query: one gradient, one product)
     self_influence_j = Phi_j^T inverse Phi_j / w_j    (no solve)
 
-and ``export`` can serve it with no training example. The rows live behind a small
-seam, ``IndexRows``: ``MemoryRows`` (an ``(n, dim)`` tensor, the default) or any
-object with the same ``write`` / ``blocks`` / ``finish`` (a store on disk).
+(``inverse`` applied as the solver gives it: weights, a matrix, or triangular solves
+with a Cholesky factor), and ``export`` can serve it with no training example. The
+rows live behind a small seam, ``IndexRows``: ``MemoryRows`` (an ``(n, dim)`` tensor,
+the default) or any object with the same ``write`` / ``blocks`` / ``finish`` (a store
+on disk).
 """
 
 from __future__ import annotations
@@ -245,8 +247,7 @@ def quadratic_rows(rows: Any, inverse: IndexInverse) -> np.ndarray:
     values = []
     for _, block in row_blocks(rows, READ_ROWS):
         block = tf.cast(tf.convert_to_tensor(block), tf.float64)
-        applied = tf.transpose(inverse.apply(tf.transpose(block)))
-        values.append(tf.reduce_sum(block * applied, axis=1).numpy())
+        values.append(inverse.quadratic(tf.transpose(block)).numpy())
     return np.concatenate(values) if values else np.zeros([0])
 
 

@@ -35,6 +35,20 @@ class Arnoldi(Solver):
     keeps the training gradients projected on ``V`` (``n_train x rank``), so a
     query costs one gradient and one product (the influence index).
 
+    The iteration stops early only at an invariant subspace, which holds every
+    eigenpair the start vector can reach (then fewer than ``rank`` pairs are kept):
+    when the new product ``C q_k`` (``C`` without the damping, which shifts every
+    eigenvalue and leaves the Krylov space as it is) lies in the span of the basis up
+    to rounding,
+
+        beta_k <= sqrt(eps) * |C q_k|
+
+    with ``beta_k = h_{k+1,k}`` its norm after re-orthogonalisation, ``|C q_k|`` the
+    norm of column ``k`` of the projected (Hessenberg) matrix of ``C``, and ``eps``
+    the machine epsilon of the operator's dtype. Both sides scale with ``C``, so the
+    test means the same at any scale and damping (rounding leaves ``beta_k`` at tens
+    to hundreds of ``eps * |C q_k|`` at an invariant subspace of a dense matrix).
+
     This is an approximation: directions outside the top eigenspace are dropped,
     which is what makes it cheap and also what it gets wrong (their small
     eigenvalues carry large weights in the exact inverse). Check it against
@@ -148,29 +162,31 @@ def _arnoldi(operator: CurvatureOperator, steps: int, seed: int) -> tuple[tf.Ten
     graph = operator.cached(
         ("arnoldi.graph", steps, seed),
         lambda: compile_loop(
-            operator, ("arnoldi", steps, seed), lambda op: _arnoldi_graph(op, steps, seed)
+            operator,
+            ("arnoldi", steps, seed),
+            lambda op, damping: _arnoldi_graph(op, steps, seed, damping),
         ),
     )
-    values, vectors, size = graph()
+    # The damping is an argument: the trace is shared by operators of any damping.
+    values, vectors, size = graph(tf.constant(operator.damping, operator.dtype))
     size = int(size)
     return values[:size], vectors[:, :size]
 
 
-def _arnoldi_graph(operator, steps, seed):
+def _arnoldi_graph(operator, steps, seed, damping):
     p = operator.num_params
     dtype = operator.dtype
     start = tf.random.stateless_normal([p], seed=[seed, 0], dtype=dtype)
     basis = tf.zeros([steps + 1, p], dtype)
     basis = tf.tensor_scatter_nd_update(basis, [[0]], [start / tf.norm(start)])
     projected = tf.zeros([steps + 1, steps], dtype)
-    tiny = tf.constant(np.finfo(dtype.as_numpy_dtype).eps ** 0.5, dtype)
+    tolerance = tf.constant(np.finfo(dtype.as_numpy_dtype).eps ** 0.5, dtype)
 
     def cond(i, basis, projected, done):
         return tf.logical_and(i < steps, tf.logical_not(done))
 
     def body(i, basis, projected, done):
         w = operator.matvec(basis[i][:, None])[:, 0]
-        norm = tf.norm(w)
         # Gram-Schmidt against the whole basis, twice (rows not yet filled are 0).
         h = tf.linalg.matvec(basis, w)
         w = w - tf.linalg.matvec(basis, h, transpose_a=True)
@@ -181,9 +197,11 @@ def _arnoldi_graph(operator, steps, seed):
         column = tf.tensor_scatter_nd_update(h, [[i + 1]], [beta])
         projected = tf.tensor_scatter_nd_update(tf.transpose(projected), [[i]], [column])
         projected = tf.transpose(projected)
-        # An invariant subspace (beta ~ 0) ends the iteration: it holds every
-        # eigenpair the start vector can reach.
-        breakdown = beta <= tiny * tf.maximum(norm, 1.0)
+        # An invariant subspace ends the iteration: it holds every eigenpair the start
+        # vector can reach. Relative to |C q_i|, column i of the projected matrix
+        # without the damping (which shifts it and leaves the Krylov space as it is).
+        undamped = tf.tensor_scatter_nd_sub(column, [[i]], [damping])
+        breakdown = beta <= tolerance * tf.norm(undamped)
         safe = tf.where(breakdown, tf.ones_like(beta), beta)
         basis = tf.tensor_scatter_nd_update(basis, [[i + 1]], [w / safe])
         return i + 1, basis, projected, breakdown

@@ -24,9 +24,10 @@ export never branch on a solver's class:
   ``fit`` before ``mean_eigenvalue`` and ``prepare``, and hands the solver its Gram
   ``sum_j Phi_j Phi_j^T / w_j`` (per block of an ensemble). After ``prepare``,
   ``index`` returns ``IndexInverse(projection, inverse)`` when ``inv(C +
-  damping*I) ~= P @ inverse @ P^T``; by default it is made from ``low_rank`` (whose
-  index is built after ``prepare``). Queries, self-influence and ``export`` go
-  through it.
+  damping*I) ~= P @ inverse @ P^T`` (or ``IndexInverse(projection,
+  cholesky=L)`` with ``inverse = inv(L L^T)``, never formed); by default it is made
+  from ``low_rank`` (whose index is built after ``prepare``). Queries,
+  self-influence and ``export`` go through it.
 * ``compress_queries(operator, solutions)``: the solved test vectors, compressed
   layer by layer before they are scored against the training data
   (``LowRankQueries``: rank-r factors per layer, which the factored scoring
@@ -268,27 +269,69 @@ class IndexInverse:
     """``inv(C + damping*I) ~= P @ inverse @ P^T`` in the coordinates of ``projection``.
 
     Then ``score_ij = -(P^T g_test_i)^T inverse (P^T g_j)`` and the self-influence is
-    ``Phi_j^T inverse Phi_j``: the fitted state needs no other solve.
+    ``Phi_j^T inverse Phi_j``: the fitted state needs no other solve. The inverse is
+    given either as it is (``inverse``) or, for a dense matrix ``F`` with ``inverse =
+    inv(F)``, as the Cholesky factor of ``F`` (``cholesky``), applied by triangular
+    solves: ``inv(F)`` is never formed.
 
     Attributes:
         projection: the ``Projection``.
         inverse: ``(dim,)`` weights of a diagonal, a ``(dim, dim)`` symmetric matrix,
-            or ``(members, d, d)`` blocks on the diagonal (``dim = members * d``).
+            or ``(members, d, d)`` blocks on the diagonal (``dim = members * d``); or
+            None when ``cholesky`` is given.
+        cholesky: None, or the lower-triangular ``L`` with ``inverse = inv(L @ L^T)``:
+            ``(dim, dim)``, or ``(members, d, d)`` blocks on the diagonal.
     """
 
     projection: Projection
-    inverse: tf.Tensor
+    inverse: tf.Tensor | None = None
+    cholesky: tf.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if (self.inverse is None) == (self.cholesky is None):
+            raise ValueError(
+                "IndexInverse takes exactly one of `inverse` and `cholesky`. Received: "
+                f"inverse={_shape_of(self.inverse)}, cholesky={_shape_of(self.cholesky)}. "
+                "Pass the inverse, or the Cholesky factor of the matrix it inverts."
+            )
 
     def apply(self, coordinates: tf.Tensor) -> tf.Tensor:
-        """``inverse @ coordinates`` for ``(dim, k)`` coordinates."""
+        """``inverse @ coordinates`` for ``(dim, k)`` coordinates, in their dtype."""
+        if self.cholesky is not None:
+            return self._blockwise(
+                lambda factor, rhs: tf.linalg.cholesky_solve(factor, rhs), coordinates
+            )
         inverse = tf.cast(self.inverse, coordinates.dtype)
         if inverse.shape.rank == 1:
             return inverse[:, None] * coordinates
-        if inverse.shape.rank == 2:
-            return tf.matmul(inverse, coordinates)
-        members, d = int(inverse.shape[0]), int(inverse.shape[1])
+        return self._blockwise(tf.matmul, coordinates)
+
+    def quadratic(self, coordinates: tf.Tensor) -> tf.Tensor:
+        """``c^T inverse c`` for every column ``c`` of ``(dim, k)`` coordinates, ``(k,)``.
+
+        With a Cholesky factor, ``|inv(L) c|^2``: one triangular solve.
+        """
+        if self.cholesky is None:
+            return tf.reduce_sum(coordinates * self.apply(coordinates), axis=0)
+
+        def half(factor, rhs):
+            return tf.linalg.triangular_solve(factor, rhs, lower=True)
+
+        return tf.reduce_sum(tf.square(self._blockwise(half, coordinates)), axis=0)
+
+    def _blockwise(self, fn: Callable, coordinates: tf.Tensor) -> tf.Tensor:
+        """``fn(matrix, coordinates)`` for the matrix, or per block of ``(members, d, d)``."""
+        matrix = self.inverse if self.cholesky is None else self.cholesky
+        matrix = tf.cast(matrix, coordinates.dtype)
+        if matrix.shape.rank == 2:
+            return fn(matrix, coordinates)
+        members, d = int(matrix.shape[0]), int(matrix.shape[1])
         blocks = tf.reshape(coordinates, [members, d, -1])
-        return tf.reshape(tf.matmul(inverse, blocks), [members * d, -1])
+        return tf.reshape(fn(matrix, blocks), [members * d, -1])
+
+
+def _shape_of(value: Any) -> str:
+    return "None" if value is None else f"<tensor of shape {tuple(value.shape)}>"
 
 
 @dataclasses.dataclass(frozen=True)

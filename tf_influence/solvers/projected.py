@@ -325,44 +325,56 @@ class Projected(Solver):
         members, width = int(gram.shape[0]), int(gram.shape[1])
         return float(tf.linalg.trace(gram).numpy().sum()) / max(n, 1) / (members * width)
 
-    def _inverse(
+    def _factor(
         self, operator: CurvatureOperator, progress: ProgressFactory = silent_progress
     ) -> tf.Tensor:
-        """``inv(F) / members``, ``(members, d, d)`` float64 (Cholesky)."""
+        """The lower Cholesky factor of ``members * F``, ``(members, d, d)`` float64.
+
+        ``inv(L L^T) = inv(F) / members``: an ensemble's mean, applied by triangular
+        solves (``IndexInverse.cholesky``); ``inv(F)`` is never formed. Besides the
+        Gram (kept for ``save``), the factorisation holds ``F`` and its factor.
+        """
 
         def make():
             gram, n = self._gram(operator, progress)
-            width = int(gram.shape[1])
-            matrix = gram / max(n, 1) + operator.damping * tf.eye(width, dtype=tf.float64)
-            factor = tf.linalg.cholesky(matrix)
-            if not bool(tf.reduce_all(tf.math.is_finite(factor))):
-                smallest = float(tf.reduce_min(tf.linalg.eigvalsh(matrix)))
-                scale = float(tf.reduce_mean(tf.linalg.diag_part(matrix)))
-                suggestion = nice_ceil(operator.damping + max(2 * abs(smallest), 1e-3 * scale))
-                raise CurvatureError(
-                    f"The projected curvature F = {self._curvature_name} + damping*I is not "
-                    f"positive definite (smallest eigenvalue {smallest:.3e}; {n} training examples "
-                    f"in {width} dimensions). Received: damping={operator.damping}. Pass a "
-                    f"larger damping to `compile`, e.g. damping={suggestion:.2g}, or "
-                    'damping="auto"; or a smaller `dim`.'
-                )
-            eye = tf.eye(width, batch_shape=[int(gram.shape[0])], dtype=tf.float64)
-            return tf.linalg.cholesky_solve(factor, eye) / int(gram.shape[0])
+            members = int(gram.shape[0])
+            scale = members / max(n, 1)
+            diagonal = tf.linalg.diag_part(gram) * scale + members * operator.damping
+            factor = tf.linalg.cholesky(tf.linalg.set_diag(gram * scale, diagonal))
+            if not bool(tf.reduce_all(tf.math.is_finite(tf.linalg.diag_part(factor)))):
+                self._raise_not_positive_definite(operator, gram, n)
+            return factor
 
-        return operator.cached(("projected.inverse", self._curvature_key), make)
+        return operator.cached(("projected.cholesky", self._curvature_key), make)
+
+    def _raise_not_positive_definite(
+        self, operator: CurvatureOperator, gram: tf.Tensor, n: int
+    ) -> None:
+        width = int(gram.shape[1])
+        matrix = gram / max(n, 1) + operator.damping * tf.eye(width, dtype=tf.float64)
+        smallest = float(tf.reduce_min(tf.linalg.eigvalsh(matrix)))
+        scale = float(tf.reduce_mean(tf.linalg.diag_part(matrix)))
+        suggestion = nice_ceil(operator.damping + max(2 * abs(smallest), 1e-3 * scale))
+        raise CurvatureError(
+            f"The projected curvature F = {self._curvature_name} + damping*I is not "
+            f"positive definite (smallest eigenvalue {smallest:.3e}; {n} training examples "
+            f"in {width} dimensions). Received: damping={operator.damping}. Pass a "
+            f"larger damping to `compile`, e.g. damping={suggestion:.2g}, or "
+            'damping="auto"; or a smaller `dim`.'
+        )
 
     def prepare(
         self, operator: CurvatureOperator, progress: ProgressFactory = silent_progress
     ) -> None:
         """Factorises ``F`` (after a pass over the data for the Gauss-Newton matrix, or when
         no fitted state gave the Gram)."""
-        self._inverse(operator, progress)
+        self._factor(operator, progress)
 
     def index(self, operator: CurvatureOperator) -> IndexInverse:
-        inverse = self._inverse(operator)
-        if int(inverse.shape[0]) == 1:
-            inverse = inverse[0]
-        return IndexInverse(self.projection(operator), inverse)
+        factor = self._factor(operator)
+        if int(factor.shape[0]) == 1:
+            factor = factor[0]
+        return IndexInverse(self.projection(operator), cholesky=factor)
 
     def solve(self, operator: CurvatureOperator, rhs: tf.Tensor) -> tuple[tf.Tensor, Diagnostics]:
         """``P inv(F) P^T rhs``: test vectors as the index scores them, in parameter space."""
@@ -375,8 +387,8 @@ class Projected(Solver):
             )
         projector = self.projector(operator)
         rhs = tf.convert_to_tensor(rhs, operator.dtype)
-        inverse = tf.cast(self._inverse(operator)[0], operator.dtype)
-        solution = projector.expand(tf.matmul(inverse, projector.project(rhs)))
+        factor = tf.cast(self._factor(operator)[0], operator.dtype)
+        solution = projector.expand(tf.linalg.cholesky_solve(factor, projector.project(rhs)))
         k = int(rhs.shape[1])
         info = {"index_dim": projector.dim}
         return solution, Diagnostics(self.name, 0, np.zeros(k), np.ones(k, bool), info)
