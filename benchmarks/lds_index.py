@@ -129,6 +129,16 @@ def _lines(ax, points, name, protocol):
             ax.axhline(score, color="black", linestyle=next(styles), linewidth=1, label=method)
 
 
+def _finish(figure, axes, protocols, name, plot_dir, filename):
+    """Labels each protocol's panel, puts the legend right of the last one, and saves."""
+    for ax, protocol in zip(axes[0], protocols, strict=True):
+        ax.set_ylabel("LDS")
+        ax.set_title(f"digits {name}, {protocol} protocol")
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    figure.tight_layout()
+    save_figure(figure, plot_dir, filename)
+
+
 def plot_memory(points, plot_dir):
     """``lds_vs_memory_<model>.png``: LDS against the index's bytes, one panel per protocol."""
     for name in sorted({p[0] for p in points}):
@@ -155,11 +165,7 @@ def plot_memory(points, plot_dir):
             _lines(ax, points, name, protocol)
             ax.set_xscale("log")
             ax.set_xlabel("index kept for queries, MiB (n x dim float32 + projection)")
-            ax.set_ylabel("LDS")
-            ax.set_title(f"digits {name}, {protocol} protocol")
-        axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
-        figure.tight_layout()
-        save_figure(figure, plot_dir, f"lds_vs_memory_{name}.png")
+        _finish(figure, axes, protocols, name, plot_dir, f"lds_vs_memory_{name}.png")
 
 
 def plot_ensembles(points, plot_dir):
@@ -192,8 +198,4 @@ def plot_ensembles(points, plot_dir):
             ax.set_xticks(sizes)
             ax.get_xaxis().set_major_formatter("{x:.0f}")
             ax.set_xlabel("models in the ensemble (trained independently)")
-            ax.set_ylabel("LDS")
-            ax.set_title(f"digits {name}, {protocol} protocol")
-        axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
-        figure.tight_layout()
-        save_figure(figure, plot_dir, f"lds_vs_ensemble_{name}.png")
+        _finish(figure, axes, protocols, name, plot_dir, f"lds_vs_ensemble_{name}.png")

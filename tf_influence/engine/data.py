@@ -482,10 +482,9 @@ class ExampleData:
         ``keep``: only the examples at these increasing positions (default: all).
         """
         if self.in_memory:
-            index = tf.range(self.num_examples, dtype=tf.int64) if keep is None else keep
-            index = tf.constant(index, tf.int64)
-            tensors = self._tensors
+            index, tensors = tf.range(self.num_examples, dtype=tf.int64), self._tensors
             if keep is not None:
+                index = tf.constant(keep, tf.int64)
                 tensors = tf.nest.map_structure(lambda t: tf.gather(t, index), tensors)
             elements = tf.data.Dataset.from_tensor_slices((index, *tensors))
         else:

@@ -53,16 +53,27 @@ def resolve_members(checkpoints: Any) -> tuple[list[list[np.ndarray]] | None, st
             "checkpoints with TracInCheckpoints during `model.fit`, or pass trained models."
         )
     shapes = [tuple(np.shape(w)) for w in members[0]]
-    for m, weights in enumerate(members[1:], start=1):
-        got = [tuple(np.shape(w)) for w in weights]
-        if got != shapes:
-            raise ValueError(
-                f"Member {m} of argument `checkpoints` has weight shapes {got}, member 0 "
-                f"{shapes}. Received: checkpoints of different architectures. Pass "
-                "checkpoints (or models) of one architecture."
-            )
+    found = first_mismatch(members, shapes)
+    if found is not None:
+        m, got = found
+        raise ValueError(
+            f"Member {m} of argument `checkpoints` has weight shapes {got}, member 0 "
+            f"{shapes}. Received: checkpoints of different architectures. Pass "
+            "checkpoints (or models) of one architecture."
+        )
     members = [[np.asarray(w) for w in weights] for weights in members]
     return members, digest_of(members)
+
+
+def first_mismatch(
+    members: Sequence[Sequence[Any]], shapes: list[tuple[int, ...]]
+) -> tuple[int, list[tuple[int, ...]]] | None:
+    """``(index, its weight shapes)`` of the first member whose shapes are not ``shapes``."""
+    for m, weights in enumerate(members):
+        got = [tuple(np.shape(w)) for w in weights]
+        if got != shapes:
+            return m, got
+    return None
 
 
 def digest_of(members: list[list[np.ndarray]]) -> str:

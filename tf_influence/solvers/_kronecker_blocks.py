@@ -137,9 +137,9 @@ def _gradient_first(block, rows) -> bool:
     channels (an early convolution) favour the gradient; few positions and wide
     layers (a late one) the factors. Unknown positions: the factors.
     """
-    t = sum(int(a.shape[1]) if a.shape[1] is not None else -(10**9) for a, _ in rows)
-    if t <= 0:
+    if any(a.shape[1] is None for a, _ in rows):
         return False
+    t = sum(int(a.shape[1]) for a, _ in rows)
     r, c = block.rows, block.cols
     return r * c * (t + r + c) < t * (r * r + c * c + r * c)
 

@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from tf_influence._validation import check_int, check_positive_int
 from tf_influence.engine.output_draws import check_fisher, check_samples
-from tf_influence.solvers._ensemble import digest_of, resolve_members, restoring
+from tf_influence.solvers._ensemble import digest_of, first_mismatch, resolve_members, restoring
 from tf_influence.solvers.base import (
     CurvatureError,
     CurvatureOperator,
@@ -254,15 +254,15 @@ class Projected(Solver):
             )
         model = operator.objective.model
         shapes = [tuple(w.shape) for w in model.weights]
-        for m, weights in enumerate(self._members):
-            got = [tuple(np.shape(w)) for w in weights]
-            if got != shapes:
-                raise ValueError(
-                    f"Member {m} of argument `checkpoints` does not fit the model: its "
-                    f"weight shapes {got} differ from the model's {shapes}. Received: "
-                    "checkpoints of another architecture. Pass checkpoints (or models) of "
-                    "the model being explained."
-                )
+        found = first_mismatch(self._members, shapes)
+        if found is not None:
+            m, got = found
+            raise ValueError(
+                f"Member {m} of argument `checkpoints` does not fit the model: its "
+                f"weight shapes {got} differ from the model's {shapes}. Received: "
+                "checkpoints of another architecture. Pass checkpoints (or models) of "
+                "the model being explained."
+            )
         return self._members
 
     # -- the curvature in the projected space ------------------------------------------
