@@ -14,7 +14,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 
 # Subpackages whose own ``__all__`` lists public names the API reference must show.
-PUBLIC_MODULES = ["callbacks", "distribute", "engine", "evaluation", "solvers"]
+PUBLIC_MODULES = ["callbacks", "config", "distribute", "engine", "evaluation", "solvers"]
 
 
 def public_names():

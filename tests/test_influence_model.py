@@ -27,6 +27,7 @@ def test_public_api_is_pinned():
             "TracIn",
             "__version__",
             "callbacks",
+            "config",
             "distribute",
             "engine",
             "evaluation",

@@ -10,7 +10,7 @@
 example j is harmful to test point i, negative means helpful.
 """
 
-from tf_influence import callbacks, distribute, engine, evaluation, solvers
+from tf_influence import callbacks, config, distribute, engine, evaluation, solvers
 from tf_influence._version import __version__
 from tf_influence.influence_model import InfluenceModel
 from tf_influence.neighbors import Candidates
@@ -25,6 +25,7 @@ __all__ = [
     "TracIn",
     "__version__",
     "callbacks",
+    "config",
     "distribute",
     "engine",
     "evaluation",

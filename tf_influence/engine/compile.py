@@ -10,6 +10,7 @@ used is freed with its traces) and by everything else the trace depends on
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import types
 import weakref
@@ -19,7 +20,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from tf_influence.engine import vectorize
+from tf_influence.engine import trace_cache, vectorize
 
 
 def _relaxed_spec(tensor) -> tf.TensorSpec:
@@ -38,31 +39,50 @@ def _grappler_arithmetic_bug(error: tf.errors.AlreadyExistsError) -> bool:
     return "ArithmeticOptimizer" in str(error) and "tmp_var" in str(error)
 
 
-@contextlib.contextmanager
-def arithmetic_rewrites_off() -> Any:
-    """Function calls of this thread with Grappler's arithmetic optimizer turned off.
+_OPTIONS: dict = {}
 
-    Grappler's ``AddOpsRewrite`` can turn a sum inside nested while loops into an
-    accumulator with a temporary variable whose name is not unique across the
-    iterations that run in parallel; execution then fails with ``AlreadyExistsError:
-    Resource __per_step_.../ArithmeticOptimizer/AddOpsRewrite_add/tmp_var``. Seen on
-    block products of a digits CNN's Hessian at batch size 256 and 64 columns, where
-    pfor runs ``Conv2DBackpropFilter`` in a while loop. Only the call options of
-    this thread change (the process-wide optimizer settings are left alone); the
-    graph is re-optimised once under them and kept.
+
+@contextlib.contextmanager
+def call_options(arithmetic: bool = True) -> Any:
+    """Function calls of this thread with our Grappler settings; the process's are left alone.
+
+    Grappler runs its optimizers over a new function twice by default; we run them
+    once. On the digits MLP's block-CG graph (about 1,300 nodes) the second round
+    took 0.2 s of the first call and removed 2% of the nodes, with no change in the
+    time of later calls (``benchmarks/first_answer.py``).
+
+    ``arithmetic=False`` also turns off the arithmetic optimizer: Grappler's
+    ``AddOpsRewrite`` can turn a sum inside nested while loops into an accumulator
+    with a temporary variable whose name is not unique across the iterations that
+    run in parallel; execution then fails with ``AlreadyExistsError: Resource
+    __per_step_.../ArithmeticOptimizer/AddOpsRewrite_add/tmp_var``. Seen on block
+    products of a digits CNN's Hessian at batch size 256 and 64 columns, where pfor
+    runs ``Conv2DBackpropFilter`` in a while loop. The graph is re-optimised once
+    under these options and kept.
     """
     from tensorflow.core.protobuf import config_pb2, rewriter_config_pb2
     from tensorflow.python.eager import context as eager_context
 
     ctx = eager_context.context()
     previous = ctx.function_call_options
-    config = config_pb2.ConfigProto()
-    config.ParseFromString(previous.config_proto_serialized)
-    rewrites = config.graph_options.rewrite_options
-    rewrites.arithmetic_optimization = rewriter_config_pb2.RewriterConfig.OFF
-    ctx.function_call_options = eager_context.FunctionCallOptions(
-        executor_type=previous.executor_type, config_proto=config
-    )
+    key = (previous.config_proto_serialized, previous.executor_type, arithmetic)
+    options = _OPTIONS.get(key)
+    if options is None:
+        config = config_pb2.ConfigProto()
+        config.ParseFromString(previous.config_proto_serialized)
+        rewrites = config.graph_options.rewrite_options
+        iterations = rewriter_config_pb2.RewriterConfig
+        if rewrites.meta_optimizer_iterations == iterations.DEFAULT_NUM_ITERS:
+            rewrites.meta_optimizer_iterations = iterations.ONE
+        if not arithmetic:
+            rewrites.arithmetic_optimization = rewriter_config_pb2.RewriterConfig.OFF
+        options = eager_context.FunctionCallOptions(
+            executor_type=previous.executor_type, config_proto=config
+        )
+        if len(_OPTIONS) > 16:
+            _OPTIONS.clear()
+        _OPTIONS[key] = options
+    ctx.function_call_options = options
     try:
         yield
     finally:
@@ -136,8 +156,12 @@ class GraphFunction:
         self._earlier_traces = 0  # traces of the functions replaced by a retrace
         self._started = False
         # Set after Grappler's arithmetic optimizer broke a call (see
-        # ``arithmetic_rewrites_off``): every later call runs without it.
+        # ``call_options``): every later call runs without it.
         self.rewrites_off = False
+        # A trace kept on disk (``trace_cache``): None until the first call looks,
+        # then the loaded function or False; the slot to write after a traced call.
+        self._kept: trace_cache.Loaded | bool | None = None
+        self._storing: trace_cache.Slot | None = None
         self._function = self._compile()
 
     def _compile(self):
@@ -167,12 +191,24 @@ class GraphFunction:
             self._started = True
             if not self.loop and vectorize.needs_loop(self._model_now()):
                 self._start_looping()
+        slot = self._kept is None and not kwargs and self._slot(args)
+        if slot:
+            self._kept = slot.load() or False
+            if not self._kept:
+                self._storing = slot
         while True:
             try:
-                if self.rewrites_off:
-                    with arithmetic_rewrites_off():
-                        return self._function(*args, **kwargs)
-                return self._function(*args, **kwargs)
+                if self._kept and tf.executing_eagerly():
+                    call = functools.partial(self._kept, args)
+                else:
+                    call = functools.partial(self._function, *args, **kwargs)
+                if tf.executing_eagerly():
+                    with call_options(arithmetic=not self.rewrites_off):
+                        result = call()
+                else:
+                    result = call()
+                self._store(args)
+                return result
             except tf.errors.AlreadyExistsError as error:
                 if self.rewrites_off or not _grappler_arithmetic_bug(error):
                     raise
@@ -189,6 +225,26 @@ class GraphFunction:
                 continue
             self._earlier_traces += self._function.experimental_get_tracing_count()
             self._function = self._compile()
+
+    def _slot(self, args: tuple) -> trace_cache.Slot | None:
+        """Where this call's trace is kept on disk (``trace_cache``), if anywhere.
+
+        Only top-level (eager) calls of functions with a fixed signature, not compiled
+        with XLA, are kept.
+        """
+        signature = self._kwargs.get("input_signature")
+        if signature is None or self._kwargs.get("jit_compile") or not tf.executing_eagerly():
+            return None
+        if any(isinstance(a, tf.data.Dataset) for a in tf.nest.flatten(args)):
+            return None
+        return trace_cache.slot(signature, (self.autograph, self.loop))
+
+    def _store(self, args: tuple) -> None:
+        slot, self._storing = self._storing, None
+        if slot is not None and self._slot(args) is not None:
+            # The flags may have changed while tracing (autograph, loops): key it again.
+            slot = self._slot(args)
+            slot.store(self._function.get_concrete_function(*args))
 
     def experimental_get_tracing_count(self) -> int:
         """Traces so far, counting those of a replaced (non-looping) function."""
@@ -350,6 +406,8 @@ class SharedFunction:
             warning if pfor cannot vectorise it (``tf_influence/engine/vectorize.py``).
         method: instead of the method ``name``, a function ``method(owner, *args)``
             (it must hold no owner itself).
+        key: the configuration it is shared under (``shared_function``); with the
+            name, what a trace kept on disk is keyed by (``trace_cache``).
     """
 
     def __init__(
@@ -358,8 +416,10 @@ class SharedFunction:
         compile: Callable,
         model: keras.Model | None = None,
         method: Callable | None = None,
+        key: Any = None,
     ):
         self.name = name
+        self.key = key
         self._owner = None
         self._model = _weak(model)
 
@@ -373,8 +433,14 @@ class SharedFunction:
 
     def __call__(self, owner, *args):
         previous, self._owner = self._owner, owner
+        model = None if self._model is None else self._model()
+        kept = (
+            trace_cache.identity(model, (self.name, self.key))
+            if self.key is not None and trace_cache.directory() is not None
+            else contextlib.nullcontext()
+        )
         try:
-            with vectorize.model_scope(None if self._model is None else self._model()):
+            with vectorize.model_scope(model), kept:
                 return self.function(*args)
         finally:
             self._owner = previous
@@ -445,7 +511,7 @@ def shared_function(
     full_key = (name, key)
     shared = entries.get(full_key)
     if shared is None:
-        shared = entries[full_key] = SharedFunction(name, compile, model, method)
+        shared = entries[full_key] = SharedFunction(name, compile, model, method, key)
     return BoundFunction(shared, owner)
 
 
