@@ -196,13 +196,14 @@ class GraphFunction:
             self._kept = slot.load() or False
             if not self._kept:
                 self._storing = slot
+        eager = tf.executing_eagerly()
         while True:
             try:
-                if self._kept and tf.executing_eagerly():
+                if self._kept and eager:
                     call = functools.partial(self._kept, args)
                 else:
                     call = functools.partial(self._function, *args, **kwargs)
-                if tf.executing_eagerly():
+                if eager:
                     with call_options(arithmetic=not self.rewrites_off):
                         result = call()
                 else:
@@ -233,17 +234,20 @@ class GraphFunction:
         with XLA, are kept.
         """
         signature = self._kwargs.get("input_signature")
-        if signature is None or self._kwargs.get("jit_compile") or not tf.executing_eagerly():
+        if trace_cache.directory() is None or signature is None or self._kwargs.get("jit_compile"):
             return None
-        if any(isinstance(a, tf.data.Dataset) for a in tf.nest.flatten(args)):
+        if not tf.executing_eagerly() or any(
+            isinstance(a, tf.data.Dataset) for a in tf.nest.flatten(args)
+        ):
             return None
         return trace_cache.slot(signature, (self.autograph, self.loop))
 
     def _store(self, args: tuple) -> None:
-        slot, self._storing = self._storing, None
-        if slot is not None and self._slot(args) is not None:
-            # The flags may have changed while tracing (autograph, loops): key it again.
-            slot = self._slot(args)
+        if self._storing is None:
+            return
+        # Keyed again: the flags may have changed while tracing (autograph, loops).
+        self._storing, slot = None, self._slot(args)
+        if slot is not None:
             slot.store(self._function.get_concrete_function(*args))
 
     def experimental_get_tracing_count(self) -> int:

@@ -186,11 +186,6 @@ class _ModelEntry:
         model = self._model()
         return [] if model is None else list(model._flatten_layers(include_self=True))
 
-    @property
-    def paths(self) -> dict:
-        """Paths name the model ("sequential_1/dense/kernel"): keyed by position instead."""
-        return {getattr(v, "path", v.name): i for i, v in enumerate(self.variables)}
-
     def handles(self) -> list:
         from tf_influence.engine.curvature import tf_variable
 
@@ -206,6 +201,8 @@ def _model_entry(model: keras.Model | None) -> _ModelEntry | None:
         return None
     if entry is not _UNSET:
         return entry
+    if not getattr(model, "built", False):
+        return None  # not remembered: it may be built by the next call
     entry = None
     from tf_influence.engine.curvature import tf_variable
 
@@ -215,7 +212,7 @@ def _model_entry(model: keras.Model | None) -> _ModelEntry | None:
     builtin = builtin and not any(
         isinstance(tf_variable(v), tf.distribute.DistributedValues) for v in model.variables
     )
-    if builtin and getattr(model, "built", False):
+    if builtin:
         try:
             config = json.loads(model.to_json())
         except Exception:  # noqa: BLE001 - a model without a config is traced as usual
@@ -303,6 +300,7 @@ def slot(signature: Any, flags: Any) -> Slot | None:
         stats["unsupported"] += 1
         return None
     variables = model.variables
+    # Paths name the model ("sequential_1/dense/kernel"): keyed by position instead.
     view = types.SimpleNamespace(
         variables=variables,
         layers=model.layers,
