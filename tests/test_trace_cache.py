@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import weakref
 
 import keras
 import numpy as np
@@ -167,7 +168,7 @@ def test_a_graph_with_a_stateful_random_op_is_not_kept(cache):
         input_signature=[spec],
     )
     before = _stats()
-    with trace_cache.identity(model, ("noisy", None)):
+    with trace_cache.identity(weakref.ref(model), ("noisy", None)):
         noisy(tf.zeros([3], tf.float64))
     assert trace_cache.stats["stored"] == before["stored"]
     assert trace_cache.stats["unsupported"] == before["unsupported"] + 1

@@ -439,7 +439,7 @@ class SharedFunction:
         previous, self._owner = self._owner, owner
         model = None if self._model is None else self._model()
         kept = (
-            trace_cache.identity(model, (self.name, self.key))
+            trace_cache.identity(self._model, (self.name, self.key))
             if self.key is not None and trace_cache.directory() is not None
             else contextlib.nullcontext()
         )

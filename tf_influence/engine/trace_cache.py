@@ -263,21 +263,17 @@ def _stable(part: Any, model: Any) -> Any:
 
 
 @contextlib.contextmanager
-def identity(model: keras.Model | None, key: Any) -> Any:
-    """The shared function being called: what the trace of a compiled call is keyed by."""
+def identity(model: weakref.ref | None, key: Any) -> Any:
+    """The shared function being called: what the trace of a compiled call is keyed by.
+
+    ``model``: a weak reference to its Keras model (None: nothing is kept).
+    """
     previous = getattr(_LOCAL, "identity", None)
-    _LOCAL.identity = (_weak(model), key)
+    _LOCAL.identity = (model, key)
     try:
         yield
     finally:
         _LOCAL.identity = previous
-
-
-def _weak(model):
-    try:
-        return weakref.ref(model)
-    except TypeError:
-        return None
 
 
 # -- entries ------------------------------------------------------------------------------
