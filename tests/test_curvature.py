@@ -227,3 +227,46 @@ def test_regularizer_products_closed_form_and_by_tapes_equal_the_dense_hessian(b
     reference = dense_hessian(objective, x, y)
     operator = HessianOperator(objective, ExampleData(x, y, 16), 0.0)
     np.testing.assert_allclose(operator.dense().numpy(), reference, rtol=rtol, atol=rtol * 1e-3)
+
+
+@pytest.mark.parametrize("transpose_a", [False, True])
+@pytest.mark.parametrize("transpose_b", [False, True])
+def test_broadcast_matmul_conversion_equals_a_loop_and_is_removed_after(transpose_a, transpose_b):
+    """pfor's MatMul with only ``b`` varying, as the block products trace it: per-slice values."""
+    from tensorflow.python.ops.parallel_for import pfor as pfor_lib
+
+    from tf_influence.engine import vectorize
+
+    original = pfor_lib._pfor_converter_registry["MatMul"]
+    rng = np.random.default_rng(0)
+    a = tf.constant(rng.normal(size=(4, 3)))  # fixed
+    c = tf.constant(rng.normal(size=(4, 3)))  # varies with the slice too (a_stacked path)
+    b = tf.constant(rng.normal(size=(5, 4, 3)))  # varies with the slice
+
+    def fixed_a(b_i):
+        left = tf.transpose(a) if transpose_a else a
+        right = b_i if transpose_b else tf.transpose(b_i)
+        product = tf.matmul(left, right, transpose_a=transpose_a, transpose_b=transpose_b)
+        # And one product with both factors varying, which keeps TensorFlow's converter.
+        return product, tf.matmul(b_i, b_i * c, transpose_b=True)
+
+    mapped = tf.function(lambda b: vectorize.vectorized_map(fixed_a, b, broadcast_matmul=True))
+    products, both = mapped(b)
+    for i in range(5):
+        expected, expected_both = fixed_a(b[i])
+        np.testing.assert_allclose(products[i].numpy(), expected.numpy(), rtol=1e-12)
+        np.testing.assert_allclose(both[i].numpy(), expected_both.numpy(), rtol=1e-12)
+
+    # The fixed-a product alone: a broadcast batched product, where TensorFlow's own
+    # converter multiplies once between transposes.
+    def types(broadcast):
+        only = tf.function(
+            lambda b: vectorize.vectorized_map(
+                lambda b_i: fixed_a(b_i)[0], b, broadcast_matmul=broadcast
+            )
+        )
+        return {op.type for op in only.get_concrete_function(b).graph.get_operations()}
+
+    assert types(True) & {"BatchMatMulV2", "BatchMatMulV3"}
+    assert not types(False) & {"BatchMatMulV2", "BatchMatMulV3"}
+    assert pfor_lib._pfor_converter_registry["MatMul"] is original  # restored

@@ -89,6 +89,42 @@ def test_the_weights_are_read_live_after_they_change(cache):
     np.testing.assert_allclose(scores, reference, rtol=1e-6, atol=1e-9 * np.abs(reference).max())
 
 
+def test_fit_gets_a_kept_solve_ready_in_the_background(cache):
+    """A kept CG solve starts building at ``fit``; explain waits for it and is exact."""
+    from tf_influence.engine import compile as compile_lib
+
+    x, y = _data()
+    _explain(_trained(0), tfi.solvers.CG(tol=1e-10), x, y, x[:4], y[:4])
+    before = _stats()
+    im = tfi.InfluenceModel(_trained(1))
+    im.compile(solver=tfi.solvers.CG(tol=1e-10), damping=1.0)
+    im.fit(x, y, batch_size=16, verbose=0)
+    assert trace_cache.stats["background"] == before["background"] + 2  # solve, scores
+    # Another number of test points than the process that kept the solve: one trace.
+    scores = im.explain(x[:3], y[:3], verbose=0)
+    assert compile_lib._WORKER._jobs.unfinished_tasks == 0
+    assert trace_cache.stats["stored"] == before["stored"]
+    tfi.config.set_trace_cache(None)
+    reference = _explain(_trained(1), "exact", x, y, x[:3], y[:3])
+    np.testing.assert_allclose(scores, reference, rtol=1e-6, atol=1e-9 * np.abs(reference).max())
+
+
+def test_bad_targets_are_refused_clearly_after_the_background_start(cache):
+    x, y = _data()
+    _explain(_trained(0), tfi.solvers.CG(tol=1e-10), x, y, x[:2], y[:2])
+    before = _stats()
+    im = tfi.InfluenceModel(_trained(1))
+    im.compile(solver=tfi.solvers.CG(tol=1e-10), damping=1.0)
+    with pytest.raises(ValueError, match="`y`"):
+        im.fit(x, y + 3, batch_size=16, verbose=0)  # classes 3-5 for a 3-class output
+    assert trace_cache.stats["background"] == before["background"] + 1  # the solve
+    im.fit(x, y, batch_size=16, verbose=0)  # and the model is still usable
+    scores = im.explain(x[:2], y[:2], verbose=0)
+    tfi.config.set_trace_cache(None)
+    reference = _explain(_trained(1), "exact", x, y, x[:2], y[:2])
+    np.testing.assert_allclose(scores, reference, rtol=1e-6, atol=1e-9 * np.abs(reference).max())
+
+
 def test_another_architecture_or_setting_is_traced_not_loaded(cache):
     x, y = _data()
     _explain(_trained(0), tfi.solvers.CG(tol=1e-10), x, y, x[:2], y[:2])
@@ -240,3 +276,34 @@ def test_a_new_process_runs_the_traces_an_earlier_one_kept(tmp_path):
     reference = _explain(_trained(1), "exact", x, y, x[:3], y[:3])
     scores = np.array(second["scores"])
     np.testing.assert_allclose(scores, reference, rtol=1e-6, atol=1e-9 * np.abs(reference).max())
+
+
+def test_the_background_worker_runs_jobs_in_order_and_survives_errors():
+    import threading
+
+    from tf_influence.engine.compile import _Worker
+
+    worker = _Worker()
+    order, gate = [], threading.Event()
+    first = worker.submit(lambda: (gate.wait(10), order.append(1)))
+    failing = worker.submit(lambda: 1 / 0)
+    last = worker.submit(lambda: order.append(3))
+    assert not last.is_set()  # queued behind the first
+    gate.set()
+    assert last.wait(10) and failing.is_set() and first.is_set()
+    assert order == [1, 3]
+
+
+def test_a_forked_child_does_not_wait_for_jobs_its_parent_queued():
+    import threading
+
+    from tf_influence.engine.compile import _Worker
+
+    worker = _Worker()
+    gate = threading.Event()
+    worker.submit(lambda: gate.wait(10))
+    pending = worker.submit(lambda: None)
+    worker._after_fork()  # what os.register_at_fork runs in a forked child
+    assert pending.is_set()
+    assert worker.submit(lambda: None).wait(10)  # a thread of the child's own
+    gate.set()

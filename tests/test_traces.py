@@ -58,6 +58,22 @@ def test_second_influence_model_reuses_every_trace(mlp, blobs):
     np.testing.assert_allclose(scores, reference, rtol=1e-6, atol=1e-10)
 
 
+def test_cg_is_traced_once_for_any_number_of_test_points(mlp, blobs):
+    """The recycling solve leaves the number of columns free: 1, 3 or 5 test points, one trace."""
+    x, y = blobs
+    im = tfi.InfluenceModel(mlp)
+    im.compile(solver=tfi.solvers.CG(tol=1e-10), damping=0.5)
+    im.fit(x, y, batch_size=16, verbose=0)
+    im.explain(x[:3], y[:3], verbose=0)
+    count = compile_lib.tracing_count()
+    for rows in (slice(3, 8), slice(8, 9)):
+        scores = im.explain(x[rows], y[rows], verbose=0)
+        reference = reference_scores(mlp, x, y, x[rows], y[rows], 0.5)
+        np.testing.assert_allclose(scores, reference, rtol=1e-6, atol=1e-10)
+    assert compile_lib.tracing_count() == count
+    assert im.diagnostics.info["recycled_directions"] > 0  # the deflated solve ran
+
+
 @pytest.mark.parametrize("solver", ["exact", "cg"])
 def test_other_training_arrays_reuse_the_trace_and_answer_for_their_data(mlp, blobs, solver):
     """The data, its size and the damping are arguments of the traces, not constants.

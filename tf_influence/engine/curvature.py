@@ -343,7 +343,7 @@ class HessianOperator:
                     output_gradients=[tf.cast(vectors[i], grads[i].dtype) for i in connected],
                 )
 
-            columns = vectorized_map(vjp, list(tangents))
+            columns = vectorized_map(vjp, list(tangents), broadcast_matmul=True)
         return [
             tf.zeros_like(t) if c is None else tf.cast(c, self.dtype)
             for c, t in zip(columns, tangents, strict=True)
@@ -370,7 +370,7 @@ class HessianOperator:
 
         if single:
             return one(tangents)
-        return vectorized_map(one, tangents)
+        return vectorized_map(one, tangents, broadcast_matmul=True)
 
     def _hvp(self, x, y, vectors, loss_weight, regularization_weight):
         """``hessian(loss_weight * sum_batch L + regularization_weight * Omega) @ vectors``."""

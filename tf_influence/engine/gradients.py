@@ -52,6 +52,7 @@ from tf_influence.engine import vectorize
 from tf_influence.engine.compile import (
     BatchFunction,
     BoundFunction,
+    in_background,
     objective_key,
     shared_function,
 )
@@ -418,6 +419,22 @@ class PerExampleGradients:
             except FactoredUnavailable:
                 self._factored_state = "off"
         return self._gradients(x, y)
+
+    def warm_up(self, x: Any, y: Any) -> None:
+        """Gets the scoring of training examples ready, without waiting.
+
+        Scores the first example of ``(x, y)`` (a training batch) against a zero
+        solution inside ``compile.in_background``: if its trace is kept on disk,
+        the function is built in the background (after the solve ``fit`` started
+        first), so that ``explain`` finds it ready; otherwise nothing is done. The
+        scoring warmed is the one for a few test points (``mode_for(1)``). The
+        test gradients are not: ``explain`` needs them before the solve, which
+        the background thread is still building.
+        """
+        x, y = _first_rows((x, y), 1)
+        solutions = tf.zeros([self.objective.num_params, 1], self.objective.dtype)
+        with in_background():
+            self.scores(x, y, solutions)
 
     def mode_for(self, num_tests: int) -> str:
         """The scoring mode used for ``num_tests`` solved vectors."""

@@ -136,12 +136,19 @@ class FittedState:
         self._relative: dict | None = None
         self._features: dict = {}
         checks.check_weights(objective, strategy)
+        if strategy is None:
+            # Before the data checks, which take a while in a new process: meanwhile
+            # the solver may get its first solve ready (``Solver.warm_up``).
+            self.operator = self._make_operator()
+            self.solver.warm_up(self.operator)
         first = data.first_batch()  # one read of the data for the checks below
         self._outputs = checks.num_outputs(objective, first[0])
         checks.check_targets(objective, data, "y", self._outputs)
         checks.check_class_weight(data, self._outputs)
         checks.check_batch(objective, first, "x", "y", check_gradients=True)
         self.gradients.check_factored(*first[:2])
+        if strategy is None:
+            self.gradients.warm_up(*first[:2])
         if strategy is not None:
             check_workers_agree(
                 strategy,
@@ -192,6 +199,18 @@ class FittedState:
     def batch_size(self) -> int:
         return self.data.batch_size
 
+    def _make_operator(self) -> HessianOperator:
+        requested = self.requested_settings
+        return make_operator(
+            requested.curvature,
+            self.objective,
+            self.data,
+            0.0 if requested.damping == "auto" else requested.damping,
+            requested.hvp,
+            requested.jit_compile,
+            self.strategy,
+        )
+
     def _build(
         self,
         verbose: int,
@@ -202,16 +221,8 @@ class FittedState:
         auto = requested.damping == "auto"
         if reuse and self.operator is not None:
             self.operator.clear_cache()  # the traced functions are kept
-        else:
-            self.operator = make_operator(
-                requested.curvature,
-                self.objective,
-                self.data,
-                0.0 if auto else requested.damping,
-                requested.hvp,
-                requested.jit_compile,
-                self.strategy,
-            )
+        elif self.operator is None:
+            self.operator = self._make_operator()
 
         def progress(total, label):
             return Progress(total, verbose, label)

@@ -51,8 +51,9 @@ ENVIRONMENT_VARIABLE = "TF_INFLUENCE_TRACE_CACHE"
 MAX_BYTES = 64 * 2**20
 _UNSET = object()
 _STATE: dict = {"directory": _UNSET}
-# What happened since the process started, for tests and benchmarks.
-stats = {"loaded": 0, "stored": 0, "unsupported": 0}
+# What happened since the process started, for tests and benchmarks ("background":
+# kept traces started in a thread of their own by ``compile.in_background``).
+stats = {"loaded": 0, "stored": 0, "unsupported": 0, "background": 0}
 _LOCAL = threading.local()
 _MODELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _STATEFUL_RANDOM = {

@@ -8,6 +8,10 @@ through the methods of ``Solver`` below, so that fitting, scoring, saving and
 export never branch on a solver's class:
 
 * ``solve(operator, rhs)``: the one required method.
+* ``warm_up(operator)``: called at the start of ``fit``, before the data checks, to
+  get the first solve ready without waiting (CG builds its solve's graph in a
+  background thread when the trace is kept on disk; see ``background_calls``).
+  Nothing by default.
 * ``prepare(operator, progress)``: one-off work at ``fit`` (a factorisation, an
   eigenbasis), reporting progress through ``progress(total, label)``.
 * ``self_products(operator, vectors)``: ``v_j^T inv(C) v_j`` per column (the
@@ -45,6 +49,7 @@ listed there are all a solver may use.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Callable, Hashable
@@ -191,6 +196,20 @@ def compile_loop(
     from tf_influence.engine.compile import SpecFunction
 
     return SpecFunction(lambda *args: fn(operator, *args), free=free)
+
+
+def background_calls() -> contextlib.AbstractContextManager:
+    """In this block, calls of functions from ``compile_loop`` only get them ready.
+
+    Each call returns None at once. A function whose trace is kept on disk
+    (``tfi.config.set_trace_cache``) is built and run in a background thread, so
+    that its next call finds it ready; any other call is skipped (see
+    ``tf_influence.engine.compile.in_background``). For ``Solver.warm_up``: call
+    the solve on zero right-hand sides, which runs no iteration.
+    """
+    from tf_influence.engine.compile import in_background
+
+    return in_background()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -401,6 +420,17 @@ class Solver:
             ``(solution, diagnostics)``; ``solution`` has the shape of ``rhs``.
         """
         raise NotImplementedError
+
+    def warm_up(self, operator: CurvatureOperator) -> None:
+        """Starts getting the first solve ready, without waiting; nothing by default.
+
+        Called at the start of ``fit``, before the data are checked, so it must
+        not fail on bad data or block: typically a solve of zero right-hand sides
+        inside ``background_calls()``.
+
+        Args:
+            operator: the curvature of the training data being fitted.
+        """
 
     def prepare(
         self, operator: CurvatureOperator, progress: ProgressFactory = silent_progress

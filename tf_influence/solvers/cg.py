@@ -8,6 +8,7 @@ in ``recycling.py``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,7 @@ from tf_influence.solvers.base import (
     CurvatureOperator,
     Diagnostics,
     Solver,
+    background_calls,
     nice_ceil,
 )
 
@@ -172,6 +174,28 @@ class CG(Solver):
             space.capacity = self._recycle_capacity(operator)
         return space
 
+    def _deflated(self, operator: CurvatureOperator) -> Callable[..., Any]:
+        return operator.cached(
+            ("cg.recycling",) + tuple(self.get_config().values()),
+            lambda: deflated_solve_graph(operator, self.tol, self._max_iter(operator)),
+        )
+
+    def warm_up(self, operator: CurvatureOperator) -> None:
+        """Gets the recycling solve ready in the background if its trace is kept on disk.
+
+        A solve of one zero column runs no iteration; its first call builds the
+        graph (see ``tf_influence.engine.compile.in_background``), while ``fit``
+        checks the data.
+        """
+        if self.hessian_sample_size is not None:
+            return
+        space = self._recycled(operator, 1)
+        if space is None:
+            return
+        rhs = tf.zeros([operator.num_params, 1], operator.dtype)
+        with background_calls():
+            self._deflated(operator)(rhs, *space.tensors(operator), 0)
+
     def solve(self, operator: CurvatureOperator, rhs: tf.Tensor) -> tuple[tf.Tensor, Diagnostics]:
         if self.hessian_sample_size is not None:
             operator = operator.subsample(self.hessian_sample_size, self.seed)
@@ -188,10 +212,7 @@ class CG(Solver):
                 )
                 parts.append(graph(chunk))
                 continue
-            graph = operator.cached(
-                ("cg.recycling", k) + tuple(self.get_config().values()),
-                lambda k=k: deflated_solve_graph(operator, k, self.tol, self._max_iter(operator)),
-            )
+            graph = self._deflated(operator)
             recycled = space.width
             # Record no more blocks of directions than the space has room for.
             record = space.room(k)

@@ -48,12 +48,14 @@ def solve_graph(
 
 
 def deflated_solve_graph(
-    operator: CurvatureOperator, k: int, tol: float, max_iter: int
+    operator: CurvatureOperator, tol: float, max_iter: int
 ) -> Callable[..., CGResults]:
-    """Deflated block CG for ``k`` columns, traced once for any width of the kept space.
+    """Deflated block CG, traced once for any number of columns and width of the kept space.
 
     The function takes ``(rhs (p, k), w (p, m), aw (p, m), e_inv (m, m), record)`` and
-    returns ``block_cg``'s seven results (see ``block_cg`` with ``space``).
+    returns ``block_cg``'s seven results (see ``block_cg`` with ``space``). One trace
+    serves every number of test points (k = 1 included): a new ``k`` neither traces
+    again nor, in a new process, builds another graph.
     """
 
     def run(
@@ -64,9 +66,10 @@ def deflated_solve_graph(
         e_inv: tf.Tensor,
         record: tf.Tensor,
     ) -> CGResults:
+        rhs = tf.ensure_shape(rhs, [operator.num_params, None])
         return block_cg(operator, rhs, tol, max_iter, space=(w, aw, e_inv), record=record)
 
-    return compile_loop(operator, ("cg.deflated", k, tol, max_iter), run, free=(1, 2, 3))
+    return compile_loop(operator, ("cg.deflated", tol, max_iter), run, free=(0, 1, 2, 3))
 
 
 def positive_inverse(values: tf.Tensor, vectors: tf.Tensor) -> tf.Tensor:
@@ -197,7 +200,6 @@ def block_cg(
     bad = tf.zeros_like(active)
     rayleigh = tf.zeros_like(r_norm)
     i = tf.constant(0)
-    k = rhs.shape[1]
     kept = tf.TensorArray(dtype, size=0, dynamic_size=True, element_shape=rhs.shape)
     kept_products = tf.TensorArray(dtype, size=0, dynamic_size=True, element_shape=rhs.shape)
 
@@ -245,7 +247,11 @@ def block_cg(
         return x, i, residual, bad, rayleigh
 
     def columns(array):
-        blocks = array.stack()  # (t, p, k)
-        return tf.reshape(tf.transpose(blocks, [1, 0, 2]), [rhs.shape[0], tf.shape(blocks)[0] * k])
+        def stacked():
+            blocks = array.stack()  # (t, p, k)
+            return tf.reshape(tf.transpose(blocks, [1, 0, 2]), [rhs.shape[0], -1])
+
+        # An empty list cannot be stacked when k is not static (no iteration ran).
+        return tf.cond(array.size() > 0, stacked, lambda: tf.zeros([rhs.shape[0], 0], dtype))
 
     return x, i, residual, bad, rayleigh, columns(kept), columns(kept_products)
