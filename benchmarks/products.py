@@ -61,6 +61,47 @@ def gradient_pass(session, im, name):
     return gradient
 
 
+def transposed_product(session, name, vectors):
+    """``op.matvec(vectors)`` on a copy of model ``name``, traced with pfor's own MatMul.
+
+    Returns a function to time; its first call traces with
+    ``vectorize.BROADCAST_MATMUL`` off (the transposes the default trace avoids).
+    """
+    import keras
+
+    import tf_influence as tfi
+    from tf_influence.engine import vectorize
+
+    original = session.models[name]
+    copy = keras.models.clone_model(original)
+    copy.set_weights(original.get_weights())
+    copy.compile(loss=original.loss)
+    im = tfi.InfluenceModel(copy)
+    im.compile(solver=tfi.solvers.CG(), damping=DAMPING[name])
+    x, y = session.train_xy(name)
+    im.fit(x, y, batch_size=session.batch_size, verbose=0)
+    operator = im.operator
+
+    def product():
+        vectorize.BROADCAST_MATMUL = False
+        try:
+            return operator.matvec(vectors)
+        finally:
+            vectorize.BROADCAST_MATMUL = True
+
+    product.keep = (copy, im)  # alive as long as the function is timed
+    ours, default = product().numpy(), session_product(session, name, vectors).numpy()
+    error = np.linalg.norm(ours - default) / np.linalg.norm(default)
+    if error > 1e-4:
+        raise AssertionError(f"the two traces' products differ: {error:.1e} relative")
+    return product
+
+
+def session_product(session, name, vectors):
+    """The default trace's product, to check the copy against."""
+    return session.influence_model(name).operator.matvec(vectors)
+
+
 def run(session):
     """Adds row 1's lines to ``session.table``."""
     import tensorflow as tf
@@ -85,12 +126,16 @@ def run(session):
         fns = {"gradient": gradient}
         for mode, op in operators.items():
             fns[(mode, NUM_TESTS)] = lambda op=op, v=v20: op.matvec(v)
+        # The same product traced with TensorFlow's own pfor MatMul converter (two
+        # transposes around each product whose second factor varies with the column),
+        # on a copy of the model, so that it gets traces of its own.
+        fns[("transposes", NUM_TESTS)] = transposed_product(session, name, v20)
         many = compare(fns, session.repeats)
         base = {1: one["gradient"][1], NUM_TESTS: many["gradient"][1]}
         setting = f"B={session.batch_size}, damping={DAMPING[name]:g}"
         lines = [(mode, 1, one) for mode in HVP_MODES]
         lines.append(("reference", 1, one))
-        lines += [(mode, NUM_TESTS, many) for mode in HVP_MODES]
+        lines += [(mode, NUM_TESTS, many) for mode in (*HVP_MODES, "transposes")]
         for mode, k, results in lines:
             seconds = results[(mode, k)][1]
             per_column = seconds / k
@@ -103,6 +148,11 @@ def run(session):
                 measured = f"{fmt_time(per_column)}/col ({fmt_time(seconds)})"
             if mode == "reference":
                 label = "straightforward nested tapes, static shape (p,) (row 2's reference)"
+            elif mode == "transposes":
+                label = (
+                    '`op.matvec`, hvp="reverse_over_reverse" traced with TensorFlow\'s own '
+                    "pfor MatMul converter (`vectorize.BROADCAST_MATMUL = False`)"
+                )
             else:
                 label = f'`op.matvec`, hvp="{mode}"'
             session.table.add(

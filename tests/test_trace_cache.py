@@ -231,9 +231,8 @@ def test_bad_folders_are_refused_clearly(tmp_path, monkeypatch):
 
 _CHILD = textwrap.dedent(
     """
-    import json, sys
+    import json
     import numpy as np
-    sys.path.insert(0, {tests!r})
     import keras
     from conftest import make_mlp
     import tf_influence as tfi
@@ -256,10 +255,10 @@ def test_a_new_process_runs_the_traces_an_earlier_one_kept(tmp_path):
     import json
 
     env = dict(os.environ, TF_INFLUENCE_TRACE_CACHE=str(tmp_path / "traces"))
-    env["PYTHONPATH"] = ROOT
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])  # conftest
 
     def child(seed):
-        code = _CHILD.format(tests=os.path.join(ROOT, "tests"), seed=seed)
+        code = _CHILD.format(seed=seed)
         completed = subprocess.run(
             [sys.executable, "-c", code], env=env, capture_output=True, text=True
         )
@@ -270,6 +269,7 @@ def test_a_new_process_runs_the_traces_an_earlier_one_kept(tmp_path):
     assert first["stats"]["stored"] >= 2 and first["stats"]["loaded"] == 0
     assert second["stats"]["loaded"] == first["stats"]["stored"]
     assert second["stats"]["stored"] == 0
+    assert second["stats"]["background"] == 2  # the solve and the scores, built during fit
 
     # The second process's answer is that of its own weights (seed 1): the dense solve.
     x, y = _data()

@@ -94,6 +94,9 @@ def call_options(arithmetic: bool = True) -> Any:
 
 
 _BACKGROUND = threading.local()
+# False: calls inside ``in_background`` are skipped instead of queued (for
+# side-by-side benchmarks: ``benchmarks.first_answer``).
+BACKGROUND_BUILDS = True
 
 
 class _Worker:
@@ -298,7 +301,8 @@ class GraphFunction:
         eager = tf.executing_eagerly()
         if getattr(_BACKGROUND, "on", False):
             if self._kept and eager and not kwargs and self._background is None:
-                self._start_background(args)
+                if BACKGROUND_BUILDS:
+                    self._start_background(args)
             return None
         if self._background is not None:
             self._background.wait()

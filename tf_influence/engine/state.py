@@ -137,10 +137,7 @@ class FittedState:
         self._features: dict = {}
         checks.check_weights(objective, strategy)
         if strategy is None:
-            # Before the data checks, which take a while in a new process: meanwhile
-            # the solver may get its first solve ready (``Solver.warm_up``).
-            self.operator = self._make_operator()
-            self.solver.warm_up(self.operator)
+            self._warm_up()
         first = data.first_batch()  # one read of the data for the checks below
         self._outputs = checks.num_outputs(objective, first[0])
         checks.check_targets(objective, data, "y", self._outputs)
@@ -198,6 +195,22 @@ class FittedState:
     @property
     def batch_size(self) -> int:
         return self.data.batch_size
+
+    def _warm_up(self) -> None:
+        """The operator, and the solver's ``warm_up``, before the data checks.
+
+        The checks take a while in a new process; meanwhile the solver may get its
+        first solve ready. A curvature kind that reads the data when it is made (the
+        Gauss-Newton loss check) may fail on bad data here: then nothing is started,
+        the checks explain the data's problem, and the operator is made after them.
+        """
+        try:
+            operator = self._make_operator()
+            self.solver.warm_up(operator)
+        except Exception:  # noqa: BLE001 - raised again, or explained, after the checks
+            self.operator = None
+            return
+        self.operator = operator
 
     def _make_operator(self) -> HessianOperator:
         requested = self.requested_settings

@@ -94,6 +94,10 @@ def current_model() -> keras.Model | None:
     return None if ref is None else ref()
 
 
+# False: products trace with TensorFlow's own MatMul converter even where
+# ``vectorized_map(..., broadcast_matmul=True)`` asks for ``_convert_matmul`` (for
+# side-by-side benchmarks: ``benchmarks.products``; a trace already made is kept).
+BROADCAST_MATMUL = True
 _MATMUL_LOCK = threading.Lock()
 _MATMUL_STATE: dict = {"depth": 0, "original": None}
 
@@ -189,7 +193,8 @@ def vectorized_map(fn: Callable[[Any], Any], elems: Any, broadcast_matmul: bool 
     held = _Held()
     try:
         with _quiet_pfor_logs(held):
-            with _broadcast_matmul() if broadcast_matmul else contextlib.nullcontext():
+            broadcast = broadcast_matmul and BROADCAST_MATMUL
+            with _broadcast_matmul() if broadcast else contextlib.nullcontext():
                 return tf.vectorized_map(fn, elems)
     except _PFOR_ERRORS as error:
         if not _raised_by_pfor(error):
