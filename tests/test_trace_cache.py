@@ -53,6 +53,20 @@ def _stats():
     return dict(trace_cache.stats)
 
 
+def _cg_model(seed):
+    """An InfluenceModel of ``_trained(seed)`` compiled with CG, not yet fitted."""
+    im = tfi.InfluenceModel(_trained(seed))
+    im.compile(solver=tfi.solvers.CG(tol=1e-10), damping=1.0)
+    return im
+
+
+def _assert_dense(scores, seed, x, y, tests):
+    """``scores`` equal the dense ``Exact`` solve of ``_trained(seed)``, traced anew."""
+    tfi.config.set_trace_cache(None)
+    reference = _explain(_trained(seed), "exact", x, y, x[tests], y[tests])
+    np.testing.assert_allclose(scores, reference, rtol=1e-6, atol=1e-9 * np.abs(reference).max())
+
+
 def test_a_second_model_runs_the_kept_traces_with_its_own_weights(cache):
     x, y = _data()
     x_test, y_test = x[:3], y[:3]
@@ -69,10 +83,7 @@ def test_a_second_model_runs_the_kept_traces_with_its_own_weights(cache):
     scores = _explain(other, tfi.solvers.CG(tol=1e-10), x, y, x_test, y_test)
     assert trace_cache.stats["loaded"] - before["loaded"] == stored
     assert trace_cache.stats["stored"] == before["stored"]
-
-    tfi.config.set_trace_cache(None)
-    reference = _explain(_trained(1), "exact", x, y, x_test, y_test)  # the dense solve
-    np.testing.assert_allclose(scores, reference, rtol=1e-6, atol=1e-9 * np.abs(reference).max())
+    _assert_dense(scores, 1, x, y, slice(0, 3))  # x_test, y_test = x[:3], y[:3]
 
 
 def test_the_weights_are_read_live_after_they_change(cache):
@@ -96,33 +107,26 @@ def test_fit_gets_a_kept_solve_ready_in_the_background(cache):
     x, y = _data()
     _explain(_trained(0), tfi.solvers.CG(tol=1e-10), x, y, x[:4], y[:4])
     before = _stats()
-    im = tfi.InfluenceModel(_trained(1))
-    im.compile(solver=tfi.solvers.CG(tol=1e-10), damping=1.0)
+    im = _cg_model(1)
     im.fit(x, y, batch_size=16, verbose=0)
     assert trace_cache.stats["background"] == before["background"] + 2  # solve, scores
     # Another number of test points than the process that kept the solve: one trace.
     scores = im.explain(x[:3], y[:3], verbose=0)
     assert compile_lib._WORKER._jobs.unfinished_tasks == 0
     assert trace_cache.stats["stored"] == before["stored"]
-    tfi.config.set_trace_cache(None)
-    reference = _explain(_trained(1), "exact", x, y, x[:3], y[:3])
-    np.testing.assert_allclose(scores, reference, rtol=1e-6, atol=1e-9 * np.abs(reference).max())
+    _assert_dense(scores, 1, x, y, slice(0, 3))
 
 
 def test_bad_targets_are_refused_clearly_after_the_background_start(cache):
     x, y = _data()
     _explain(_trained(0), tfi.solvers.CG(tol=1e-10), x, y, x[:2], y[:2])
     before = _stats()
-    im = tfi.InfluenceModel(_trained(1))
-    im.compile(solver=tfi.solvers.CG(tol=1e-10), damping=1.0)
+    im = _cg_model(1)
     with pytest.raises(ValueError, match="`y`"):
         im.fit(x, y + 3, batch_size=16, verbose=0)  # classes 3-5 for a 3-class output
     assert trace_cache.stats["background"] == before["background"] + 1  # the solve
     im.fit(x, y, batch_size=16, verbose=0)  # and the model is still usable
-    scores = im.explain(x[:2], y[:2], verbose=0)
-    tfi.config.set_trace_cache(None)
-    reference = _explain(_trained(1), "exact", x, y, x[:2], y[:2])
-    np.testing.assert_allclose(scores, reference, rtol=1e-6, atol=1e-9 * np.abs(reference).max())
+    _assert_dense(im.explain(x[:2], y[:2], verbose=0), 1, x, y, slice(0, 2))
 
 
 def test_another_architecture_or_setting_is_traced_not_loaded(cache):
