@@ -146,7 +146,7 @@ class FittedState:
         self.gradients.check_factored(*first[:2])
         if strategy is None:
             self.gradients.warm_up(*first[:2])
-        if strategy is not None:
+        else:
             check_workers_agree(
                 strategy,
                 {
@@ -208,7 +208,6 @@ class FittedState:
             operator = self._make_operator()
             self.solver.warm_up(operator)
         except Exception:  # noqa: BLE001 - raised again, or explained, after the checks
-            self.operator = None
             return
         self.operator = operator
 
