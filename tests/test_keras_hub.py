@@ -4,12 +4,12 @@ A randomly initialised ``keras_hub.models.BertTextClassifier`` (a 2-layer BERT b
 fed token ids, segment ids and a padding mask; no preset, tokenizer or downloaded
 weights) is fine-tuned briefly on a synthetic task. Its curvature and influence scores
 are checked against a Hessian built here by nested tapes and a dense solve with
-per-example gradients from a loop of tapes, for all of its parameters and for the
-last encoder layer plus the classifier head (``params=``).
+per-example gradients from a loop of tapes, over all of its parameters (a subset of
+the same layer types is checked in tests/test_layers.py).
 
 keras-hub is in the ``hub`` and ``dev`` extras, so these tests run in CI. The
-comparisons take one to three minutes on two CPU cores (most of it tracing the
-products and per-example gradients through BERT), so they are marked slow.
+comparison takes about a minute on two CPU cores (most of it tracing the products and
+per-example gradients through BERT), so it is marked slow.
 """
 
 import keras

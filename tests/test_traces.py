@@ -74,6 +74,28 @@ def test_cg_is_traced_once_for_any_number_of_test_points(mlp, blobs):
     assert im.diagnostics.info["recycled_directions"] > 0  # the deflated solve ran
 
 
+def test_dense_matrix_is_traced_once_when_the_last_chunk_would_be_narrower(blobs):
+    """p = 243 in chunks of at most 128 columns: two chunks of 122 (the last padded with
+    one zero column), so one trace of the product, and the matrix of nested tapes."""
+    x, y = blobs
+    model = make_mlp(hidden=30)
+    model.compile(loss=SPARSE_LOGITS)
+    im = tfi.InfluenceModel(model)
+    im.compile(solver="cg", damping=0.5)  # a fit that builds no dense matrix
+    im.fit(x, y, batch_size=16, verbose=0)
+    assert im.operator.num_params == 243 and im.operator.num_dense_chunks == 2
+    widths = []
+    matvec = im.operator.matvec
+    im.operator.matvec = lambda vectors: widths.append(vectors.shape[1]) or matvec(vectors)
+    count = im.operator._matvec.tracing_count()
+    dense = im.operator.dense().numpy()
+    assert widths == [122, 122]
+    assert im.operator._matvec.tracing_count() == count + 1
+    objective = tfi.engine.Objective(model, SPARSE_LOGITS)
+    expected = dense_hessian(objective, x, y) + 0.5 * np.eye(243)
+    np.testing.assert_allclose(dense, expected, atol=1e-12)
+
+
 @pytest.mark.parametrize("solver", ["exact", "cg"])
 def test_other_training_arrays_reuse_the_trace_and_answer_for_their_data(mlp, blobs, solver):
     """The data, its size and the damping are arguments of the traces, not constants.

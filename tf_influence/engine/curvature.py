@@ -529,21 +529,24 @@ class HessianOperator:
         """The dense ``(p, p)`` matrix ``H + damping * I`` in float64, symmetrised.
 
         Built from Hessian-vector products in chunks of columns, so it costs about
-        ``p / DENSE_CHUNK`` passes over the data. Only sensible for small ``p``.
+        ``p / DENSE_CHUNK`` passes over the data. Only sensible for small ``p``. The
+        chunks have one width (the last one padded with zero columns), so the product
+        is traced once, not a second time for a narrower last chunk.
 
         Args:
             progress: optional callable, called with the number of chunks done.
         """
 
         def make():
-            p = self.num_params
-            eye = tf.eye(p, dtype=self.dtype)
+            p, count = self.num_params, self.num_dense_chunks
+            width = -(-p // count)
+            eye = tf.eye(p, count * width, dtype=self.dtype)
             chunks = []
-            for start in range(0, p, DENSE_CHUNK):
-                chunks.append(self.matvec(eye[:, start : start + DENSE_CHUNK]))
+            for start in range(0, count * width, width):
+                chunks.append(self.matvec(eye[:, start : start + width]))
                 if progress is not None:
                     progress(len(chunks))
-            matrix = tf.cast(tf.concat(chunks, axis=1), tf.float64)
+            matrix = tf.cast(tf.concat(chunks, axis=1)[:, :p], tf.float64)
             return 0.5 * (matrix + tf.transpose(matrix))
 
         return self.cached("dense", make)
