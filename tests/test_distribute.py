@@ -60,7 +60,7 @@ SOLVERS = {
     "exact": lambda: "exact",
     "cg": lambda: "cg",
     # Replicas and one device must agree step by step; convergence is not the point.
-    "lissa": lambda: tfi.solvers.LiSSA(recursion_depth=10, seed=5),
+    "lissa": lambda: tfi.solvers.LiSSA(recursion_depth=25, seed=5),
     "arnoldi": lambda: tfi.solvers.Arnoldi(rank=20),
     "ekfac": lambda: tfi.solvers.EKFAC(samples="exact"),
     # Compressed test vectors (the hidden layer from its rank-2 factors) on the replicas.
