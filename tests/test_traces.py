@@ -291,19 +291,32 @@ def test_no_retracing_warning_for_functions_traced_once(blobs, caplog):
     assert not retracing, retracing[0]
 
 
-def test_no_retracing_warning_from_gauss_newton_loss_checks(blobs, caplog):
+def test_no_retracing_warning_from_gauss_newton_loss_checks(blobs, caplog, monkeypatch):
     """Every Gauss-Newton operator checks the loss's output Hessians once. Computed
     eagerly, batch_jacobian wrapped pfor in a new tf.function of TensorFlow's each
-    time, which it reported as retracing from the fifth model on."""
+    time, which it reported as retracing from the fifth model on. The check's trace
+    is shared per model: the later fits trace nothing."""
+    from tf_influence.engine import gauss_newton
+
+    traced = []  # output_hessians runs in Python only while a function is traced
+    output_hessians = gauss_newton.output_hessians
+    monkeypatch.setattr(
+        gauss_newton,
+        "output_hessians",
+        lambda *args: traced.append(1) or output_hessians(*args),
+    )
     x, y = blobs
     model = make_mlp()
+    counts = []
     with caplog.at_level("WARNING", logger="tensorflow"):
         for _ in range(7):
             im = tfi.InfluenceModel(model, loss=SPARSE_LOGITS)
             im.compile(solver="cg", damping=0.1, curvature="gauss_newton")
             im.fit(x, y, batch_size=16, verbose=0)
+            counts.append(len(traced))
     retracing = [r.getMessage() for r in caplog.records if "retracing" in r.getMessage()]
     assert not retracing, retracing[0]
+    assert counts[0] >= 1 and counts[1:] == [counts[0]] * 6, counts
 
 
 def _arithmetic_optimization_off() -> bool:

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from tf_influence.engine.compile import GraphFunction
+from tf_influence.engine.compile import SpecFunction, objective_key, shared_function
 from tf_influence.engine.curvature import HessianOperator, tf_variable
 from tf_influence.engine.objective import Objective
 from tf_influence.engine.vectorize import vectorized_map
@@ -55,12 +55,19 @@ def check_loss_curvature(objective: Objective, batch: tuple) -> None:
         ValueError: an eigenvalue is clearly negative (below ``-LOSS_PSD_TOLERANCE``
             times the largest); it names the loss and suggests ``curvature="hessian"``.
     """
-    # Compiled (a fresh function per check): eagerly, batch_jacobian wraps pfor in a
-    # tf.function of TensorFlow's own each time, which TensorFlow then reports as
-    # retracing after a few Gauss-Newton models.
-    hessians = GraphFunction(lambda x, y: _output_hessians(objective, x, y), model=objective.model)(
-        batch[0], batch[1]
+    # Compiled: eagerly, batch_jacobian wraps pfor in a tf.function of TensorFlow's
+    # own each time, which TensorFlow then reports as retracing after a few
+    # Gauss-Newton models. Shared per model and objective configuration, so a refit
+    # or a second InfluenceModel checks without tracing again; any batch size.
+    check = shared_function(
+        objective,
+        objective.model,
+        ("gauss_newton.loss_check", objective_key(objective)),
+        "_output_hessians",
+        lambda body: SpecFunction(body, relaxed=(0, 1)),
+        method=_output_hessians,
     )
+    hessians = check(batch[0], batch[1])
     if hessians is None:
         return
     values = np.linalg.eigvalsh(tf.cast(hessians, tf.float64).numpy())
