@@ -272,23 +272,48 @@ def _problem(tmp_path, solvers, **extra):
     return path, model, x, y
 
 
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """One run of two workers on localhost through every scenario of distributed_worker.py.
+
+    Each worker start costs a TensorFlow import and the strategy's set-up, so one run
+    checks, in order: training data that differ between the workers (refused), the
+    influences of Exact and CG, and a worker that dies after ``fit``.
+    """
+    tmp_path = tmp_path_factory.mktemp("cluster")
+    x, _ = _data(45)
+    solvers = ["exact", "cg"]
+    path, model, x, y = _problem(tmp_path, solvers, x_other=x[::-1].copy())
+    out = str(tmp_path / "out")
+    codes = _start_workers(path, out, ["--die-after-fit"])
+    return {"codes": codes, "out": out, "model": model, "x": x, "y": y, "solvers": solvers}
+
+
 @pytest.mark.slow
-def test_multi_worker_matches_one_process(tmp_path):
+def test_workers_with_different_data_are_refused(cluster):
+    out = cluster["out"]
+    for index in range(2):
+        message = open(f"{out}{index}.npz.refused").read()
+        assert message.startswith("ValueError: "), message
+        assert "do not agree on the training data" in message, message
+        assert "weights" not in message.split("agree on the")[1].split(":")[0]
+
+
+@pytest.mark.slow
+def test_multi_worker_matches_one_process(cluster):
     """Two MultiWorkerMirroredStrategy workers on localhost give one process's influences.
 
-    Exact and CG cover every kind of reduction across workers (products, gradients,
-    scores). LiSSA reduces through the same code and is checked under
-    MirroredStrategy (``test_mirrored_matches_one_device``); it is left out here to
-    keep the suite within its time (its recursion sums across the workers at every
-    step).
+    They run after the refused fit of ``test_workers_with_different_data_are_refused``:
+    a refusal leaves the workers in step. Exact and CG cover every kind of reduction
+    across workers (products, gradients, scores). LiSSA reduces through the same code
+    and is checked under MirroredStrategy (``test_mirrored_matches_one_device``); it
+    is left out here to keep the suite within its time (its recursion sums across the
+    workers at every step).
     """
-    solvers = ["exact", "cg"]
-    path, model, x, y = _problem(tmp_path, solvers)
-    out = str(tmp_path / "out")
-    for index, (code, _, err) in enumerate(_start_workers(path, out)):
-        reported = f"{out}{index}.npz.err"
-        assert code == 0, open(reported).read() if os.path.exists(reported) else err
-    for solver in solvers:
+    out, model, x, y = cluster["out"], cluster["model"], cluster["x"], cluster["y"]
+    for index in range(2):
+        assert os.path.exists(f"{out}{index}.npz"), cluster["codes"][index][2]
+    for solver in cluster["solvers"]:
         im = tfi.InfluenceModel(model)
         im.compile(solver=solver, damping=DAMPING)
         im.fit(x, y, batch_size=8, verbose=0)
@@ -301,11 +326,10 @@ def test_multi_worker_matches_one_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_dead_worker_gives_a_clear_error_not_a_hang(tmp_path):
-    path, *_ = _problem(tmp_path, ["cg"])
-    out = str(tmp_path / "out")
-    (code0, elapsed, err), (code1, _, _) = _start_workers(path, out, ["--die-after-fit"])
-    assert code1 == 3
+def test_dead_worker_gives_a_clear_error_not_a_hang(cluster):
+    out = cluster["out"]
+    (code0, elapsed, err), (code1, _, err1) = cluster["codes"]
+    assert code1 == 3, err1
     assert code0 == 7, err
     assert elapsed < 240
     message = open(f"{out}0.npz.err").read()
@@ -313,19 +337,6 @@ def test_dead_worker_gives_a_clear_error_not_a_hang(tmp_path):
         "WorkerError: `explain` stopped: a worker or device of MultiWorkerMirroredStrategy failed"
     ), message
     assert "Restart every worker" in message
-
-
-@pytest.mark.slow
-def test_workers_with_different_data_are_refused(tmp_path):
-    x, _ = _data(45)
-    path, *_ = _problem(tmp_path, ["cg"], x1=x[::-1].copy())
-    out = str(tmp_path / "out")
-    for code, _, err in _start_workers(path, out):
-        assert code == 7, err
-    for index in range(2):
-        message = open(f"{out}{index}.npz.err").read()
-        assert "do not agree on the training data" in message, message
-        assert "weights" not in message.split("agree on the")[1].split(":")[0]
 
 
 @pytest.mark.slow
