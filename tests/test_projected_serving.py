@@ -27,45 +27,53 @@ def fitted(blobs, projection):
     return im.fit(x, y, batch_size=16, verbose=0)
 
 
-@pytest.mark.parametrize("projection", ["kronecker", "gaussian"])
-def test_fresh_process_gives_the_top_k_of_the_index(blobs, tmp_path, projection):
+def test_fresh_process_gives_the_top_k_of_each_index(blobs, tmp_path):
+    """Both projections exported, then served by one fresh process (one TensorFlow start)."""
     x, y = blobs
-    im = fitted(blobs, projection)
-    path = tmp_path / "models" / "mlp" / "1"
-    im.export(path, top_k=4, include_scores=True)
-    loaded = tf.saved_model.load(str(path))
-    shapes = {tuple(v.shape) for v in loaded.variables}
-    dim = im.state.index_inverse.projection.dim
-    assert (50, dim) in shapes and (dim, dim) in shapes  # the index and F's factor
-    # The Cholesky factor of F, in the model's dtype: never the explicit inverse.
-    factor = im.state.index_inverse.cholesky.numpy()
-    for stored in [v.numpy() for v in loaded.variables if tuple(v.shape) == (dim, dim)]:
-        np.testing.assert_array_equal(stored, factor.astype(stored.dtype))
-        assert not np.triu(stored, k=1).any()
-    assert not any(s == (50, x.shape[1]) for s in shapes)  # no training input
-    signature = loaded.signatures["explain"]
-    name = next(k for k in signature.structured_input_signature[1] if k != "labels")
+    models, requests = {}, {}
+    for projection in ("kronecker", "gaussian"):
+        im = models[projection] = fitted(blobs, projection)
+        path = tmp_path / projection / "models" / "mlp" / "1"
+        im.export(path, top_k=4, include_scores=True)
+        loaded = tf.saved_model.load(str(path))
+        shapes = {tuple(v.shape) for v in loaded.variables}
+        dim = im.state.index_inverse.projection.dim
+        assert (50, dim) in shapes and (dim, dim) in shapes  # the index and F's factor
+        # The Cholesky factor of F, in the model's dtype: never the explicit inverse.
+        factor = im.state.index_inverse.cholesky.numpy()
+        for stored in [v.numpy() for v in loaded.variables if tuple(v.shape) == (dim, dim)]:
+            np.testing.assert_array_equal(stored, factor.astype(stored.dtype))
+            assert not np.triu(stored, k=1).any()
+        assert not any(s == (50, x.shape[1]) for s in shapes)  # no training input
+        signature = loaded.signatures["explain"]
+        name = next(k for k in signature.structured_input_signature[1] if k != "labels")
+        requests[projection] = (str(path), name)
     script = f"""
 import json, sys
 import numpy as np, tensorflow as tf
-loaded = tf.saved_model.load({str(path)!r})
 x = np.array({x[:3].tolist()}); y = np.array({y[:3].tolist()}, np.int32)
-out = loaded.signatures["explain"](**{{{name!r}: tf.constant(x), "labels": tf.constant(y)}})
-print(json.dumps({{k: v.numpy().tolist() for k, v in out.items()}} | {{
-    "imported": "tf_influence" in sys.modules}}))
+results = {{}}
+for projection, (path, name) in {requests!r}.items():
+    explain = tf.saved_model.load(path).signatures["explain"]
+    out = explain(**{{name: tf.constant(x), "labels": tf.constant(y)}})
+    results[projection] = {{k: v.numpy().tolist() for k, v in out.items()}}
+print(json.dumps(results | {{"imported": "tf_influence" in sys.modules}}))
 """
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     result = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env
     )
-    out = json.loads(result.stdout.strip().splitlines()[-1])
-    assert out["imported"] is False
-    top = im.top_k(x[:3], y[:3], k=4, verbose=0)
-    np.testing.assert_array_equal(out["top_harmful_indices"], top.harmful_indices)
-    np.testing.assert_array_equal(out["top_helpful_indices"], top.helpful_indices)
-    np.testing.assert_allclose(out["top_harmful_scores"], top.harmful_scores, rtol=1e-9)
-    np.testing.assert_allclose(out["top_helpful_scores"], top.helpful_scores, rtol=1e-9)
-    np.testing.assert_allclose(out["scores"], im.explain(x[:3], y[:3], verbose=0), rtol=1e-9)
+    served = json.loads(result.stdout.strip().splitlines()[-1])
+    assert served["imported"] is False
+    for projection, im in models.items():
+        out = served[projection]
+        top = im.top_k(x[:3], y[:3], k=4, verbose=0)
+        np.testing.assert_array_equal(out["top_harmful_indices"], top.harmful_indices)
+        np.testing.assert_array_equal(out["top_helpful_indices"], top.helpful_indices)
+        np.testing.assert_allclose(out["top_harmful_scores"], top.harmful_scores, rtol=1e-9)
+        np.testing.assert_allclose(out["top_helpful_scores"], top.helpful_scores, rtol=1e-9)
+        scores = im.explain(x[:3], y[:3], verbose=0)
+        np.testing.assert_allclose(out["scores"], scores, rtol=1e-9)
 
 
 def test_explain_logs_with_the_projected_solver(blobs, tmp_path, capsys):
