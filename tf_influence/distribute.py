@@ -360,6 +360,8 @@ class ReplicaData:
         key = id(impl)
         if key not in self._score_steps:
             strategy = self.strategy
+            batch_spec = self.dataset.element_spec
+            traced: dict = {}
 
             def replica(batch, solutions, extra):
                 index, x, y = batch
@@ -370,8 +372,6 @@ class ReplicaData:
                 )
                 return index, scores, tf.cast(finite, tf.int32)
 
-            # The last, shorter batch would trace a second time: relax the shapes instead.
-            @tf.function(reduce_retracing=True)
             def step(batch, solutions, extra):
                 index, scores, finite = strategy.run(replica, args=(batch, solutions, extra))
                 return (
@@ -380,8 +380,25 @@ class ReplicaData:
                     strategy.gather(finite, axis=0),
                 )
 
-            self._score_steps[key] = (impl, step)
+            def call(batch, solutions, extra):
+                # The dataset's spec leaves the shards' sizes free: the last, shorter
+                # batch runs the same trace (one per shape of the solutions).
+                specs = tf.nest.map_structure(tf.type_spec_from_value, (solutions, extra))
+                name = repr(specs)
+                if name not in traced:
+                    traced[name] = tf.function(step, input_signature=[batch_spec, *specs])
+                return traced[name](batch, solutions, extra)
+
+            self._score_steps[key] = (impl, call, traced)
         return self._score_steps[key][1]
+
+    def score_tracing_count(self) -> int:
+        """How many times the scoring steps of ``score_blocks`` were traced."""
+        return sum(
+            function.experimental_get_tracing_count()
+            for _, _, traced in self._score_steps.values()
+            for function in traced.values()
+        )
 
     def score_blocks(
         self,
