@@ -50,13 +50,18 @@ def dense_hessian(objective, x, y):
     return objective.layout.flatten_batched(jac, objective.num_params, tf.float64).numpy()
 
 
-@pytest.fixture
-def blobs():
-    """50 float64 points in 4-d, 3 classes."""
+def make_blobs():
+    """50 float64 points in 4-d, 3 classes (the ``blobs`` fixture, for module fixtures)."""
     rng = np.random.default_rng(0)
     x = rng.normal(size=(50, 4))
     y = rng.integers(0, 3, size=50)
     return x, y
+
+
+@pytest.fixture
+def blobs():
+    """50 float64 points in 4-d, 3 classes."""
+    return make_blobs()
 
 
 @pytest.fixture

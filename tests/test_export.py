@@ -9,22 +9,23 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import make_mlp
+from conftest import make_blobs, make_mlp
 
 import tf_influence as tfi
 
 CLI = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
 
 
-@pytest.fixture
-def exported(tmp_path, blobs):
-    x, y = blobs
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """One exported Arnoldi index for the whole file (no test changes it)."""
+    x, y = make_blobs()
     model = make_mlp()
     model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     im = tfi.InfluenceModel(model)
     im.compile(solver=tfi.solvers.Arnoldi(rank=10, iterations=30), damping=0.5)
     im.fit(x, y, verbose=0)
-    path = tmp_path / "models" / "mlp" / "1"
+    path = tmp_path_factory.mktemp("export") / "models" / "mlp" / "1"
     im.export(path, top_k=5, include_scores=True)
     return im, path, x, y
 

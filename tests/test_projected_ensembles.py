@@ -8,6 +8,7 @@ The reference is the mean of single-model score matrices, each from an
 import keras
 import numpy as np
 import pytest
+from conftest import make_blobs
 
 import tf_influence as tfi
 from tf_influence.solvers import Projected
@@ -42,10 +43,11 @@ def single(weights, x, y, tests, seed=5):
     return im.explain(*tests, verbose=0), im.self_influence(verbose=0)
 
 
-@pytest.fixture
-def members(blobs):
-    """Two trained members of one architecture (different initialisations)."""
-    x, y = blobs
+@pytest.fixture(scope="module")
+def members():
+    """Two trained members of one architecture (different initialisations); no test
+    changes their weights."""
+    x, y = make_blobs()
     found = []
     for seed in (0, 1):
         model = make_mlp(seed=seed)
