@@ -10,6 +10,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 import tf_influence as tfi
+from tf_influence import evaluation
 from tf_influence.experiments import keras_logistic
 
 C = 0.1
@@ -40,11 +41,21 @@ def _test_loss(coef, intercept, x_test, y_test):
     return float(np.mean(np.logaddexp(0, z) - y_test * z))
 
 
-def test_loo_check_equals_exact_refitting(problem):
+def test_loo_check_equals_exact_refitting(problem, monkeypatch):
     x, y, x_test, y_test, clf = problem
     im = _influence_model(x, y, clf)
     targets = y_test.astype("float64")[:, None]
+    # The objective is traced once for every retraining, though L-BFGS evaluates it
+    # at 10 places in its graph.
+    traces = []
+    objective = evaluation._LbfgsRetraining._value_and_gradient
+    monkeypatch.setattr(
+        evaluation._LbfgsRetraining,
+        "_value_and_gradient",
+        lambda self, *args: traces.append(1) or objective(self, *args),
+    )
     check = tfi.evaluation.loo_check(im, x_test, targets, n_points=12, verbose=0)
+    assert len(traces) == 1
     assert len(check.indices) == 12 and len(set(check.indices.tolist())) == 12
     scores = im.explain(x_test, targets, verbose=0)
     np.testing.assert_allclose(check.predicted, -scores[0, check.indices] / len(x), rtol=1e-12)

@@ -23,6 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_influence._errors import describe
+from tf_influence.engine.compile import GraphFunction
 from tf_influence.engine.losses import WeightedTargets
 from tf_influence.lds import KerasTrainer, LDSResult, keras_trainer, lds
 
@@ -369,7 +370,13 @@ class _LbfgsRetraining:
             tolerance = 1e-10 if self.dtype == tf.float64 else 1e-6
         self.tolerance = float(tolerance)
         self.max_iterations = int(max_iterations)
-        self._minimize = tf.function(self._minimize_impl)
+        # L-BFGS and its line search run without autograph (converting them is slow).
+        # The objective is one function, called where L-BFGS evaluates (start, line
+        # search, ...): those 10 sites hold calls, not 10 traces of the model. It gets
+        # autograph only if the model or loss needs it: it retraces itself
+        # (``GraphFunction``), so the error never reaches the outer function.
+        self._value_and_gradient_fn = GraphFunction(self._value_and_gradient)
+        self._minimize = GraphFunction(self._minimize_impl)
         self.last = None
 
     def _assign(self, theta: tf.Tensor) -> None:
@@ -384,12 +391,18 @@ class _LbfgsRetraining:
         self._assign(theta)
         variables = self.objective.variables
         size, n = self.data.batch_size, self.data.num_examples
+
+        def add(index, total):
+            x, y = self.data._fixed_slice(index * size, size)
+            w = weights[index * size : (index + 1) * size]
+            return index + 1, total + tf.reduce_sum(w * self.objective.per_example_loss(x, y))
+
         with tf.GradientTape() as tape:
-            total = tf.zeros([], self.dtype)
-            for index in tf.range(n // size):
-                x, y = self.data._fixed_slice(index * size, size)
-                w = weights[index * size : (index + 1) * size]
-                total += tf.reduce_sum(w * self.objective.per_example_loss(x, y))
+            _, total = tf.while_loop(
+                lambda index, total: index < n // size,
+                add,
+                (tf.constant(0), tf.zeros([], self.dtype)),
+            )
             if n % size:
                 x, y = self.data._fixed_slice((n // size) * size, n % size)
                 w = weights[(n // size) * size :]
@@ -402,7 +415,7 @@ class _LbfgsRetraining:
 
     def _minimize_impl(self, weights: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         result = self._lbfgs(
-            lambda theta: self._value_and_gradient(theta, weights),
+            lambda theta: self._value_and_gradient_fn(theta, weights),
             initial_position=self.theta_hat,
             tolerance=self.tolerance,
             max_iterations=self.max_iterations,
