@@ -390,23 +390,16 @@ class _LbfgsRetraining:
     ) -> tuple[tf.Tensor, tf.Tensor]:
         self._assign(theta)
         variables = self.objective.variables
-        size, n = self.data.batch_size, self.data.num_examples
 
-        def add(index, total):
-            x, y = self.data._fixed_slice(index * size, size)
-            w = weights[index * size : (index + 1) * size]
-            return index + 1, total + tf.reduce_sum(w * self.objective.per_example_loss(x, y))
+        def add(acc, batch, last=False):
+            start, total = acc
+            x, y = batch
+            size = tf.shape(tf.nest.flatten(x)[0])[0]
+            w = weights[start : start + size]
+            return start + size, total + tf.reduce_sum(w * self.objective.per_example_loss(x, y))
 
         with tf.GradientTape() as tape:
-            _, total = tf.while_loop(
-                lambda index, total: index < n // size,
-                add,
-                (tf.constant(0), tf.zeros([], self.dtype)),
-            )
-            if n % size:
-                x, y = self.data._fixed_slice((n // size) * size, n % size)
-                w = weights[(n // size) * size :]
-                total += tf.reduce_sum(w * self.objective.per_example_loss(x, y))
+            _, total = self.data.fold(add, (tf.constant(0), tf.zeros([], self.dtype)))
             total += tf.cast(self.objective.regularization(), self.dtype)
         gradient = self.layout.flatten(tape.gradient(total, variables), self.dtype)
         shift = theta - self.theta_hat
