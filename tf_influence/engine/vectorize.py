@@ -339,8 +339,12 @@ def loop_layers(model: keras.Model | None) -> list[keras.layers.Layer]:
     for layer in model._flatten_layers(include_self=False, recursive=True):
         if id(layer) in inside or not isinstance(layer, loops):
             continue
-        if getattr(layer, "unroll", False):
-            continue  # an unrolled RNN has no loop
+        # An unrolled RNN has no loop, nor a Bidirectional whose two RNNs are unrolled.
+        runs = [layer]
+        if isinstance(layer, keras.layers.Bidirectional):
+            runs = [layer.forward_layer, layer.backward_layer]
+        if all(getattr(run, "unroll", False) for run in runs):
+            continue
         found.append(layer)
         inside.update(id(sub) for sub in layer._flatten_layers(include_self=False))
     return found
