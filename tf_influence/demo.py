@@ -221,8 +221,8 @@ class NewtonRefiner:
                 self.set_weights([w - size * d for w, d in zip(start, direction, strict=True)])
                 new_value, new_grad = (t.numpy() for t in self._value_and_grad(weights))
                 new_norm = np.linalg.norm(new_grad)
-                lower = new_value <= value or (new_value <= value + rounding and new_norm < norm)
-                if lower or size < 1e-6:
+                progress = new_value <= value or (new_value <= value + rounding and new_norm < norm)
+                if progress or size < 1e-6:
                     break
                 size *= 0.5
             if new_norm > 0.25 * norm:
