@@ -349,7 +349,8 @@ def test_forward_mode_is_refused_on_loop_layers(kind):
     for hvp in ("auto", "reverse_over_reverse"):
         vectorize.check_forward_mode(model, hvp)  # nested tapes differentiate the loop
     vectorize.check_forward_mode(make_float_classifier(unroll=True), "forward_over_reverse")
-    # unroll=True inside a Bidirectional (the fix the error offers) leaves no loop either.
+    # The fix the error offers, unroll=True, leaves no loop: in the layer itself, and in
+    # both layers a Bidirectional wraps.
     unrolled = unrolled_twin(model, tokens(2)[0])
     vectorize.check_forward_mode(unrolled, "forward_over_reverse")
     assert not vectorize.needs_loop(unrolled)
